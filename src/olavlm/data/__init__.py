@@ -1,0 +1,1 @@
+"""Datasets in LLaVA format: templates, segment tokenization, images, collation, samplers, checks."""

@@ -1,0 +1,146 @@
+"""Tiny random checkpoints of the real classes, saved as ordinary Hugging Face folders.
+
+``olavlm make-tiny --output DIR`` writes them so any recipe can be smoke-run on a CPU by pointing
+its paths there; the test-suite uses the same function. Nothing here is used by real training.
+
+Layout of DIR::
+
+    tokenizer/          byte-level BPE (vocab <= 512) with every special token the templates need
+    llm-llama/          LlamaForCausalLM   (+ tokenizer files)
+    llm-phi3/           Phi3ForCausalLM    (+ tokenizer files)
+    llm-qwen2/          Qwen2ForCausalLM   (+ tokenizer files)
+    vision-clip/        CLIPVisionModel    (+ CLIPImageProcessor config), 64 px, patch 8 -> 8x8 tokens
+    vision-siglip/      SiglipVisionModel  (+ SiglipImageProcessor config), 64 px, patch 16 -> 4x4 tokens
+    teachers/...        tiny teachers, when the teachers package provides them
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Special tokens of every template we ship (spec §6) plus the generic ones.
+SPECIAL_TOKENS = [
+    "<unk>", "<pad>", "<s>", "</s>",
+    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+    "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>",
+    "<|im_start|>", "<|im_end|>",
+]
+
+# A Llama-3 style chat template (the `chat_template` data template renders through it).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions.",
+    "You are a helpful AI assistant.",
+    "system user assistant USER ASSISTANT",
+    "What is in the image? Describe the image in two lines. How many objects are there?",
+    "There is a red circle to the left of a blue square. A green triangle is closer to the camera.",
+    "Only answer the option as the output. For example, if your answer is the option A, answer (A).",
+    "The quick brown fox jumps over the lazy dog. 0123456789 (A) (B) (C) (D) yes no left right.",
+]
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int = 512, *, chat_template: str = CHAT_TEMPLATE):
+    """Byte-level BPE with the special tokens above, wrapped as a PreTrainedTokenizerFast.
+
+    Behaves like Llama-3's tokenizer: BOS (``<|begin_of_text|>``) is prepended by the
+    post-processor, EOS is ``<|eot_id|>``, and it has ``<pad>``/``<unk>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>", unk_token="<unk>",
+        pad_token="<pad>", padding_side="right", model_max_length=4096)
+    fast.chat_template = chat_template
+    return fast
+
+
+def _llm_configs(vocab_size: int, pad_id: int, bos_id: int, eos_id: int, hidden: int, layers: int):
+    from transformers import LlamaConfig, Phi3Config, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=1024, pad_token_id=pad_id, bos_token_id=bos_id,
+                  eos_token_id=eos_id, tie_word_embeddings=False)
+    return {
+        "llm-llama": LlamaConfig(**common),
+        "llm-phi3": Phi3Config(**{**common, "num_key_value_heads": 4}),
+        "llm-qwen2": Qwen2Config(**common),
+    }
+
+
+def make_tiny_llms(out: Path, tokenizer, *, hidden: int = 64, layers: int = 4, seed: int = 0) -> dict[str, Path]:
+    from transformers import AutoModelForCausalLM
+
+    paths = {}
+    cfgs = _llm_configs(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
+                        tokenizer.eos_token_id, hidden, layers)
+    for name, cfg in cfgs.items():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg)
+        path = out / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths[name] = path
+    return paths
+
+
+def make_tiny_vision(out: Path, *, hidden: int = 64, layers: int = 3, image_size: int = 64,
+                     seed: int = 0) -> dict[str, Path]:
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, SiglipImageProcessor,
+                              SiglipVisionConfig, SiglipVisionModel)
+
+    torch.manual_seed(seed)
+    clip = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        image_size=image_size, patch_size=8, projection_dim=hidden))
+    clip.save_pretrained(out / "vision-clip")
+    CLIPImageProcessor(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(out / "vision-clip")
+    torch.manual_seed(seed)
+    siglip = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        image_size=image_size, patch_size=16))
+    siglip.save_pretrained(out / "vision-siglip")
+    SiglipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out / "vision-siglip")
+    return {"vision-clip": out / "vision-clip", "vision-siglip": out / "vision-siglip"}
+
+
+def make_tiny(output: str | Path, *, seed: int = 0, with_teachers: bool = True) -> dict[str, Path]:
+    """Write every tiny checkpoint into ``output``; returns {name: folder}."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(_CORPUS)
+    tokenizer.save_pretrained(out / "tokenizer")
+    written = {"tokenizer": out / "tokenizer"}
+    written.update(make_tiny_llms(out, tokenizer, seed=seed))
+    written.update(make_tiny_vision(out, seed=seed))
+    if with_teachers:
+        try:
+            from olavlm.teachers.tiny import make_tiny_teachers
+        except ImportError:  # teachers package not present
+            log.info("teachers package has no tiny makers; skipping tiny teachers")
+        else:
+            written.update(make_tiny_teachers(out / "teachers", seed=seed))
+    return written
