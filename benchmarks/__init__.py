@@ -1,0 +1,1 @@
+"""Ratio benchmarks (not tests). Run them all with `make bench` / `make bench-quick`."""
