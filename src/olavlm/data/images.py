@@ -1,8 +1,51 @@
-"""Image decoding and the one square geometry shared by the vision tower and the teachers."""
+"""Image decoding and the one square geometry shared by the vision tower and the teachers.
+
+Pipeline of one image (spec §2.1, fix of D13)::
+
+    load_image(path)                      -> RGB PIL image (decoded by content, any mode)
+    to_square(img, geometry, spec, side)  -> ONE square PIL image (pad | square | resize)
+    pixel_values(square, spec)            -> float (3, H, W), the vision tower's normalised input
+    uint8_tensor(square, size)            -> uint8 (3, S, S), the online teachers' input
+
+Both outputs are resized from the same square, so the teacher's grid covers exactly the region
+the image tokens cover. Geometries:
+
+* ``pad``    - expand to a square with the encoder's mean colour ``int(255 * mean)`` per channel
+               (LLaVA ``expand2square``; CLIP gives (122, 116, 104)), image centred, then resize.
+* ``square`` - resize the shortest side to ``side`` and centre-crop, exactly like
+               ``CLIPImageProcessor`` (``shortest_edge`` resize + ``center_crop``).
+* ``resize`` - squash the whole image to ``side`` x ``side`` (aspect ratio not kept).
+
+Decoding policy of :func:`load_image`: the format comes from the file content (a GIF or PNG named
+``.jpg`` decodes fine), animated images give their first frame, palette/greyscale/CMYK become RGB,
+16-bit and 32-bit integer images are scaled to 8 bit, transparent pixels are composited onto
+white, EXIF orientation is NOT applied (as in the reference and the HF processors). Problems raise
+:class:`~olavlm.data.errors.BadSample` with reason ``missing_image`` or ``unreadable_image``.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from olavlm.data.errors import BadSample
+
+GEOMETRIES = ("pad", "square", "resize")
+MAX_IMAGE_PIXELS = 89_478_485  # decompression-bomb guard: larger images are rejected (PIL's default limit)
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+_PIL_CODE_TO_NAME = {int(v): k for k, v in _RESAMPLE.items()}
 
 
 @dataclass(frozen=True)
@@ -10,6 +53,157 @@ class ImageSpec:
     """How the vision tower wants its input (read from the tower's preprocessor config)."""
 
     size: int  # side of the square input (e.g. 336)
-    mean: tuple[float, float, float]  # normalisation mean (also the pad colour, round(255 * mean))
+    mean: tuple[float, float, float]  # normalisation mean (also the pad colour, int(255 * mean) as in LLaVA)
     std: tuple[float, float, float]
     resample: str = "bicubic"  # PIL filter used for resizing
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"ImageSpec.size must be >= 1, got {self.size}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"ImageSpec.mean/std need 3 channels, got {self.mean} / {self.std}")
+        if self.resample not in _RESAMPLE:
+            raise ValueError(f"ImageSpec.resample {self.resample!r} is not one of {sorted(_RESAMPLE)}")
+
+    @property
+    def pad_color(self) -> tuple[int, int, int]:
+        """Background of the ``pad`` geometry: ``int(255 * mean)`` as in LLaVA's expand2square."""
+        return tuple(int(255 * m) for m in self.mean)  # type: ignore[return-value]
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "ImageSpec":
+        """Read ``preprocessor_config.json`` of a local vision-tower folder (CLIP / SigLIP style)."""
+        file = Path(path) / "preprocessor_config.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no preprocessor_config.json in the vision tower folder")
+        cfg = json.loads(file.read_text())
+        size = _side(cfg.get("crop_size")) if cfg.get("do_center_crop", True) and cfg.get("crop_size") else None
+        size = size or _side(cfg.get("size"))
+        if not size:
+            raise ValueError(f"{file}: cannot read the input side from size={cfg.get('size')!r}")
+        resample = cfg.get("resample", "bicubic")
+        resample = _PIL_CODE_TO_NAME.get(resample, "bicubic") if isinstance(resample, int) else str(resample)
+        return cls(size=size, mean=tuple(cfg["image_mean"]), std=tuple(cfg["image_std"]), resample=resample)
+
+
+def _side(size) -> int | None:
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict):
+        if "shortest_edge" in size:
+            return int(size["shortest_edge"])
+        if "height" in size and "width" in size:
+            if size["height"] != size["width"]:
+                raise ValueError(f"non-square processor size {size}")
+            return int(size["height"])
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# decoding
+# ------------------------------------------------------------------------------------------------
+
+
+def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode ``path`` by content into a fully loaded RGB image, or raise :class:`BadSample`."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadSample("missing_image", f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit
+            with Image.open(path) as img:
+                w, h = img.size
+                if w < 1 or h < 1:
+                    raise BadSample("unreadable_image", f"{path}: empty image {w}x{h}")
+                if w * h > max_pixels:
+                    raise BadSample("unreadable_image",
+                                    f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                                    "(decompression-bomb guard)")
+                img.seek(0)  # first frame of animated GIF/WebP/TIFF
+                img.load()
+                return _to_rgb(img)
+    except BadSample:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadSample("unreadable_image", f"{path}: {e}") from None
+    except UnidentifiedImageError:
+        kind = "zero-byte file" if path.stat().st_size == 0 else "not a recognised image format"
+        raise BadSample("unreadable_image", f"{path}: {kind}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated / corrupt data
+        raise BadSample("unreadable_image", f"{path}: {type(e).__name__}: {e}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img.copy()
+    if mode.startswith("I") or mode == "F":
+        arr = np.asarray(img).astype(np.float64)
+        if mode == "F":
+            arr = arr * 255.0 if arr.size and arr.max() <= 1.0 else arr
+        elif mode.startswith("I;16") or (arr.size and arr.max() > 255):
+            arr = np.clip(arr, 0, 65535) / 257.0  # 16-bit range -> 8 bit
+        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    elif mode == "P":
+        return img.convert("RGB")
+    if mode in ("LA", "PA", "La"):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "RGBa"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+# ------------------------------------------------------------------------------------------------
+# geometry
+# ------------------------------------------------------------------------------------------------
+
+
+def to_square(img: Image.Image, geometry: str, spec: ImageSpec, side: int | None = None) -> Image.Image:
+    """The shared square image of side ``side`` (default ``spec.size``) for ``geometry``."""
+    side = spec.size if side is None else int(side)
+    resample = _RESAMPLE[spec.resample]
+    if img.mode != "RGB":
+        raise ValueError(f"to_square expects an RGB image, got mode {img.mode!r} (use load_image)")
+    w, h = img.size
+    if geometry == "pad":
+        if w != h:
+            n = max(w, h)
+            canvas = Image.new("RGB", (n, n), spec.pad_color)
+            canvas.paste(img, ((n - w) // 2, (n - h) // 2))
+            img = canvas
+        return img if img.size == (side, side) else img.resize((side, side), resample)
+    if geometry == "square":
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(side * long / short)
+        new_w, new_h = (side, new_long) if w <= h else (new_long, side)
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), resample)
+        top, left = (new_h - side) // 2, (new_w - side) // 2
+        return img.crop((left, top, left + side, top + side))
+    if geometry == "resize":
+        return img if img.size == (side, side) else img.resize((side, side), resample)
+    raise ValueError(f"image geometry {geometry!r} is not one of {GEOMETRIES}")
+
+
+def _resized(square: Image.Image, size: int, resample: str) -> Image.Image:
+    if square.size[0] != square.size[1]:
+        raise ValueError(f"expected a square image, got {square.size}")
+    return square if square.size == (size, size) else square.resize((size, size), _RESAMPLE[resample])
+
+
+def pixel_values(square: Image.Image, spec: ImageSpec) -> torch.Tensor:
+    """Normalised float32 (3, size, size) vision-tower input from the shared square image."""
+    arr = np.asarray(_resized(square, spec.size, spec.resample), dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def uint8_tensor(square: Image.Image, size: int, resample: str = "bicubic") -> torch.Tensor:
+    """uint8 (3, size, size) RGB tensor of the shared square image (the teachers' input)."""
+    arr = np.asarray(_resized(square, size, resample), dtype=np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
