@@ -1,0 +1,1 @@
+"""Evaluation: CV-Bench protocol (cvbench.py) and layer probing (probe.py)."""

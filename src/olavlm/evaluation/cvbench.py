@@ -1,0 +1,137 @@
+"""CV-Bench evaluation (spec §8): prompt, answer parsing, accuracy per source / task / type.
+
+Works on the real ``nyu-visionx/CV-Bench`` ``test.jsonl`` layout (fields ``idx, type, task,
+question, choices, answer "(A)", prompt, filename, source, ...``) and on ShapeWorld's
+``cvbench.jsonl`` (same fields).
+
+Protocol:
+* prompt = the record's pre-formatted ``prompt`` (question + lettered choices; built from
+  ``question`` + ``choices`` when absent) + :data:`SUFFIX`;
+* the answer is the first ``(X)`` in the output, else its first non-blank character when that
+  is a letter; nothing else counts. Each item is parsed on its own (the reference leaks the
+  previous item's prediction, D24);
+* accuracy per source and per task; 2D = mean over the 2D sources (ADE20K, COCO), 3D = mean over
+  the 3D sources (Omni3D), overall = mean(2D, 3D).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+SUFFIX = "\nOnly answer the option as the output. For example, if your answer is the option A, answer (A)."
+_PAREN = re.compile(r"\(([A-Za-z])\)")
+_ANSWER = re.compile(r"^\(([A-Z])\)$")
+
+
+class CVBenchFormatError(ValueError):
+    """A CV-Bench file or record that cannot be evaluated; the message names the line and field."""
+
+
+def load_items(path: str | Path) -> list[dict]:
+    """Read a CV-Bench jsonl; every record is checked for the fields the protocol needs."""
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CVBenchFormatError(f"{path}:{lineno}: invalid JSON: {e}") from e
+            for key in ("type", "task", "answer", "source"):
+                if key not in rec:
+                    raise CVBenchFormatError(f"{path}:{lineno}: missing field {key!r}")
+            if "prompt" not in rec and not ("question" in rec and "choices" in rec):
+                raise CVBenchFormatError(f"{path}:{lineno}: needs 'prompt' or 'question' + 'choices'")
+            if not _ANSWER.match(str(rec["answer"])):
+                raise CVBenchFormatError(f"{path}:{lineno}: answer {rec['answer']!r} is not like '(A)'")
+            if image_path(rec) is None:
+                raise CVBenchFormatError(f"{path}:{lineno}: no image path ('filename' or 'image')")
+            rec.setdefault("idx", len(items))
+            items.append(rec)
+    if not items:
+        raise CVBenchFormatError(f"{path}: no records")
+    return items
+
+
+def image_path(item: dict) -> str | None:
+    """Relative image path of a record: ``filename`` (real CV-Bench) or a string ``image``."""
+    if isinstance(item.get("filename"), str):
+        return item["filename"]
+    if isinstance(item.get("image"), str):
+        return item["image"]
+    return None
+
+
+def build_prompt(item: dict) -> str:
+    """The question text sent to the model (without the image placeholder)."""
+    if "prompt" in item:
+        body = item["prompt"]
+    else:
+        letters = [f"({chr(65 + i)}) {c}" for i, c in enumerate(item["choices"])]
+        body = item["question"] + " Select from the following choices.\n" + "\n".join(letters)
+    return body + SUFFIX
+
+
+def parse_answer(text: str) -> str | None:
+    """``"(B)"``-style option in the output, else the first character if it is a letter; else None."""
+    m = _PAREN.search(text)
+    if m:
+        return m.group(1).upper()
+    stripped = text.strip()
+    if stripped and stripped[0].isalpha() and stripped[0].isascii():
+        return stripped[0].upper()
+    return None
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def score(items: list[dict], outputs: list[str]) -> dict:
+    """Accuracy per source, task and type, plus 2D / 3D / overall as defined by CV-Bench.
+
+    Returns ``{"overall", "2D", "3D", "by_source", "by_task", "by_type_task", "n", "n_unparsed",
+    "per_item"}``; accuracies are fractions in [0, 1] (None where a group is empty).
+    """
+    if len(items) != len(outputs):
+        raise ValueError(f"score: {len(items)} items but {len(outputs)} outputs")
+    per_item, groups = [], defaultdict(list)
+    for item, out in zip(items, outputs):
+        pred = parse_answer(out)
+        gold = _ANSWER.match(item["answer"]).group(1)
+        ok = float(pred == gold)
+        per_item.append({"idx": item["idx"], "type": item["type"], "task": item["task"],
+                         "source": item["source"], "answer": item["answer"], "output": out,
+                         "prediction": f"({pred})" if pred else None, "correct": bool(ok)})
+        groups[("source", item["type"], item["source"])].append(ok)
+        groups[("task", item["task"])].append(ok)
+        groups[("type_task", item["type"], item["task"])].append(ok)
+    by_source = {k[2]: _mean(v) for k, v in groups.items() if k[0] == "source"}
+    by_task = {k[1]: _mean(v) for k, v in groups.items() if k[0] == "task"}
+    by_type_task = {f"{k[1]}/{k[2]}": _mean(v) for k, v in groups.items() if k[0] == "type_task"}
+    kind = {}
+    for t in ("2D", "3D"):
+        kind[t] = _mean([_mean(v) for k, v in groups.items() if k[0] == "source" and k[1] == t])
+    present = [v for v in kind.values() if v is not None]
+    return {
+        "overall": _mean(present), "2D": kind["2D"], "3D": kind["3D"],
+        "by_source": dict(sorted(by_source.items())), "by_task": dict(sorted(by_task.items())),
+        "by_type_task": dict(sorted(by_type_task.items())),
+        "n": len(items), "n_unparsed": sum(p["prediction"] is None for p in per_item), "per_item": per_item,
+    }
+
+
+def format_table(result: dict) -> str:
+    """A small plain-text table of a :func:`score` result."""
+    def pct(v):
+        return "   -  " if v is None else f"{100 * v:5.1f}%"
+
+    lines = [f"CV-Bench ({result['n']} items, {result['n_unparsed']} unparsed)",
+             f"  overall {pct(result['overall'])}   2D {pct(result['2D'])}   3D {pct(result['3D'])}"]
+    lines += [f"  task   {task:<10} {pct(v)}" for task, v in result["by_task"].items()]
+    lines += [f"  source {src:<10} {pct(v)}" for src, v in result["by_source"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""ShapeWorld: the embedded synthetic world behind `olavlm demo` (generator, bootstrap, demo)."""

@@ -1,0 +1,221 @@
+"""The language of ShapeWorld: captions, instruction QA and CV-Bench-format questions.
+
+Captions (PT / VPT) only use colour, shape, intrinsic size, count and left-to-right order: no word
+about depth or vertical position appears in them (``DEPTH_WORDS``), so what the model learns about
+depth comes from the depth teacher and from the instruction data, as in the paper's setting.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEPTH_WORDS = ("close", "closer", "closest", "near", "nearer", "nearest", "far", "farther", "farthest",
+               "further", "front", "behind", "depth", "distance", "distant", "background", "foreground",
+               "camera", "above", "below", "top", "bottom", "higher", "lower")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+CVBENCH_SUFFIX = "\nOnly answer the option as the output. For example, if your answer is the option A, answer (A)."
+PROBE_PROMPT = "Describe the image in two lines."  # spec §9.3 (probing prompt, dummy answer "n")
+
+PT_PROMPTS = (
+    "Describe the image concisely.",
+    "Give a brief description of the image.",
+    "Provide a brief description of the given image.",
+    "Write a terse but informative summary of the picture.",
+    "Summarize the visual content of the image.",
+    "Share a concise interpretation of the image provided.",
+)
+LONG_PROMPTS = (
+    "Please depict the image in words.",
+    "Describe the image in detail.",
+    "What do you see in this picture? Describe every object.",
+)
+CVBENCH_TASKS = {"Count": "2D", "Relation": "2D", "Depth": "3D", "Distance": "3D"}
+
+
+def name(obj: dict) -> str:
+    return f"{obj['colour']} {obj['shape']}"
+
+
+def full_name(obj: dict) -> str:
+    return f"{obj['size']} {obj['colour']} {obj['shape']}"
+
+
+def centre_x(obj: dict) -> float:
+    return (obj["bbox"][0] + obj["bbox"][2]) / 2
+
+
+def left_to_right(scene: dict) -> list[dict]:
+    return sorted(scene["objects"], key=centre_x)
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _plural(shape: str, n: int) -> str:
+    return shape if n == 1 else shape + "s"
+
+
+def with_image(prompt: str, rng: np.random.Generator) -> str:
+    """Place the image placeholder before or after the prompt, as LLaVA-558K does."""
+    return f"<image>\n{prompt}" if rng.random() < 0.5 else f"{prompt}\n<image>"
+
+
+# ------------------------------------------------------------------------------------------------
+# Captions
+# ------------------------------------------------------------------------------------------------
+
+
+def short_caption(scene: dict, rng: np.random.Generator) -> str:
+    objs = left_to_right(scene)
+    things = [f"a {full_name(o)}" for o in objs]
+    if len(objs) == 1:
+        return str(rng.choice([f"A {full_name(objs[0])} on grey ground.", f"A single {full_name(objs[0])}."]))
+    return str(rng.choice([
+        f"{NUMBER_WORDS[len(objs)].capitalize()} objects: {_join(things)}.",
+        f"{_join(things).capitalize()}, from left to right.",
+        f"From left to right: {_join(things)}.",
+    ]))
+
+
+def long_caption(scene: dict, rng: np.random.Generator) -> str:
+    objs = left_to_right(scene)
+    n = len(objs)
+    out = [f"The image shows {NUMBER_WORDS[n]} {'object' if n == 1 else 'objects'} standing on a grey "
+           f"ground under a pale blue sky."]
+    if n > 1:
+        out.append(f"From left to right there is {_join([f'a {full_name(o)}' for o in objs])}.")
+        out.append(f"The leftmost object is the {name(objs[0])} and the rightmost one is the {name(objs[-1])}.")
+    else:
+        out.append(f"It is a {full_name(objs[0])}.")
+    counts = {s: sum(o["shape"] == s for o in objs) for s in ("circle", "square", "triangle")}
+    present = [f"{NUMBER_WORDS[c]} {_plural(s, c)}" for s, c in counts.items() if c]
+    out.append(f"In total there {'is' if n == 1 else 'are'} {_join(present)}.")
+    colours = sorted({o["colour"] for o in objs})
+    out.append(f"The {'colour' if len(colours) == 1 else 'colours'} in the scene {'is' if len(colours) == 1 else 'are'} "
+               f"{_join(colours)}.")
+    if rng.random() < 0.5:
+        large = [name(o) for o in objs if o["size"] == "large"]
+        if large:
+            out.append(f"The large {'one is' if len(large) == 1 else 'ones are'} the {_join(large)}.")
+    return " ".join(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# CV-Bench-format multiple choice (also used, with other images, in the instruction data)
+# ------------------------------------------------------------------------------------------------
+
+
+def _closest_to(ref: dict, a: dict, b: dict) -> dict | None:
+    da = np.hypot(a["X"] - ref["X"], a["Z"] - ref["Z"])
+    db = np.hypot(b["X"] - ref["X"], b["Z"] - ref["Z"])
+    if abs(da - db) < 0.3:
+        return None
+    return a if da < db else b
+
+
+def multiple_choice(scene: dict, task: str, rng: np.random.Generator) -> dict | None:
+    """One CV-Bench-style question about ``scene`` (None if the scene cannot support ``task``).
+
+    Returns {question, choices, answer_index}; the wording follows the real CV-Bench questions.
+    """
+    objs = scene["objects"]
+    if task == "Count":
+        if rng.random() < 0.5:
+            shape = str(rng.choice(["circle", "square", "triangle"]))
+            question, count = f"How many {shape}s are in the image?", sum(o["shape"] == shape for o in objs)
+        else:
+            question, count = "How many objects are in the image?", len(objs)
+        others = [c for c in range(0, 6) if c != count]
+        choices = [count] + [int(c) for c in rng.choice(others, size=3, replace=False)]
+        choices = [str(c) for c in rng.permutation(choices)]
+        return {"question": question, "choices": choices, "answer_index": choices.index(str(count))}
+    if len(objs) < 2:
+        return None
+    if task == "Relation":
+        a, b = (objs[int(i)] for i in rng.choice(len(objs), size=2, replace=False))
+        answer = "left" if centre_x(a) < centre_x(b) else "right"
+        choices = ["left", "right"] if rng.random() < 0.5 else ["right", "left"]
+        question = (f"Considering the relative positions of the {name(a)} and the {name(b)} in the image "
+                    f"provided, where is the {name(a)} located with respect to the {name(b)}?")
+        return {"question": question, "choices": choices, "answer_index": choices.index(answer)}
+    if task == "Depth":
+        a, b = (objs[int(i)] for i in rng.choice(len(objs), size=2, replace=False))
+        answer = a if a["Z"] < b["Z"] else b
+        choices = [name(a), name(b)]
+        question = f"Which object is closer to the camera taking this photo, the {name(a)} or the {name(b)}?"
+        return {"question": question, "choices": choices, "answer_index": choices.index(name(answer))}
+    if task == "Distance":
+        if len(objs) < 3:
+            return None
+        ref, a, b = (objs[int(i)] for i in rng.choice(len(objs), size=3, replace=False))
+        answer = _closest_to(ref, a, b)
+        if answer is None:
+            return None
+        choices = [name(a), name(b)]
+        question = (f"Estimate the real-world distances between objects in this image. Which object is "
+                    f"closer to the {name(ref)}, the {name(a)} or the {name(b)}?")
+        return {"question": question, "choices": choices, "answer_index": choices.index(name(answer))}
+    raise ValueError(f"unknown CV-Bench task {task!r}; expected one of {sorted(CVBENCH_TASKS)}")
+
+
+def mc_prompt(question: str, choices: list[str]) -> str:
+    """CV-Bench's pre-formatted ``prompt`` field: question + lettered choices."""
+    lines = [f"({chr(65 + i)}) {c}" for i, c in enumerate(choices)]
+    return question + " Select from the following choices.\n" + "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Instruction data (LLaVA-665K-like)
+# ------------------------------------------------------------------------------------------------
+
+
+def _open_questions(scene: dict, rng: np.random.Generator) -> list[tuple[str, str]]:
+    objs = scene["objects"]
+    n = len(objs)
+    qa = [("How many objects are there in the image?", f"{NUMBER_WORDS[n].capitalize()}.")]
+    for shape in ("circle", "square", "triangle"):
+        c = sum(o["shape"] == shape for o in objs)
+        if c or rng.random() < 0.3:
+            qa.append((f"How many {shape}s can you see?", f"{NUMBER_WORDS[c].capitalize()}."))
+    for o in objs:
+        if sum(p["shape"] == o["shape"] for p in objs) == 1:
+            qa.append((f"What colour is the {o['shape']}?", f"It is {o['colour']}."))
+        if sum(p["colour"] == o["colour"] for p in objs) == 1:
+            qa.append((f"What shape is the {o['colour']} object?", f"It is a {o['shape']}."))
+        qa.append((f"Is the {name(o)} large or small?", f"It is {o['size']}."))
+    for _ in range(2 if n > 1 else 0):
+        a, b = (objs[int(i)] for i in rng.choice(n, size=2, replace=False))
+        side = "left" if centre_x(a) < centre_x(b) else "right"
+        qa.append((f"Is the {name(a)} to the left or to the right of the {name(b)}?", f"To the {side}."))
+        near = a if a["Z"] < b["Z"] else b
+        qa.append((f"Which is closer to the camera, the {name(a)} or the {name(b)}?", f"The {name(near)}."))
+    return qa
+
+
+def instruction_turns(scene: dict, rng: np.random.Generator, n_turns: int) -> list[tuple[str, str]]:
+    """``n_turns`` (question, answer) pairs: open questions and CV-Bench-format multiple choice."""
+    pool = _open_questions(scene, rng)
+    for task in CVBENCH_TASKS:
+        for _ in range(2):
+            mc = multiple_choice(scene, task, rng)
+            if mc is not None:
+                pool.append((mc_prompt(mc["question"], mc["choices"]) + CVBENCH_SUFFIX,
+                             f"({chr(65 + mc['answer_index'])})"))
+    picks = rng.choice(len(pool), size=min(n_turns, len(pool)), replace=False)
+    return [pool[int(i)] for i in picks]
+
+
+def text_only_turns(rng: np.random.Generator) -> list[tuple[str, str]]:
+    a, b = (int(v) for v in rng.integers(0, 4, size=2))
+    pool = [
+        ("What shapes can objects have in this world?", "Circles, squares and triangles."),
+        ("Which colours can the objects have?", "Red, green, blue and yellow."),
+        (f"What is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}?", f"{NUMBER_WORDS[a + b].capitalize()}." if a + b < 7
+         else f"{a + b}."),
+        ("How many sides does a triangle have?", "Three."),
+        ("How many sides does a square have?", "Four."),
+        ("Is a circle round?", "Yes, a circle is round."),
+    ]
+    picks = rng.choice(len(pool), size=int(rng.integers(1, 3)), replace=False)
+    return [pool[int(i)] for i in picks]

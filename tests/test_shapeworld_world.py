@@ -1,0 +1,92 @@
+"""ShapeWorld generator: determinism, image/map consistency, formats, vocabulary rules."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from olavlm.shapeworld import text
+from olavlm.shapeworld.world import COLOURS, WorldSpec, generate_world, load_maps, world_fingerprint
+
+SMALL = dict(n_pretrain=24, n_instruct=24, n_text_only=4, n_cvbench=16, n_probe=4)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return generate_world(tmp_path_factory.mktemp("world"), WorldSpec(seed=3, **SMALL))
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, world):
+    again = generate_world(tmp_path / "again", WorldSpec(seed=3, **SMALL))
+    assert world_fingerprint(again.root) == world_fingerprint(world.root)
+    other = generate_world(tmp_path / "other", WorldSpec(seed=4, **SMALL))
+    assert world_fingerprint(other.root) != world_fingerprint(world.root)
+
+
+def test_nearest_object_has_smallest_depth_and_its_own_pixels(world):
+    scenes = json.loads((world.root / "scenes.json").read_text())
+    checked = 0
+    for key, scene in scenes.items():
+        maps = load_maps(world.root, key)
+        depth, seg, inst = maps["depth"], maps["seg"], maps["inst"]
+        rgb = np.asarray(Image.open(world.root / key).convert("RGB")).astype(int)
+        objs = scene["objects"]
+        on_object = inst > 0
+        nearest = int(np.argmin([o["Z"] for o in objs]))
+        mask = inst == nearest + 1
+        assert mask.sum() > 0
+        assert np.allclose(depth[mask], objs[nearest]["Z"])
+        assert depth[mask].max() <= depth[on_object].min() + 1e-6  # nearest pixels are the closest
+        assert depth[~on_object].min() > 0
+        for i, o in enumerate(objs):
+            m = inst == i + 1
+            assert m.sum() == o["visible_px"] > 0
+            assert (seg[m] == ["sky", "ground", "circle", "square", "triangle"].index(o["shape"])).all()
+            colour = np.array(COLOURS[o["colour"]])
+            assert np.abs(rgb[m].mean(0) - colour).max() < 4  # noise sigma 4, averaged
+        # farther objects stand higher in the image (ground contact row) and are smaller
+        by_z = sorted(objs, key=lambda o: o["Z"])
+        assert all(a["bbox"][3] >= b["bbox"][3] for a, b in zip(by_z, by_z[1:]))
+        checked += 1
+    assert checked == len(scenes) > 0
+
+
+def test_files_in_real_formats(world):
+    pretrain = json.loads((world.root / "pretrain.json").read_text())
+    instruct = json.loads((world.root / "instruct.json").read_text())
+    assert len(pretrain) == SMALL["n_pretrain"] and len(instruct) == SMALL["n_instruct"] + SMALL["n_text_only"]
+    for rec in pretrain + instruct:
+        conv = rec["conversations"]
+        assert [m["from"] for m in conv] == ["human", "gpt"] * (len(conv) // 2)
+        n_img = sum(m["value"].count("<image>") for m in conv)
+        assert n_img == (1 if "image" in rec else 0)
+        if "image" in rec:
+            assert (world.root / rec["image"]).is_file()
+    assert sum("image" not in r for r in instruct) == SMALL["n_text_only"]
+
+
+def test_cvbench_records_and_answers_match_ground_truth(world):
+    scenes = json.loads((world.root / "scenes.json").read_text())
+    items = [json.loads(line) for line in (world.root / "cvbench.jsonl").read_text().splitlines()]
+    assert {i["task"] for i in items} == {"Count", "Relation", "Depth", "Distance"}
+    for it in items:
+        assert set(it) >= {"idx", "type", "task", "question", "choices", "answer", "prompt", "filename", "source"}
+        assert re.fullmatch(r"\([A-D]\)", it["answer"])
+        chosen = it["choices"][ord(it["answer"][1]) - 65]
+        objs = {text.name(o): o for o in scenes[it["filename"]]["objects"]}
+        if it["task"] == "Depth":
+            assert objs[chosen]["Z"] == min(objs[c]["Z"] for c in it["choices"])
+            assert it["type"] == "3D"
+        if it["task"] == "Count" and "objects" in it["question"]:
+            assert int(chosen) == len(objs)
+
+
+def test_captions_carry_no_depth_words(world):
+    for name in ("pretrain.json", "allava_caption.json"):
+        for rec in json.loads((world.root / name).read_text()):
+            words = set(re.findall(r"[a-z]+", rec["conversations"][1]["value"].lower()))
+            assert not words & set(text.DEPTH_WORDS), (name, words & set(text.DEPTH_WORDS))
