@@ -1,0 +1,1 @@
+"""Training: stage policy, the Accelerate loop, checkpoints, metrics."""

@@ -1,0 +1,65 @@
+"""`olavlm train CONFIG.yaml [--section.key=value ...] [--output-dir DIR] [--resume auto|PATH|none]
+[--print-config] [--stop-after-steps N]`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _add_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output-dir", default=None, help="run directory (same as --train.output_dir=DIR)")
+    p.add_argument("--resume", default="auto",
+                   help="auto: newest complete checkpoint of the run dir (default); PATH: that checkpoint; none")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--stop-after-steps", type=int, default=None,
+                   help="leave with a checkpoint after N optimizer steps of this invocation (schedule unchanged)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train one stage (pt, vpt, ift) from a YAML recipe",
+        description="Train one stage from a YAML recipe. Any field can be overridden with --section.key=value "
+                    "(values parsed as YAML), e.g. --train.max_steps=2 --model.llm=tiny/llm-llama.")
+    p.add_argument("config", help="recipe YAML (configs/...)")
+    _add_flags(p)
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key=value ...")
+    p.set_defaults(func=run)
+
+
+def split_args(rest: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Flags given after CONFIG land in the remainder; separate them from the dotted overrides."""
+    flags = argparse.ArgumentParser(add_help=False)
+    _add_flags(flags)
+    known, overrides = flags.parse_known_args(rest)
+    for item in overrides:
+        key = item[2:] if item.startswith("--") else item
+        if "=" not in key or "." not in key.split("=", 1)[0]:
+            from olavlm.config import ConfigError
+
+            raise ConfigError(f"{item}: unknown argument; overrides look like --section.key=value")
+    return known, overrides
+
+
+def run(args) -> int:
+    from olavlm.config import load_config
+
+    late, overrides = split_args(args.overrides or [])
+    for name in ("output_dir", "resume", "stop_after_steps"):
+        default = {"resume": "auto"}.get(name)
+        if getattr(late, name) != default:
+            setattr(args, name, getattr(late, name))
+    print_config = args.print_config or late.print_config
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    cfg = load_config(args.config, overrides)
+    if print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    from olavlm.train.loop import train
+
+    result = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
+    if result.final_dir is not None:
+        print(f"final model: {result.final_dir}")
+    else:
+        print(f"stopped at step {result.summary['steps']}; continue with --resume auto")
+    return 0

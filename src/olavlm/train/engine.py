@@ -1,0 +1,124 @@
+"""The distributed engine around the loop: Accelerate with DDP, DeepSpeed ZeRO or FSDP.
+
+One command runs everywhere: plain ``python``/``olavlm train`` (one process), ``torchrun`` or
+``accelerate launch`` (DDP by default; ``train.deepspeed: configs/deepspeed/zero2.json`` or
+``train.fsdp: true`` switch the engine). Batches never pass through Accelerate's dataloader
+wrapper: each rank reads its own slice from our batch sampler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from olavlm.config import ConfigError, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def world_size() -> int:
+    """Number of processes of this launch (initialises torch.distributed when launched with several)."""
+    from accelerate import PartialState
+
+    return PartialState().num_processes
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
+    """Micro-batches per optimizer step so that micro x world x accum = global batch."""
+    per_step = micro_batch * world
+    if global_batch % per_step:
+        raise ConfigError(
+            f"train.global_batch_size: {global_batch} is not divisible by train.micro_batch_size x world size "
+            f"= {micro_batch} x {world} = {per_step}; change the global or micro batch size")
+    return global_batch // per_step
+
+
+def build_accelerator(t: TrainConfig, accum: int, *, no_split_modules: list[str] | None = None):
+    """Accelerator for the configured engine; tf32 on CUDA; bf16 autocast when ``train.bf16``."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # one process may train several stages in a row (ShapeWorld demo, tests): start each from a fresh
+    # Accelerate state (precision, accumulation, plugins) while keeping the process group
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = t.tf32
+        torch.backends.cudnn.allow_tf32 = t.tf32
+    kwargs = {}
+    if t.deepspeed:
+        kwargs["deepspeed_plugin"] = _deepspeed_plugin(t, accum)
+    elif t.fsdp:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            use_orig_params=True,  # frozen and trainable parameters share wrapped units
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=no_split_modules or None,
+            activation_checkpointing=False,  # train.gradient_checkpointing is applied on the LLM itself
+        )
+    return Accelerator(
+        mixed_precision="bf16" if t.bf16 else "no",
+        gradient_accumulation_steps=accum,
+        step_scheduler_with_optimizer=False,  # the loop steps the scheduler once per optimizer step
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        **kwargs,
+    )
+
+
+def _deepspeed_plugin(t: TrainConfig, accum: int):
+    from accelerate.utils import DeepSpeedPlugin
+
+    path = Path(t.deepspeed)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed: {path} does not exist (ship-ready configs: configs/deepspeed/*.json)")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.deepspeed: {path} is not valid JSON: {e}") from e
+    ds.setdefault("train_micro_batch_size_per_gpu", t.micro_batch_size)
+    if ds["train_micro_batch_size_per_gpu"] == "auto":  # we do not hand Accelerate a dataloader to read it from
+        ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    clip = ds.get("gradient_clipping", "auto")
+    if clip != "auto" and t.max_grad_norm is not None and float(clip) != t.max_grad_norm:
+        log.warning("train.deepspeed sets gradient_clipping=%s, train.max_grad_norm=%s is ignored", clip,
+                    t.max_grad_norm)
+    return DeepSpeedPlugin(hf_ds_config=ds, gradient_accumulation_steps=accum,
+                           gradient_clipping=t.max_grad_norm if t.max_grad_norm is not None else 0.0)
+
+
+def uses_engine_state(accelerator) -> bool:
+    """DeepSpeed and FSDP shard weights/optimizer: checkpoints go through ``accelerator.save_state``."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def is_deepspeed_zero3(accelerator) -> bool:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
+@contextlib.contextmanager
+def full_parameters(accelerator, model):
+    """Inside, ``accelerator.unwrap_model(model)`` holds full (gathered) parameters on every rank:
+    a no-op for DDP / ZeRO-1/2, parameter gathering for ZeRO-3, ``summon_full_params`` for FSDP."""
+    from accelerate.utils import DistributedType
+
+    if is_deepspeed_zero3(accelerator):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(accelerator.unwrap_model(model).parameters()), modifier_rank=None):
+            yield
+    elif accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(model, writeback=False, rank0_only=False):
+            yield
+    else:
+        yield

@@ -1,0 +1,297 @@
+"""The training loop: one stage (PT / VPT / IFT) of one run, on Hugging Face Accelerate.
+
+Read top to bottom: :func:`train` checks the config, builds model + tokenizer (validated against the
+loaded LLM before any data is read), freezes per stage, builds teachers or the target cache, the
+dataset and our per-rank batch sampler, then runs optimizer steps of ``accum`` micro-batches each,
+logging, checkpointing and finally writing ``RUN_DIR/final/`` (the HF-style folder the next stage,
+``olavlm chat`` and evaluation load).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from olavlm.config import ConfigError, RunConfig
+from olavlm.train import checkpoint as ckpt
+from olavlm.train.engine import (accumulation_steps, build_accelerator, full_parameters, uses_engine_state,
+                                 world_size)
+from olavlm.train.metrics import MetricsLogger, StepAccumulator, check_report_to
+from olavlm.train.stages import configure_trainable, trainable_parameters, uses_predictors
+
+log = logging.getLogger(__name__)
+
+RUN_INFO = "olavlm_run.json"  # written into final/: data template + image geometry for chat / eval
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path  # the run directory
+    final_dir: Path | None  # RUN_DIR/final, or None when the run stopped early (stop_after_steps)
+    summary: dict[str, Any]  # the content of summary.json
+
+
+def resolve_init_from(path: str) -> Path:
+    """``train.init_from`` may name a run directory (its ``final/`` is used) or a model folder."""
+    p = Path(path)
+    for candidate in (p / "final", p):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ConfigError(f"train.init_from: {path} holds no finished model (no final/config.json or config.json)")
+
+
+def build_model_and_tokenizer(cfg: RunConfig):
+    """PT starts from ``model.llm`` / ``model.vision_tower``; VPT/IFT load ``init_from``'s final
+    folder without predictors (spec §5.5). Returns (model, tokenizer, init_dir or None)."""
+    from olavlm.model.io import load_tokenizer
+    from olavlm.model.vlm import OlaVLM
+
+    t = cfg.train
+    with_predictors = uses_predictors(t.stage)
+    if t.init_from is None:
+        if t.stage != "pt":
+            log.warning("train.init_from is not set: %s starts from model.llm with a fresh projector", t.stage)
+        model = OlaVLM.from_config(cfg.model, with_predictors=with_predictors)
+        return model, load_tokenizer(cfg.model), None
+    if t.stage == "pt":
+        raise ConfigError("train.init_from: PT starts from model.llm and model.vision_tower; unset init_from")
+    init_dir = resolve_init_from(t.init_from)
+    model = OlaVLM.from_pretrained(init_dir, with_predictors=False)
+    tok_cfg = type(cfg.model)(**{**vars(cfg.model), "tokenizer": str(init_dir)}) \
+        if (init_dir / "tokenizer_config.json").is_file() else model.config
+    return model, load_tokenizer(tok_cfg), init_dir
+
+
+def _validate_model(cfg: RunConfig, model) -> None:
+    from olavlm.config import validate_against_model
+
+    validate_against_model(model.config if hasattr(model, "config") and not isinstance(model.config, dict)
+                           else cfg.model, num_layers=model.num_layers, num_image_tokens=model.num_image_tokens)
+
+
+def build_data(cfg: RunConfig, model, tokenizer, teachers):
+    """Dataset + collator; images for online teachers only when the stage needs them."""
+    from olavlm.data.collate import Collator
+    from olavlm.data.dataset import LlavaDataset
+
+    lookup = None
+    if teachers is None and uses_predictors(cfg.train.stage) and cfg.data.target_cache:
+        from olavlm.teachers.cache import TargetCache
+
+        lookup = TargetCache.open(cfg.data.target_cache)
+        expected = {k: tuple(v) for k, v in model.target_shapes.items()}
+        lookup.check_shapes(expected) if hasattr(lookup, "check_shapes") else None
+    dataset = LlavaDataset(cfg.data, tokenizer, image_spec=model.image_spec, tokens_per_image=model.tokens_per_image,
+                           teacher_image_size=teachers.input_size if teachers is not None else None,
+                           target_lookup=lookup, seed=cfg.train.seed)
+    return dataset, Collator(tokenizer.pad_token_id)
+
+
+def build_teachers_if_online(cfg: RunConfig, model, device, dtype):
+    """PT without a target cache encodes every micro-batch with the frozen teachers (outside the model)."""
+    if not uses_predictors(cfg.train.stage) or cfg.data.target_cache or not model.target_shapes:
+        return None
+    from olavlm.teachers import build_teachers
+
+    return build_teachers(cfg.model, grid=model.grid, device=device, dtype=dtype)
+
+
+def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int | None = None) -> TrainResult:
+    """Run one stage. ``resume``: "auto" (newest complete checkpoint of the run dir), a checkpoint
+    folder, or "none". ``stop_after_steps``: leave (with a checkpoint, without final/) after that
+    many optimizer steps of this invocation, keeping the full schedule (time-sliced jobs)."""
+    from accelerate.utils import set_seed
+
+    t = cfg.train
+    cfg.validate()
+    check_report_to(t.report_to)
+    accum = accumulation_steps(t.global_batch_size, t.micro_batch_size, world_size())
+    run_dir = Path(t.output_dir)
+    resume_from = ckpt.find_resume(run_dir, resume)
+
+    set_seed(t.seed)
+    model, tokenizer, init_dir = build_model_and_tokenizer(cfg)
+    _validate_model(cfg, model)
+    counts = configure_trainable(model, t.stage, t)
+    accelerator = build_accelerator(t, accum, no_split_modules=getattr(model, "no_split_modules", None))
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if not uses_engine_state(accelerator):  # fp32 master weights under autocast (DeepSpeed keeps its own)
+        for p in trainable_parameters(model):
+            p.data = p.data.float()
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(input_require_grads=t.stage == "pt")
+
+    teacher_dtype = getattr(torch, t.teacher_dtype) if t.teacher_dtype else (torch.bfloat16 if t.bf16 else torch.float32)
+    teachers = build_teachers_if_online(cfg, model, accelerator.device, teacher_dtype)
+    dataset, collator = build_data(cfg, model, tokenizer, teachers)
+    from olavlm.data.sampler import build_batch_sampler
+
+    def sampler_for(epoch: int, skip: int):
+        return build_batch_sampler(cfg.data.sampler, dataset.lengths, global_batch_size=t.global_batch_size,
+                                   micro_batch_size=t.micro_batch_size, world_size=accelerator.num_processes,
+                                   rank=accelerator.process_index, seed=t.seed, epoch=epoch, skip_batches=skip)
+
+    steps_per_epoch = len(sampler_for(0, 0)) // accum
+    if steps_per_epoch < 1:
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is larger than the dataset "
+                          f"({len(dataset)} samples in {cfg.data.train_file})")
+    total_steps = t.max_steps if t.max_steps is not None else steps_per_epoch * t.epochs
+
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=t.learning_rate, betas=tuple(t.adam_betas),
+                                  eps=t.adam_eps, weight_decay=t.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    engine_state = uses_engine_state(accelerator)
+    state = ckpt.TrainState(world_size=accelerator.num_processes, accumulation=accum)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, accelerator, model, optimizer, scheduler, engine_state=engine_state)
+        state.world_size, state.accumulation = accelerator.num_processes, accum
+        log.info("resumed from %s at step %d (epoch %d, step %d of %d)", resume_from, state.step, state.epoch,
+                 state.step_in_epoch, steps_per_epoch)
+    if main:
+        log.info("stage %s: %d optimizer steps (%d per epoch), global batch %d = micro %d x world %d x accum %d",
+                 t.stage, total_steps, steps_per_epoch, t.global_batch_size, t.micro_batch_size,
+                 accelerator.num_processes, accum)
+    logger = MetricsLogger(run_dir, report_to=t.report_to, total_steps=total_steps, start_step=state.step,
+                           enabled=main, run_name=t.run_name, config=cfg.to_dict())
+    tracker, epoch_skipped = StepAccumulator(), {}
+    tokens_per_image = model_attr(accelerator, model, "tokens_per_image")
+    trainables = [p for p in model.parameters() if p.requires_grad]
+    if resume_from is not None:
+        ckpt.restore_rng(resume_from, accelerator.process_index)  # last: nothing may draw from RNG after this
+
+    model.train()
+    steps_this_run, interval_start, loop_start = 0, time.perf_counter(), time.perf_counter()
+    wall_before = state.wall_time
+    while state.step < total_steps and (stop_after_steps is None or steps_this_run < stop_after_steps):
+        generator = torch.Generator().manual_seed(t.seed + state.epoch)  # keeps loader seeding off the global RNG
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler_for(state.epoch, state.step_in_epoch * accum), collate_fn=collator,
+            num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda", generator=generator)
+        batches = iter(loader)
+        while state.step_in_epoch < steps_per_epoch and state.step < total_steps:
+            grad_norm = None
+            for _ in range(accum):
+                batch = next(batches)
+                with accelerator.accumulate(model):
+                    out = model(**model_inputs(batch, accelerator.device, teachers))
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(trainables, t.max_grad_norm or float("inf"))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                tracker.add_metrics(out.metrics)
+                tracker.add_counts(samples=len(batch["input_ids"]), tokens=batch_tokens(batch, tokens_per_image))
+                tracker.add_skipped(batch.get("skipped"))
+            scheduler.step()
+            state.step, state.step_in_epoch, steps_this_run = state.step + 1, state.step_in_epoch + 1, steps_this_run + 1
+            if grad_norm is not None:
+                tracker.add_metrics({"grad_norm": torch.as_tensor(grad_norm, dtype=torch.float32)})
+            logger.advance()
+            if state.step % t.log_every == 0 or state.step == total_steps:
+                values = tracker.reduce(accelerator)
+                elapsed = max(time.perf_counter() - interval_start, 1e-9)
+                interval_start = time.perf_counter()
+                values["lr"] = scheduler.get_last_lr()[0]
+                values["samples_per_s"] = values.get("samples", 0) / elapsed
+                values["tokens_per_s"] = values.get("tokens", 0) / elapsed
+                state.samples += int(values.pop("samples", 0))
+                state.tokens += int(values.pop("tokens", 0))
+                for k in [k for k in values if k.startswith("skipped/")]:
+                    reason = k.split("/", 1)[1]
+                    state.skipped[reason] = state.skipped.get(reason, 0) + int(values[k])
+                    epoch_skipped[reason] = epoch_skipped.get(reason, 0) + int(values[k])
+                logger.log(state.step, values)
+            stopping = stop_after_steps is not None and steps_this_run >= stop_after_steps and state.step < total_steps
+            if (t.save_every and state.step % t.save_every == 0 and state.step < total_steps) or stopping:
+                state.wall_time = wall_before + time.perf_counter() - loop_start
+                ckpt.save_checkpoint(accelerator, model, optimizer, scheduler, _at_boundary(state, steps_per_epoch),
+                                     run_dir, keep_last=t.keep_last, engine_state=engine_state)
+            if stopping:
+                break
+        if state.step_in_epoch >= steps_per_epoch:
+            logger.epoch_end(state.epoch, epoch_skipped)
+            state.epoch, state.step_in_epoch, epoch_skipped = state.epoch + 1, 0, {}
+
+    state.wall_time = wall_before + time.perf_counter() - loop_start
+    finished = state.step >= total_steps
+    final_dir = save_final(cfg, accelerator, model, tokenizer, run_dir, init_dir) if finished else None
+    summary = {
+        "stage": t.stage, "finished": finished, "steps": state.step, "total_steps": total_steps,
+        "epochs_completed": state.epoch, "samples": state.samples, "tokens": state.tokens,
+        "skipped": state.skipped, "wall_time_s": round(state.wall_time, 3),
+        "samples_per_s": state.samples / max(state.wall_time, 1e-9),
+        "tokens_per_s": state.tokens / max(state.wall_time, 1e-9),
+        "world_size": accelerator.num_processes, "accumulation": accum, "trainable": counts,
+        "final_dir": str(final_dir) if final_dir else None,
+    }
+    logger.close(summary if finished else None)
+    accelerator.wait_for_everyone()
+    return TrainResult(output_dir=run_dir, final_dir=final_dir, summary=summary)
+
+
+def _at_boundary(state: ckpt.TrainState, steps_per_epoch: int) -> ckpt.TrainState:
+    """The state as resume must see it: an epoch finished exactly here continues at the next one."""
+    if state.step_in_epoch < steps_per_epoch:
+        return state
+    return ckpt.TrainState(**{**vars(state), "epoch": state.epoch + 1, "step_in_epoch": 0,
+                              "skipped": dict(state.skipped)})
+
+
+def model_attr(accelerator, model, name: str):
+    return getattr(accelerator.unwrap_model(model), name)
+
+
+def batch_tokens(batch: dict, tokens_per_image: int) -> int:
+    """Sequence tokens the model sees: non-padding text + image/task-token expansion."""
+    n = int(batch["attention_mask"].sum())
+    if "num_images" in batch:
+        n += int(batch["num_images"].sum()) * (tokens_per_image - 1)
+    return n
+
+
+def model_inputs(batch: dict, device: torch.device, teachers) -> dict[str, Any]:
+    """The model's forward arguments for one micro-batch; online teachers encode here, once per
+    teacher for the whole micro-batch, outside the (wrapped) model."""
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "attention_mask")}
+    if batch.get("pixel_values") is not None:
+        inputs["pixel_values"] = batch["pixel_values"].to(device, non_blocking=True)
+    if teachers is not None:
+        targets = teachers.encode(batch["images"].to(device, non_blocking=True), batch.get("image_keys"))
+        inputs["targets"] = targets
+    elif batch.get("targets") is not None:
+        inputs["targets"] = {k: v.to(device, non_blocking=True) for k, v in batch["targets"].items()}
+    if "targets" in inputs and batch.get("target_mask") is not None:
+        inputs["target_mask"] = batch["target_mask"].to(device)
+    return inputs
+
+
+def save_final(cfg: RunConfig, accelerator, model, tokenizer, run_dir: Path, init_dir: Path | None) -> Path:
+    """``RUN_DIR/final/``: model (+ predictors after PT), tokenizer and ``olavlm_run.json``."""
+    final = run_dir / "final"
+    accelerator.wait_for_everyone()
+    with full_parameters(accelerator, model):
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(final, with_predictors=uses_predictors(cfg.train.stage))
+            tokenizer.save_pretrained(final)
+            info = {"stage": cfg.train.stage, "template": cfg.data.template,
+                    "image_geometry": cfg.data.image_geometry, "max_length": cfg.data.max_length,
+                    "init_from": str(init_dir) if init_dir else None, "run_dir": str(run_dir)}
+            (final / RUN_INFO).write_text(json.dumps(info, indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        log.info("final model written to %s", final)
+    return final

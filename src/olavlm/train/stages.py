@@ -1,0 +1,118 @@
+"""What trains in each stage (spec §5.1, §5.2): the ONE place that states the policy.
+
+=========  =================================================================================
+stage      trainable parameter groups (``model.param_groups()``)
+=========  =================================================================================
+``pt``     projector + predictors + task_tokens + logit_scales (LLM and vision tower frozen)
+``vpt``    llm + projector (NTP only; task tokens frozen, predictors dropped)
+``ift``    llm + projector (same as vpt)
+=========  =================================================================================
+
+Overrides: ``train.freeze_task_tokens`` (None = stage default: trainable in PT, frozen after,
+spec §2.3 / fix D8) and ``train.unfreeze_vision_tower`` (adds the vision tower in any stage).
+VPT/IFT models are built or loaded ``with_predictors=False``; a model that still carries predictor
+or logit-scale parameters there is refused instead of silently training dead weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+from torch import nn
+
+from olavlm.config import ConfigError, TrainConfig
+
+log = logging.getLogger(__name__)
+
+STAGES = ("pt", "vpt", "ift")
+GROUPS = ("llm", "vision", "projector", "task_tokens", "predictors", "logit_scales")
+# groups each stage trains by default (before the two overrides)
+_DEFAULT = {
+    "pt": {"projector", "predictors", "task_tokens", "logit_scales"},
+    "vpt": {"llm", "projector"},
+    "ift": {"llm", "projector"},
+}
+
+
+def uses_predictors(stage: str) -> bool:
+    """Whether a stage builds/loads the embedding predictors and needs teacher targets (PT only)."""
+    _check_stage(stage)
+    return stage == "pt"
+
+
+def trainable_groups(stage: str, train_cfg: TrainConfig) -> set[str]:
+    """The parameter groups that train in ``stage`` after applying the config overrides."""
+    _check_stage(stage)
+    groups = set(_DEFAULT[stage])
+    if train_cfg.freeze_task_tokens is True:
+        groups.discard("task_tokens")
+    elif train_cfg.freeze_task_tokens is False:
+        groups.add("task_tokens")
+    if train_cfg.unfreeze_vision_tower:
+        groups.add("vision")
+    return groups
+
+
+def configure_trainable(model: nn.Module, stage: str, train_cfg: TrainConfig) -> dict[str, int]:
+    """Set ``requires_grad`` on every parameter of ``model`` per the stage policy.
+
+    Returns ``{group: number of trainable elements}`` for every group of ``model.param_groups()``
+    (0 for frozen groups) and logs a table of trainable / total counts per group.
+    Parameters that belong to no group are frozen (and reported as ``other``).
+    """
+    groups: dict[str, list[nn.Parameter]] = model.param_groups()
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"model.param_groups() returned unknown group(s) {unknown}; known: {list(GROUPS)}")
+    wanted = trainable_groups(stage, train_cfg)
+    if stage != "pt":
+        leftover = [g for g in ("predictors", "logit_scales") if _numel(groups.get(g, []))]
+        if leftover:
+            raise ValueError(
+                f"stage {stage!r} trains with NTP only, but the model carries {leftover} parameters; "
+                "build or load it with with_predictors=False")
+
+    model.requires_grad_(False)
+    seen: set[int] = set()
+    counts: dict[str, int] = {}
+    totals: dict[str, int] = {}
+    for name in GROUPS:
+        params = [p for p in groups.get(name, []) if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        train = name in wanted
+        for p in params:
+            p.requires_grad_(train)
+        totals[name] = _numel(params)
+        counts[name] = totals[name] if train else 0
+    other = [p for p in model.parameters() if id(p) not in seen]
+    totals["other"], counts["other"] = _numel(other), 0
+
+    width = max(len(g) for g in totals)
+    lines = [f"  {g:<{width}}  {counts[g]:>14,} / {totals[g]:>14,}" for g in totals if totals[g]]
+    log.info("stage %s: trainable / total parameters per group\n%s\n  %-*s  %14s / %14s", stage,
+             "\n".join(lines), width, "total", f"{sum(counts.values()):,}", f"{sum(totals.values()):,}")
+    if not totals["other"]:
+        counts.pop("other")
+    return counts
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimizer gets (after :func:`configure_trainable`), deduplicated."""
+    out, seen = [], set()
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    if not out:
+        raise ValueError("no trainable parameters: check train.stage and the freezing options")
+    return out
+
+
+def _numel(params: Iterable[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        raise ConfigError(f"train.stage: {stage!r} is not one of {list(STAGES)}")
