@@ -1,0 +1,207 @@
+"""OCR-VQA images: one fetch per image from the URLs of OCR-VQA's ``dataset.json``.
+
+Only the images the LLaVA-665K json references are fetched (all of dataset.json when that json is
+not there yet). Each image is saved under the exact name the json expects (``<key>.jpg``); content
+that is GIF/PNG/... is re-encoded to a real JPEG (the reference saved GIF bytes under .jpg, §10 D25).
+A thread pool does the fetching; every image is tried ``retries + 1`` times with back-off.
+
+Outcomes, written to ``spec.report`` (json) next to the images:
+
+* ``dead``: permanent (HTTP 403/404/410, not an image); not retried by later runs unless asked;
+* ``failed``: transient problems that outlived the retries; retried by the next run;
+* ``missing_samples``: ids of LLaVA records whose image is dead/failed/unlisted, which
+  ``olavlm data check`` then counts as ``missing_image``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from olavlm.data.prepare.download import PERMANENT_HTTP, TRANSIENT, USER_AGENT
+from olavlm.data.prepare.sources import OcrVqaSpec
+
+log = logging.getLogger(__name__)
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_QUALITY = 95  # quality of re-encoded GIF/PNG content
+
+
+class DeadLink(Exception):
+    """This image will not come back by retrying (reason in the message)."""
+
+
+def is_jpeg(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(3) == JPEG_MAGIC
+    except OSError:
+        return False
+
+
+def to_jpeg(data: bytes) -> tuple[bytes, str]:
+    """(JPEG bytes, original format); JPEG content is kept byte for byte, anything else re-encoded."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format or "unknown"
+            if fmt == "JPEG":
+                img.verify()
+                return data, fmt
+            img.seek(0)  # first frame of an animation
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+                rgb.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                rgb = img.convert("RGB")
+            out = io.BytesIO()
+            rgb.save(out, format="JPEG", quality=JPEG_QUALITY)
+            return out.getvalue(), fmt
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DeadLink(f"not a decodable image ({type(e).__name__})") from None
+
+
+def _fetch(url: str, timeout: float) -> bytes:
+    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            data = resp.read()
+            length = resp.headers.get("Content-Length")
+    except urllib.error.HTTPError as e:
+        if e.code in PERMANENT_HTTP:
+            raise DeadLink(f"HTTP {e.code}") from None
+        raise
+    if length and length.isdigit() and len(data) < int(length):
+        raise ConnectionError(f"short body: {len(data)} of {length} bytes")
+    if not data:
+        raise DeadLink("empty response")
+    return data
+
+
+def fetch_one(url: str, target: Path, *, retries: int, backoff: float, timeout: float) -> str:
+    """Fetch one image to `target` as JPEG; returns its original format. Raises DeadLink or the last transient error."""
+    last: Exception | None = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            data = _fetch(url, timeout)
+        except DeadLink:
+            raise
+        except TRANSIENT as e:
+            last = e
+            continue
+        jpeg, fmt = to_jpeg(data)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(jpeg)
+        os.replace(tmp, target)
+        return fmt
+    assert last is not None
+    raise last
+
+
+def _wanted(spec: OcrVqaSpec, root: Path, records: dict) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(file name -> dataset.json key) to fetch, and file name -> ids of the LLaVA records using it."""
+    users: dict[str, list[str]] = {}
+    if spec.referenced_by and (root / spec.referenced_by).is_file():
+        with open(root / spec.referenced_by) as f:
+            for rec in json.load(f):
+                image = rec.get("image") if isinstance(rec, dict) else None
+                if isinstance(image, str) and image.startswith(spec.image_prefix):
+                    users.setdefault(image[len(spec.image_prefix):], []).append(str(rec.get("id")))
+        names = {name: Path(name).stem for name in users}
+    else:
+        names = {f"{key}.jpg": key for key in records}
+    return names, users
+
+
+def fetch_ocr_vqa(
+    spec: OcrVqaSpec,
+    root: Path,
+    *,
+    workers: int = 16,
+    retries: int = 3,
+    backoff: float = 1.0,
+    timeout: float = 30.0,
+    retry_dead: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Fetch the missing OCR-VQA images; returns (and writes) the report."""
+    root = Path(root)
+    ds_path = root / spec.dataset_json
+    with open(ds_path) as f:
+        records = json.load(f)
+    if not isinstance(records, dict):
+        raise ValueError(f"{ds_path}: expected OCR-VQA's dataset.json (an object keyed by image id), "
+                         f"got a {type(records).__name__}")
+    names, users = _wanted(spec, root, records)
+    report_path = root / spec.report
+    old = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    known_dead = {} if retry_dead else dict(old.get("dead", {}))
+
+    image_dir = root / spec.image_dir
+    image_dir.mkdir(parents=True, exist_ok=True)
+    dead: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    converted: dict[str, int] = {}
+    present = fetched = 0
+    todo: list[tuple[str, str]] = []
+    for name, key in sorted(names.items()):
+        rec = records.get(key)
+        url = rec.get(spec.url_field) if isinstance(rec, dict) else None
+        if (image_dir / name).is_file() and is_jpeg(image_dir / name):
+            present += 1
+        elif not isinstance(url, str) or not url:
+            dead[name] = f"no {spec.url_field} for key {key!r} in dataset.json"
+        elif name in known_dead:
+            dead[name] = known_dead[name]
+        else:
+            todo.append((name, url))
+
+    bar = tqdm(total=len(todo), unit="img", desc="ocr_vqa images", leave=False, disable=not progress, position=1)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, bar:
+        futures = {pool.submit(fetch_one, url, image_dir / name, retries=retries, backoff=backoff, timeout=timeout):
+                   name for name, url in todo}
+        for fut in as_completed(futures):
+            name = futures[fut]
+            try:
+                fmt = fut.result()
+            except DeadLink as e:
+                dead[name] = str(e)
+            except TRANSIENT as e:
+                failed[name] = f"{type(e).__name__}: {e}"
+            else:
+                fetched += 1
+                if fmt != "JPEG":
+                    converted[fmt] = converted.get(fmt, 0) + 1
+            bar.update(1)
+
+    lost = sorted(set(dead) | set(failed))
+    report = {
+        "requested": len(names),
+        "already_present": present,
+        "attempted": len(todo),
+        "fetched": fetched,
+        "reencoded_to_jpeg": converted,
+        "dead": dict(sorted(dead.items())),
+        "failed": dict(sorted(failed.items())),
+        "missing_samples": sorted(i for name in lost for i in users.get(name, [])),
+    }
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = report_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, report_path)
+    if lost:
+        log.warning("ocr_vqa: %d of %d images could not be fetched (%d dead, %d failed); see %s",
+                    len(lost), len(names), len(dead), len(failed), report_path)
+    return report

@@ -1,0 +1,261 @@
+"""Prepare one dataset of the registry: plan, free-disk check, download, unpack, OCR-VQA, assemble, check.
+
+Every step is idempotent: a step whose done-marker (``state.py``) and outputs are in place is only
+re-verified, so a second run makes no network request. A failing step (dead URL, unsafe archive,
+file that must be fetched by hand) is recorded and the other steps go on; the report says what is
+missing. Only a failed free-disk check stops the run before anything is fetched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from olavlm.data.prepare import state
+from olavlm.data.prepare.allava import assemble
+from olavlm.data.prepare.archive import ArchiveError, UnsafeArchive, safe_extract
+from olavlm.data.prepare.download import DownloadError, check_free_disk, download_http, http_size, human
+from olavlm.data.prepare.hub import download_hub, hub_metadata
+from olavlm.data.prepare.ocr_vqa import fetch_ocr_vqa
+from olavlm.data.prepare.sources import TEXT_ONLY, DatasetSpec, Fetch, HttpFile, HubFile, Source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Step:
+    """Outcome of one step."""
+
+    source: str  # registry source name
+    what: str  # the file (root-relative) or step name
+    status: str  # "done" (work done now), "verified" (already done), "planned" (dry run), "failed", "manual"
+    detail: str = ""  # why it failed / what to do / what was done
+
+
+@dataclass
+class Options:
+    """How to prepare (the command-line knobs)."""
+
+    workers: int = 8  # threads for OCR-VQA images and for `data check`
+    retries: int = 4  # attempts after the first, per file / image
+    backoff: float = 1.0  # seconds before the first retry; doubles each retry
+    timeout: float = 60.0  # socket timeout per request, seconds
+    hub_endpoint: str | None = None  # Hub endpoint (None = HF_ENDPOINT or huggingface.co)
+    delete_archives: bool = False  # delete each archive once it is unpacked
+    retry_dead: bool = False  # retry OCR-VQA links an earlier run found dead
+    dry_run: bool = False  # only show the plan; no network, no writes
+    progress: bool = True  # tqdm bars
+    check: bool = True  # run `data check` on the prepared json
+
+
+@dataclass
+class Report:
+    """What `prepare` did for one dataset, and the counts against the expected ones."""
+
+    dataset: str
+    steps: list[Step] = field(default_factory=list)
+    records: int | None = None  # records in the data file
+    per_source: dict[str, int] = field(default_factory=dict)  # top image folder (or text-only) -> records
+    check: dict | None = None  # olavlm.data.check.check_dataset report
+    ocr_vqa: dict | None = None  # OCR-VQA download report
+    assembled: dict | None = None  # ALLaVA assemble stats
+    dry_run: bool = False  # only a plan: nothing was fetched or counted
+
+    @property
+    def failed(self) -> list[Step]:
+        return [s for s in self.steps if s.status in ("failed", "manual")]
+
+
+def select_sources(spec: DatasetSpec, only: list[str] | None) -> list[Source]:
+    if not only:
+        return list(spec.sources)
+    return [spec.source(name) for name in only]
+
+
+def _fetch_done(root: Path, f: Fetch) -> bool:
+    """True when this fetch's final output is in place (unpacked archive / downloaded file)."""
+    if f.unpack_to is not None:
+        marker = state.read_marker(root, "unpack", f.save_as)
+        return marker is not None and all((root / p).exists() for p in f.expect)
+    marker = state.read_marker(root, "download", f.save_as)
+    path = root / f.save_as
+    return marker is not None and path.is_file() and path.stat().st_size == marker.get("size")
+
+
+def _archive_downloaded(root: Path, f: Fetch) -> bool:
+    marker = state.read_marker(root, "download", f.save_as)
+    path = root / f.save_as
+    return marker is not None and path.is_file() and path.stat().st_size == marker.get("size")
+
+
+def _remote_size(f: Fetch, opts: Options) -> int | None:
+    r = f.remote
+    if r.size is not None:
+        return r.size
+    if isinstance(r, HubFile):
+        return hub_metadata(r, opts.hub_endpoint)[0]
+    return http_size(r.url, timeout=opts.timeout) if r.url else None
+
+
+def _describe(r) -> str:
+    return f"hub {r.repo_id}:{r.filename}" if isinstance(r, HubFile) else (r.url or "(manual download)")
+
+
+def prepare(spec: DatasetSpec, root: Path, *, only: list[str] | None = None, opts: Options | None = None) -> Report:
+    """Prepare `spec` under `root`; never raises for a single failing file (see Report.failed)."""
+    opts = opts or Options()
+    root = Path(root)
+    report = Report(dataset=spec.name)
+    sources = select_sources(spec, only)
+    todo: list[tuple[Source, Fetch]] = []
+    for src in sources:
+        for f in src.fetches:
+            if _fetch_done(root, f):
+                report.steps.append(Step(src.name, f.save_as, "verified"))
+            else:
+                todo.append((src, f))
+    if opts.dry_run:
+        report.dry_run = True
+        for src, f in todo:
+            size = f" ({human(f.remote.size)})" if f.remote.size else ""
+            report.steps.append(Step(src.name, f.save_as, "planned", f"{_describe(f.remote)}{size}"
+                                     + (f" -> {f.unpack_to}/" if f.unpack_to else "")))
+        for src in sources:
+            if src.ocr_vqa is not None:
+                report.steps.append(Step(src.name, src.ocr_vqa.image_dir, "planned",
+                                         "fetch the referenced images that are not there yet"))
+        if spec.assemble is not None:
+            report.steps.append(Step("assemble", spec.assemble.output, "planned", "(re)assemble if its inputs changed"))
+        return report
+
+    # sizes first (one HEAD each), so the free-disk check happens before any byte is fetched
+    sizes: dict[str, int] = {}
+    needed = 0
+    for src, f in todo:
+        if isinstance(f.remote, HttpFile) and f.remote.url is None:
+            continue
+        try:
+            size = _remote_size(f, opts)
+        except DownloadError as e:
+            report.steps.append(Step(src.name, f.save_as, "failed", str(e)))
+            continue
+        sizes[f.save_as] = size or 0
+        if not (f.unpack_to and _archive_downloaded(root, f)):
+            part = root / (f.save_as + ".part")
+            needed += max(0, (size or 0) - (part.stat().st_size if part.exists() else 0))
+        if f.unpack_to:
+            needed += size or 0  # unpacked images take about the archive's size (already-compressed JPEGs)
+    check_free_disk(root, needed)
+
+    failed_now = {s.what for s in report.steps if s.status == "failed"}
+    overall = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=f"{spec.name} total",
+                   disable=not opts.progress, position=0)
+    with overall:
+        for src, f in todo:
+            if f.save_as in failed_now:
+                continue
+            report.steps.append(_run_fetch(src, f, root, opts, overall.update))
+        for src in sources:
+            if src.ocr_vqa is not None:
+                report.steps.append(_run_ocr_vqa(src, root, opts, report))
+    if spec.assemble is not None:
+        report.steps.append(_run_assemble(spec, root, report))
+    _count_and_check(spec, root, opts, report)
+    return report
+
+
+def _run_fetch(src: Source, f: Fetch, root: Path, opts: Options, on_bytes) -> Step:
+    path = root / f.save_as
+    try:
+        if not (f.unpack_to and _archive_downloaded(root, f)):
+            r = f.remote
+            if isinstance(r, HttpFile) and r.url is None:
+                if not path.is_file():
+                    return Step(src.name, f.save_as, "manual", f"not downloadable automatically: {r.note}")
+            elif isinstance(r, HubFile):
+                download_hub(r, root / f.local_dir, endpoint=opts.hub_endpoint, retries=opts.retries,
+                             backoff=opts.backoff, progress=opts.progress, on_bytes=on_bytes)
+            else:
+                download_http(r.url, path, size=r.size, checksum=r.checksum, retries=opts.retries,
+                              backoff=opts.backoff, timeout=opts.timeout, progress=opts.progress, on_bytes=on_bytes)
+            state.write_marker(root, "download", f.save_as,
+                               {"size": path.stat().st_size, "from": _describe(r), "time": time.time()})
+        if f.unpack_to is None:
+            return Step(src.name, f.save_as, "done")
+        n = safe_extract(path, root / f.unpack_to, flatten=f.flatten, progress=opts.progress)
+        missing = [p for p in f.expect if not (root / p).exists()]
+        if missing:
+            top = sorted({p.name for p in (root / f.unpack_to).iterdir()})[:10]
+            raise ArchiveError(f"{f.save_as} unpacked into {f.unpack_to}/ but {', '.join(missing)} is missing "
+                               f"(found: {', '.join(top)}); the archive layout changed: update the registry")
+        state.write_marker(root, "unpack", f.save_as, {"files": n, "archive_size": path.stat().st_size})
+        if opts.delete_archives:
+            path.unlink()
+        detail = f"{n} files" + (f" (published: {f.expected_files})" if f.expected_files else "")
+        return Step(src.name, f.save_as, "done", detail)
+    except (DownloadError, ArchiveError, UnsafeArchive, OSError) as e:
+        log.error("%s: %s", f.save_as, e)
+        return Step(src.name, f.save_as, "failed", str(e))
+
+
+def _run_ocr_vqa(src: Source, root: Path, opts: Options, report: Report) -> Step:
+    spec = src.ocr_vqa
+    assert spec is not None
+    if not (root / spec.dataset_json).is_file():
+        return Step(src.name, spec.image_dir, "failed", f"{spec.dataset_json} is missing (see the step above)")
+    try:
+        rep = fetch_ocr_vqa(spec, root, workers=opts.workers, retries=opts.retries, backoff=opts.backoff,
+                            timeout=opts.timeout, retry_dead=opts.retry_dead, progress=opts.progress)
+    except (OSError, ValueError) as e:
+        return Step(src.name, spec.image_dir, "failed", str(e))
+    report.ocr_vqa = rep
+    status = "done" if rep["attempted"] else "verified"
+    return Step(src.name, spec.image_dir, status,
+                f"{rep['fetched']} fetched, {rep['already_present']} present, {len(rep['dead'])} dead links, "
+                f"{len(rep['failed'])} failed (report: {spec.report})")
+
+
+def _run_assemble(spec: DatasetSpec, root: Path, report: Report) -> Step:
+    a = spec.assemble
+    assert a is not None
+    missing = [rel for rel, _ in a.parts if not (root / rel).is_file()]
+    if missing:
+        return Step("assemble", a.output, "failed", f"needs {', '.join(missing)}")
+    inputs = {rel: [(root / rel).stat().st_size, (root / rel).stat().st_mtime_ns] for rel, _ in a.parts}
+    marker = state.read_marker(root, "assemble", a.output)
+    if marker and marker.get("inputs") == inputs and (root / a.output).is_file():
+        report.assembled = marker.get("stats")
+        return Step("assemble", a.output, "verified")
+    stats = assemble(a, root)
+    state.write_marker(root, "assemble", a.output, {"inputs": inputs, "stats": stats})
+    report.assembled = stats
+    return Step("assemble", a.output, "done", f"{stats['records']} records")
+
+
+def count_per_source(data_file: Path) -> tuple[int, dict[str, int]]:
+    """(records, records per top folder of the image path; TEXT_ONLY for records without image)."""
+    with open(data_file) as f:
+        records = json.load(f)
+    per = Counter()
+    for rec in records:
+        image = rec.get("image") if isinstance(rec, dict) else None
+        per[image.replace("\\", "/").split("/", 1)[0] if isinstance(image, str) and image else TEXT_ONLY] += 1
+    return len(records), dict(per)
+
+
+def _count_and_check(spec: DatasetSpec, root: Path, opts: Options, report: Report) -> None:
+    data_file = root / spec.data_file
+    if not data_file.is_file():
+        return
+    report.records, report.per_source = count_per_source(data_file)
+    if opts.check:
+        from olavlm.data.check import check_dataset
+
+        report.check = check_dataset(data_file, root / spec.image_folder, tokenizer=None, workers=opts.workers,
+                                     progress=opts.progress)
