@@ -1,0 +1,178 @@
+"""Templates render byte-identical to spec §6; segment tokenization gives exact label masks."""
+
+from __future__ import annotations
+
+import pytest
+
+from olavlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from olavlm.data import BadSample
+from olavlm.data.templates import normalize_conversation, render_segments, render_text
+from olavlm.data.tokenize import encode_conversation, encode_prompt, stop_token_ids, truncate
+
+SYS = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+       "detailed, and polite answers to the user's questions.")
+L3_SYS = "<|start_header_id|>system<|end_header_id|>\n\n" + SYS
+L3_U = "<|start_header_id|>user<|end_header_id|>\n\n"
+L3_A = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+ONE = [{"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "A red circle."}]
+TWO = ONE + [{"from": "human", "value": "Where?"}, {"from": "gpt", "value": "On the left."}]
+TEXT = [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "Hello."}]
+TEMPLATES = ["llava_llama_3", "llava_phi_3", "vicuna_v1", "plain", "chat_template"]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_dir / "tokenizer")
+
+
+GOLDEN = {
+    # (template, conversation, n_images): exact string, spec §6 (rendered by the reference conversation.py)
+    ("llava_llama_3", "one", 1): f"{L3_SYS}<|eot_id|>{L3_U}<image>\nWhat is this?<|eot_id|>{L3_A}A red circle.<|eot_id|>",
+    ("llava_llama_3", "two", 1): (f"{L3_SYS}<|eot_id|>{L3_U}<image>\nWhat is this?<|eot_id|>{L3_A}A red circle.<|eot_id|>"
+                                  f"{L3_U}Where?<|eot_id|>{L3_A}On the left.<|eot_id|>"),
+    ("llava_llama_3", "text", 0): f"{L3_SYS}<|eot_id|>{L3_U}Hi there<|eot_id|>{L3_A}Hello.<|eot_id|>",
+    ("llava_phi_3", "one", 1): ("<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<image>\nWhat is this?"
+                                "<|end|>\n<|assistant|>\nA red circle.<|end|>"),
+    ("llava_phi_3", "two", 1): ("<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<image>\nWhat is this?"
+                                "<|end|>\n<|assistant|>\nA red circle.<|end|>\n<|user|>\nWhere?<|end|>\n<|assistant|>\n"
+                                "On the left.<|end|>"),
+    ("llava_phi_3", "text", 0): ("<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\nHi there<|end|>"
+                                 "\n<|assistant|>\nHello.<|end|>"),
+    ("vicuna_v1", "one", 1): f"{SYS} USER: <image>\nWhat is this? ASSISTANT: A red circle.</s>",
+    ("vicuna_v1", "two", 1): (f"{SYS} USER: <image>\nWhat is this? ASSISTANT: A red circle.</s>"
+                              "USER: Where? ASSISTANT: On the left.</s>"),
+    ("vicuna_v1", "text", 0): f"{SYS} USER: Hi there ASSISTANT: Hello.</s>",
+    ("plain", "one", 1): "<image>A red circle.<|eot_id|>",
+    ("plain", "text", 0): "Hello.<|eot_id|>",
+    ("chat_template", "one", 1): f"<|begin_of_text|>{L3_U}<image>\nWhat is this?<|eot_id|>{L3_A}A red circle.<|eot_id|>",
+    ("chat_template", "two", 1): (f"<|begin_of_text|>{L3_U}<image>\nWhat is this?<|eot_id|>{L3_A}A red circle.<|eot_id|>"
+                                  f"{L3_U}Where?<|eot_id|>{L3_A}On the left.<|eot_id|>"),
+    ("chat_template", "text", 0): f"<|begin_of_text|>{L3_U}Hi there<|eot_id|>{L3_A}Hello.<|eot_id|>",
+}
+CONVS = {"one": ONE, "two": TWO, "text": TEXT}
+
+
+@pytest.mark.parametrize("key", list(GOLDEN), ids=lambda k: f"{k[0]}-{k[1]}")
+def test_golden_strings(tok, key):
+    template, conv, n = key
+    assert render_text(normalize_conversation(CONVS[conv], n), template, tok) == GOLDEN[key]
+
+
+def test_open_turn_matches_spec(tok):
+    """Spec §6 examples: image turn, answer, open second turn."""
+    conv = [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}, {"from": "human", "value": "Q2"}]
+    m = normalize_conversation(conv, 1, open_turn=True)
+    assert render_text(m, "llava_llama_3", open_turn=True) == (
+        f"{L3_SYS}<|eot_id|>{L3_U}<image>\nQ<|eot_id|>{L3_A}A<|eot_id|>{L3_U}Q2<|eot_id|>{L3_A}")
+    assert render_text(m, "llava_phi_3", open_turn=True) == (
+        "<|system|>\nYou are a helpful AI assistant.<|end|>\n<|user|>\n<image>\nQ<|end|>\n<|assistant|>\nA<|end|>"
+        "\n<|user|>\nQ2<|end|>\n<|assistant|>\n")
+    assert render_text(m, "vicuna_v1", open_turn=True) == f"{SYS} USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT:"
+
+
+def test_placeholder_moved_to_turn_start():
+    m = normalize_conversation([{"from": "human", "value": "  look <image> here "}, {"from": "gpt", "value": "ok"}], 1)
+    assert m[0]["value"] == "<image>\nlook  here"
+    m = normalize_conversation([{"from": "human", "value": "<image> a <image>"}, {"from": "gpt", "value": "ok"}], 2)
+    assert m[0]["value"] == "<image>\n<image>\na"
+
+
+@pytest.mark.parametrize("bad,reason", [
+    ("nope", "bad_conversation"),
+    ([], "bad_conversation"),
+    ([{"from": "gpt", "value": "A"}, {"from": "human", "value": "Q"}], "bad_conversation"),
+    ([{"from": "human", "value": "Q"}, {"from": "human", "value": "Q"}], "bad_conversation"),
+    ([{"from": "human", "value": "Q"}, {"from": "gpt", "value": "  "}], "bad_conversation"),
+    ([{"from": "human", "value": "Q"}], "bad_conversation"),
+    ([{"from": "human", "value": 3}, {"from": "gpt", "value": "A"}], "bad_conversation"),
+    ([{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "A"}], "image_token_mismatch"),
+    ([{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}], "image_token_mismatch"),
+])
+def test_bad_conversations(bad, reason):
+    with pytest.raises(BadSample) as e:
+        normalize_conversation(bad, 1)
+    assert e.value.reason == reason
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("conv", ["one", "two", "text"])
+def test_label_round_trip(tok, template, conv):
+    """Decoding the supervised positions gives exactly the replies + terminators; every other
+    position is IGNORE; the image is one IMAGE_TOKEN_INDEX; the ids concatenate the segments."""
+    if template == "plain" and conv == "two":
+        with pytest.raises(BadSample):
+            encode_conversation(CONVS[conv], template, tok, num_images=1)
+        return
+    n = 0 if conv == "text" else 1
+    enc = encode_conversation(CONVS[conv], template, tok, num_images=n)
+    assert len(enc.input_ids) == len(enc.labels)
+    assert enc.input_ids.count(IMAGE_TOKEN_INDEX) == n
+    segments = render_segments(normalize_conversation(CONVS[conv], n), template, tok)
+    replies = [s.text for s in segments if s.supervised]
+    # independent expectation: one reply per gpt turn, ending with the template's terminator
+    term = {"llava_llama_3": "<|eot_id|>", "llava_phi_3": "<|end|>", "vicuna_v1": "</s>", "plain": "<|eot_id|>",
+            "chat_template": "<|eot_id|>"}[template]
+    lead = " " if template == "vicuna_v1" else ""
+    gpt = [t["value"] for t in CONVS[conv] if t["from"] == "gpt"]
+    assert replies == [lead + v + term for v in gpt]
+    # supervised spans, decoded one by one
+    spans, cur = [], []
+    for i, lab in zip(enc.input_ids, enc.labels):
+        if lab == IGNORE_INDEX:
+            if cur:
+                spans.append(cur)
+                cur = []
+        else:
+            assert lab == i
+            cur.append(i)
+    spans += [cur] if cur else []
+    assert [tok.decode(s) for s in spans] == replies
+    # the full id sequence decodes back to BOS + the rendered text (image placeholder as text)
+    text = "".join(s.text for s in segments)
+    decoded = "".join("<image>" if i == IMAGE_TOKEN_INDEX else tok.decode([i]) for i in enc.input_ids)
+    assert decoded == (text if text.startswith("<|begin_of_text|>") else "<|begin_of_text|>" + text)
+    assert enc.input_ids.count(tok.bos_token_id) == 1 and enc.input_ids[0] == tok.bos_token_id
+
+
+def test_bos_policy(tok):
+    enc = encode_conversation(TEXT, "llava_llama_3", tok, num_images=0, add_bos=False)
+    assert enc.input_ids[0] != tok.bos_token_id
+    assert encode_conversation(TEXT, "llava_llama_3", tok, num_images=0, add_bos=True).input_ids[1:] == enc.input_ids
+
+
+@pytest.mark.parametrize("template", ["llava_llama_3", "llava_phi_3", "vicuna_v1", "chat_template"])
+def test_encode_prompt_is_training_prefix(tok, template):
+    """Inference sees the training sequence: the prompt equals the training ids up to the last reply."""
+    enc = encode_conversation(TWO, template, tok, num_images=1)
+    prompt = encode_prompt(TWO[:3], template, tok)
+    last_reply_start = max(i for i, lab in enumerate(enc.labels) if lab == IGNORE_INDEX) + 1
+    assert prompt == enc.input_ids[:last_reply_start]
+    # num_images given without placeholder text: inserted at the start of the first human turn
+    assert encode_prompt([{"from": "human", "value": "What is this?"}], template, tok, num_images=1) == \
+        encode_prompt([ONE[0]], template, tok)
+    stops = stop_token_ids(template, tok)
+    assert enc.input_ids[-1] == stops[0] and tok.eos_token_id in stops
+    with pytest.raises(ValueError):
+        encode_prompt(ONE, template, tok)  # ends with a gpt turn: nothing to generate
+
+
+def test_truncate_and_empty_target(tok):
+    enc = encode_conversation(TWO, "llava_llama_3", tok, num_images=1)
+    n = enc.expanded_length(10)
+    assert n == len(enc.input_ids) + 9
+    cut = truncate(enc, n - 3, 10)
+    assert cut.expanded_length(10) == n - 3 and cut.input_ids == enc.input_ids[:-3]
+    first_reply = next(i for i, lab in enumerate(enc.labels) if lab != IGNORE_INDEX)
+    with pytest.raises(BadSample) as e:
+        truncate(enc, first_reply + 9, 10)  # keeps the image but no reply token
+    assert e.value.reason == "empty_target"
+    assert truncate(enc, first_reply + 10, 10).labels[-1] == enc.labels[first_reply]
+    with pytest.raises(BadSample) as e:
+        truncate(enc, 12, 10)  # the image itself would be cut
+    assert e.value.reason == "too_long"
+
+
+def test_unknown_template(tok):
+    with pytest.raises(ValueError, match="unknown template"):
+        encode_conversation(ONE, "llama2", tok, num_images=1)
