@@ -405,3 +405,40 @@ def test_registry_is_consistent():
     assert unpacked == {"coco/train2017", "gqa/images", "textvqa/train_images", "vg/VG_100K", "vg/VG_100K_2"}
     with pytest.raises(ValueError, match="must end with"):
         sources.Fetch(sources.HubFile("a/b", "x/y.json"), save_as="elsewhere/z.json")
+
+
+def test_tar_archives_unpack_and_links_are_refused(tmp_path):
+    import tarfile
+
+    good = tmp_path / "good.tar.gz"
+    with tarfile.open(good, "w:gz") as tf:
+        info = tarfile.TarInfo("train_images/a.jpg")
+        data = jpeg()
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    assert safe_extract(good, tmp_path / "o", progress=False) == 1
+    assert (tmp_path / "o/train_images/a.jpg").read_bytes() == data
+    for name, kind in (("../up.jpg", tarfile.REGTYPE), ("ln", tarfile.SYMTYPE)):
+        bad = tmp_path / "bad.tar"
+        with tarfile.open(bad, "w") as tf:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = "/etc/passwd" if kind == tarfile.SYMTYPE else ""
+            tf.addfile(info, io.BytesIO(b""))
+        with pytest.raises(UnsafeArchive):
+            safe_extract(bad, tmp_path / "o2", progress=False)
+        assert not (tmp_path / "up.jpg").exists() and not (tmp_path / "o2" / "ln").exists()
+
+
+def test_not_enough_disk_stops_before_any_download(server, tmp_path, monkeypatch, capsys):
+    import collections
+
+    from olavlm.data.prepare import download
+
+    specs = publish(server)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 100, 100))
+    assert run_cli(["llava-665k", "--root", str(tmp_path), "--only", "coco", "gqa", "--no-progress"], specs,
+                   monkeypatch) == 2
+    assert server.log == []  # sizes come from the registry: not even a HEAD
+    assert "not started" in capsys.readouterr().out

@@ -62,6 +62,7 @@ def _validate_only(specs: list[DatasetSpec], only: list[str] | None) -> None:
 
 
 def run(args) -> int:
+    from olavlm.data.prepare.download import InsufficientDisk
     from olavlm.data.prepare.runner import Options, prepare
 
     specs = list(DATASETS.values()) if args.name == ALL else [DATASETS[args.name]]
@@ -76,7 +77,11 @@ def run(args) -> int:
         only = _only_for(spec, args.only, several=len(specs) > 1)
         if args.only and not only:
             continue
-        report = prepare(spec, root, only=only, opts=opts)
+        try:
+            report = prepare(spec, root, only=only, opts=opts)
+        except InsufficientDisk as e:
+            print(f"== {spec.name}: not started: {e}")
+            return 2
         print(format_report(spec, report, root))
         failed += len(report.failed)
     return 1 if failed else 0
