@@ -401,7 +401,7 @@ def test_registry_is_consistent():
         assert len(saves) == len(set(saves))
     assert sum(sources.LLAVA_665K_PER_SOURCE.values()) == sources.LLAVA_665K.expected_records == 665_298
     assert sources.LLAVA_PRETRAIN.expected_records == 558_128
-    unpacked = {p for s in sources.LLAVA_665K.sources for f in s.fetches for p in f.expect}
+    unpacked = {p for s in sources.LLAVA_665K.sources if not s.optional for f in s.fetches for p in f.expect}
     assert unpacked == {"coco/train2017", "gqa/images", "textvqa/train_images", "vg/VG_100K", "vg/VG_100K_2"}
     with pytest.raises(ValueError, match="must end with"):
         sources.Fetch(sources.HubFile("a/b", "x/y.json"), save_as="elsewhere/z.json")
@@ -442,3 +442,25 @@ def test_not_enough_disk_stops_before_any_download(server, tmp_path, monkeypatch
                    monkeypatch) == 2
     assert server.log == []  # sizes come from the registry: not even a HEAD
     assert "not started" in capsys.readouterr().out
+
+
+def test_size_announced_differently_fails_fast(server, tmp_path):
+    from olavlm.data.prepare.download import DownloadError
+
+    server.files["/f.bin"] = b"x" * 100
+    with pytest.raises(DownloadError, match="changed upstream"):
+        download_http(server.base + "/f.bin", tmp_path / "f.bin", size=99, backoff=0.01, progress=False)
+    assert len(server.gets()) == 1
+
+
+def test_mirror_zip_then_ocr_step_reencodes_present_gif_and_fetches_only_missing(server, hub_online, tmp_path):
+    specs = publish(server, {hub_path("weizhiwang/llava_v15_instruction_images", "ocr_vqa_images_llava_v15.zip"):
+                             make_zip({"ocr_vqa/images/111.jpg": jpeg(), "x/222.jpg": encoded("GIF")})})
+    root = tmp_path / "d"
+    rep = prepare(specs["llava-665k"], root, only=["ocr_vqa", "annotations", "ocr_vqa_mirror"],
+                  opts=Options(backoff=0.01, progress=False, check=False, hub_endpoint=server.base))
+    assert [s.source for s in rep.steps] == ["annotations", "ocr_vqa", "ocr_vqa_mirror", "ocr_vqa"]  # registry order
+    assert rep.ocr_vqa["already_present"] == 2 and rep.ocr_vqa["reencoded_to_jpeg"] == {"GIF": 1}
+    assert rep.ocr_vqa["fetched"] == 0 and list(rep.ocr_vqa["dead"]) == ["333.jpg"]
+    assert (root / "ocr_vqa/images/222.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
+    assert not server.gets("/ocr/111.jpg") and not server.gets("/ocr/222.gif")

@@ -145,6 +145,9 @@ def _fetch_once(url: str, part: Path, size: int | None, timeout: float, bar, on_
                 on_bytes(-start)
             start = 0
         total = _content_total(resp, start)
+        if size is not None and total is not None and total != size:  # retrying would fetch the same wrong file
+            raise DownloadError(f"GET {url}: the server announces {total} bytes but the registry expects {size}; "
+                                "the file changed upstream: check it and update olavlm/data/prepare/sources.py")
         if bar is not None and total is not None:
             bar.total = total
             bar.refresh()

@@ -70,8 +70,11 @@ def download_hub(
     from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars, are_progress_bars_disabled
 
-    size, etag = hub_metadata(remote, endpoint)
-    size = remote.size if remote.size is not None else size
+    hub_size, etag = hub_metadata(remote, endpoint)
+    if remote.size is not None and hub_size is not None and hub_size != remote.size:
+        raise DownloadError(f"hub {remote.repo_id}:{remote.filename}: the hub announces {hub_size} bytes but the "
+                            f"registry expects {remote.size}; update olavlm/data/prepare/sources.py (or pin revision)")
+    size = remote.size if remote.size is not None else hub_size
     checksum = expected_checksum(remote, etag)
     last, force = "no attempt made", False
     was_disabled = are_progress_bars_disabled()

@@ -110,6 +110,19 @@ def fetch_one(url: str, target: Path, *, retries: int, backoff: float, timeout: 
     raise last
 
 
+def _reencode_in_place(path: Path, converted: dict[str, int]) -> bool:
+    """Rewrite a present non-JPEG file as JPEG; False (file left alone) when it is not an image."""
+    try:
+        jpeg, fmt = to_jpeg(path.read_bytes())
+    except DeadLink:
+        return False
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(jpeg)
+    os.replace(tmp, path)
+    converted[fmt] = converted.get(fmt, 0) + 1
+    return True
+
+
 def _wanted(spec: OcrVqaSpec, root: Path, records: dict) -> tuple[dict[str, str], dict[str, list[str]]]:
     """(file name -> dataset.json key) to fetch, and file name -> ids of the LLaVA records using it."""
     users: dict[str, list[str]] = {}
@@ -159,7 +172,10 @@ def fetch_ocr_vqa(
     for name, key in sorted(names.items()):
         rec = records.get(key)
         url = rec.get(spec.url_field) if isinstance(rec, dict) else None
-        if (image_dir / name).is_file() and is_jpeg(image_dir / name):
+        target = image_dir / name
+        if target.is_file() and is_jpeg(target):
+            present += 1
+        elif target.is_file() and _reencode_in_place(target, converted):  # e.g. GIF saved as .jpg by other tools
             present += 1
         elif not isinstance(url, str) or not url:
             dead[name] = f"no {spec.url_field} for key {key!r} in dataset.json"

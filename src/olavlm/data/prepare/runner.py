@@ -73,9 +73,11 @@ class Report:
 
 
 def select_sources(spec: DatasetSpec, only: list[str] | None) -> list[Source]:
+    """The sources to prepare, in registry order: `only` if given, else every non-optional one."""
     if not only:
-        return list(spec.sources)
-    return [spec.source(name) for name in only]
+        return [s for s in spec.sources if not s.optional]
+    wanted = {spec.source(name).name for name in only}  # raises KeyError naming the known sources
+    return [s for s in spec.sources if s.name in wanted]
 
 
 def _fetch_done(root: Path, f: Fetch) -> bool:

@@ -108,6 +108,7 @@ class Source:
     description: str  # one line for `--dry-run` and the report
     fetches: tuple[Fetch, ...] = ()  # files to download (and unpack)
     ocr_vqa: OcrVqaSpec | None = None  # per-image download step (OCR-VQA only)
+    optional: bool = False  # prepared only when named in --only (alternatives, mirrors)
 
 
 @dataclass(frozen=True)
@@ -252,12 +253,23 @@ LLAVA_665K = DatasetSpec(
                          "folder https://drive.google.com/drive/folders/1_GYPY5UkUy7HIcR0zq3ZCFgeZN7BAfm_ , which "
                          "plain HTTP cannot fetch. Download dataset.json from there (or https://ocr-vqa.github.io/) "
                          "and place it at <root>/ocr_vqa/dataset.json, then run prepare again. Many of its image "
-                         "URLs are dead; a zip of the images LLaVA used is mirrored in the hub dataset "
-                         "weizhiwang/llava_v15_instruction_images (ocr_vqa_images_llava_v15.zip)."),
+                         "URLs are dead: `--only ocr_vqa_mirror ocr_vqa` first unpacks a community zip of the "
+                         "images LLaVA used, then fetches only what is still missing."),
                       save_as="ocr_vqa/dataset.json"),
             ),
             ocr_vqa=OcrVqaSpec(dataset_json="ocr_vqa/dataset.json", image_dir="ocr_vqa/images",
                                referenced_by="llava_v1_5_mix665k.json", image_prefix="ocr_vqa/images/"),
+        ),
+        Source(
+            name="ocr_vqa_mirror",
+            description="optional: a zip of the OCR-VQA images LLaVA used (most dataset.json URLs are dead)",
+            fetches=(
+                # layout inside the zip is not published; flattening puts every <key>.jpg where the json expects it
+                _archive("ocr_vqa", HubFile("weizhiwang/llava_v15_instruction_images", "ocr_vqa_images_llava_v15.zip",
+                                            note="community mirror announced in haotian-liu/LLaVA PR #1458"),
+                         unpack_to="ocr_vqa/images", expect=("ocr_vqa/images",), flatten=True),
+            ),
+            optional=True,
         ),
     ),
     data_file="llava_v1_5_mix665k.json",
