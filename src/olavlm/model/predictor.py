@@ -1,0 +1,123 @@
+"""Embedding predictors: Perceiver-Resampler blocks over one LLM layer's states (spec §2.4).
+
+``proj_in`` (one Linear, shared by states and queries) -> ``depth`` x [PerceiverAttention (separate
+LayerNorms for states and queries; K/V over concat(states, queries); keys masked by the spans, fix
+D14) + FeedForward] -> ``proj_out`` -> LayerNorm -> optional supervised output MLP (depth; the
+reference's unsupervised ``linear_2``/``linear_3`` are not built, D15) -> output layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from olavlm.config import PredictorConfig
+
+
+class PerceiverAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.dim_head = heads, dim_head
+        self.norm_x = nn.LayerNorm(dim)  # LayerNorm of the LLM states
+        self.norm_q = nn.LayerNorm(dim)  # LayerNorm of the queries
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """x (N, Lx, D), q (N, Q, D), key_mask bool (N, Lx) -> (N, Q, D)."""
+        x, q = self.norm_x(x), self.norm_q(q)
+        kv = torch.cat([x, q], 1)
+        mask = torch.cat([key_mask, key_mask.new_ones(q.shape[:2])], 1)  # queries are always valid keys
+        n = q.shape[0]
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(n, t.shape[1], self.heads, self.dim_head).transpose(1, 2)
+
+        k, v = self.to_kv(kv).chunk(2, dim=-1)
+        qh, kh, vh = heads(self.to_q(q)), heads(k), heads(v)
+        with torch.autocast(q.device.type, enabled=False):  # softmax in fp32 as in the reference
+            out = F.scaled_dot_product_attention(qh.float(), kh.float(), vh.float(), attn_mask=mask[:, None, None, :],
+                                                 scale=1.0 / math.sqrt(self.dim_head))
+        out = out.transpose(1, 2).reshape(n, q.shape[1], self.heads * self.dim_head).to(q.dtype)
+        return self.to_out(out)
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, mult: int) -> None:
+        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
+                         nn.Linear(dim * mult, dim, bias=False))
+
+
+class PerceiverBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: int) -> None:
+        super().__init__()
+        self.attn = PerceiverAttention(dim, heads, dim_head)
+        self.ff = FeedForward(dim, ff_mult)
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        q = q + self.attn(x, q, key_mask)
+        return q + self.ff(q)
+
+
+def adapt_queries(q: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """Reference rule: keep n == num_queries; tile when num_queries is a multiple of n; otherwise
+    mean-pool to one query and repeat it. q: (N, n, d) -> (N, num_queries, d)."""
+    n = q.shape[1]
+    if n == num_queries:
+        return q
+    if num_queries % n == 0:
+        return q.repeat(1, num_queries // n, 1)
+    return q.mean(1, keepdim=True).expand(-1, num_queries, -1)
+
+
+class Predictor(nn.Module):
+    """One (task, layer) predictor. Output per image: tokens (Q, C) | grid (C, s, s) | vector (1, C)."""
+
+    def __init__(self, llm_dim: int, cfg: PredictorConfig, *, num_queries: int) -> None:
+        super().__init__()
+        dim = cfg.dim or llm_dim
+        self.num_queries = num_queries  # Q output rows before the layout
+        self.layout = cfg.output_layout  # tokens | grid | vector
+        self.out_dim = cfg.out_dim
+        self.proj_in = nn.Linear(llm_dim, dim)  # shared by the LLM states and the queries
+        self.blocks = nn.ModuleList(PerceiverBlock(dim, cfg.heads, cfg.dim_head, cfg.ff_mult) for _ in range(cfg.depth))
+        self.proj_out = nn.Linear(dim, cfg.out_dim)
+        self.norm_out = nn.LayerNorm(cfg.out_dim)
+        self.output_mlp = (nn.Sequential(nn.Linear(cfg.out_dim, cfg.out_dim), nn.ReLU(),
+                                         nn.Linear(cfg.out_dim, cfg.out_dim)) if cfg.output_mlp else None)
+        if self.layout == "grid":
+            self.side = math.isqrt(num_queries)
+            if self.side * self.side != num_queries:
+                raise ValueError(f"grid layout needs a square number of queries, got {num_queries}")
+        if self.layout == "vector" and num_queries != 1:
+            raise ValueError(f"vector layout needs one query, got {num_queries}")
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        if self.layout == "grid":
+            return (self.out_dim, self.side, self.side)
+        return (self.num_queries, self.out_dim)
+
+    def forward(self, states: torch.Tensor, image_sample: torch.Tensor, key_mask: torch.Tensor,
+                queries: torch.Tensor) -> torch.Tensor:
+        """states (B, L, d_llm) of one layer; image_sample long (N,); key_mask bool (N, L);
+        queries (N or 1, n, d_llm) -> predictions (N, *output_shape)."""
+        weight = self.proj_in.weight
+        if not torch.is_autocast_enabled(states.device.type):
+            states, queries = states.to(weight.dtype), queries.to(weight.dtype)
+        x = self.proj_in(states)[image_sample]  # project once per sample, then one row per image
+        q = self.proj_in(adapt_queries(queries, self.num_queries))
+        q = q.expand(x.shape[0], -1, -1) if q.shape[0] == 1 else q
+        for block in self.blocks:
+            q = block(x, q, key_mask)
+        out = self.norm_out(self.proj_out(q))
+        if self.output_mlp is not None:
+            out = self.output_mlp(out)
+        if self.layout == "grid":  # token n <-> row n // side, column n % side
+            return out.transpose(1, 2).reshape(out.shape[0], self.out_dim, self.side, self.side)
+        return out

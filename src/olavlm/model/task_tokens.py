@@ -1,0 +1,56 @@
+"""Learnable special task tokens (spec §2.3).
+
+Each task owns a parameter of ``rows`` x d_llm (init N(0, 1), no scaling). Its K sequence tokens
+(K = ``model.num_task_tokens``) are the means of K contiguous groups of rows: depth/seg own one row
+per predictor query (default = image tokens, e.g. 576 -> groups of 72), gen owns K rows used as is.
+For depth/seg the same rows are also the predictor's learnable queries.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from olavlm.config import ModelConfig, task_token_rows
+
+
+def tasks_with_rows(cfg: ModelConfig, *, with_predictors: bool) -> list[str]:
+    """Tasks that own a token parameter: in the sequence, or used as predictor queries."""
+    out = []
+    for name, task in cfg.tasks.items():
+        in_sequence = name in cfg.task_order and cfg.num_task_tokens > 0
+        as_queries = with_predictors and bool(task.layers) and task.predictor.query_source == "task_tokens"
+        if in_sequence or as_queries:
+            out.append(name)
+    return out
+
+
+class TaskTokens(nn.Module):
+    """ParameterDict of per-task rows plus the K-token pooling used in the sequence."""
+
+    def __init__(self, cfg: ModelConfig, *, hidden_size: int, num_image_tokens: int, with_predictors: bool) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size  # d_llm
+        self.num_sequence_tokens = cfg.num_task_tokens  # K tokens per task in the sequence
+        self.order = list(cfg.task_order) if cfg.num_task_tokens else []  # tasks in the sequence
+        self.rows = nn.ParameterDict({
+            name: nn.Parameter(torch.randn(task_token_rows(cfg, name, num_image_tokens), hidden_size))
+            for name in tasks_with_rows(cfg, with_predictors=with_predictors)
+        })
+
+    def sequence_tokens(self, task: str) -> torch.Tensor:
+        """(K, d): row j of the result is the mean of rows [j*R/K, (j+1)*R/K)."""
+        rows = self.rows[task]
+        k = self.num_sequence_tokens
+        return rows.view(k, rows.shape[0] // k, rows.shape[1]).mean(1)
+
+    def all_sequence_tokens(self) -> torch.Tensor:
+        """(T*K, d): the tokens inserted after every image, tasks in ``order``."""
+        if not self.order:
+            return torch.zeros(0, self.hidden_size)
+        return torch.cat([self.sequence_tokens(t) for t in self.order], 0)
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Task tokens inserted after each image."""
+        return len(self.order) * self.num_sequence_tokens

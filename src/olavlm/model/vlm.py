@@ -1,0 +1,334 @@
+"""OlaVLM: frozen vision tower -> projector -> [text | image | task tokens | text] -> any HF causal LM,
+with embedding predictors on hooked layer states and the PT objectives (spec §2, §4).
+
+Dtypes: the LLM and the tower are kept in ``model.dtype``; the trainable extras (projector, task
+tokens, predictors, logit scales) are fp32. Works with and without bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from olavlm.config import ConfigError, ModelConfig, RunConfig, validate, validate_against_model
+from olavlm.constants import IMAGE_TOKEN_INDEX
+from olavlm.data.images import ImageSpec
+from olavlm.model import io
+from olavlm.model.predictor import Predictor
+from olavlm.model.projector import build_projector
+from olavlm.model.sequence import SequenceLayout, assemble_embeddings, build_layout
+from olavlm.model.task_tokens import TaskTokens, tasks_with_rows
+from olavlm.model.vision import VisionGeometry, VisionTower, vision_geometry
+from olavlm.objectives.embedding import embedding_loss
+from olavlm.objectives.ntp import ntp_loss
+
+log = logging.getLogger(__name__)
+
+_EXTRA_PREFIXES = ("projector.", "task_tokens.", "predictors.", "logit_scales.")
+
+
+@dataclass
+class OlaVLMOutput:
+    loss: torch.Tensor | None  # NTP (+ embedding losses when targets are given); None without labels/targets
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached 0-dim tensors (keys in docs)
+    predictions: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # task -> layer -> (N, *shape)
+    logits: torch.Tensor | None = None  # fp32 (B, L, vocab), only with return_logits=True (tests / scoring)
+    layout: SequenceLayout | None = None  # the spans of this batch
+
+
+def _capture_hook(store: dict[int, torch.Tensor], layer: int, module, args, output) -> None:
+    # first write wins: a recomputation (gradient checkpointing) must not replace the graph-carrying output
+    store.setdefault(layer, output[0] if isinstance(output, tuple) else output)
+
+
+class OlaVLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, llm: nn.Module, vision: VisionTower, tokenizer, geometry: VisionGeometry,
+                 *, with_predictors: bool = True) -> None:
+        super().__init__()
+        validate(RunConfig(model=cfg))
+        n_layers = llm.config.num_hidden_layers
+        validate_against_model(cfg, num_layers=n_layers, num_image_tokens=geometry.num_tokens)
+        self.cfg = cfg
+        self.geometry = geometry
+        self.tokenizer = tokenizer  # kept for save_pretrained and generate
+        self.max_length: int | None = None  # reject longer expanded samples (set from data.max_length)
+        self.llm = llm
+        self.vision = vision
+        d = llm.config.hidden_size
+        io.decoder_of(llm)  # fail early on an LLM whose layers we cannot hook
+        self.projector = build_projector(cfg.projector, vision.hidden_size, d)
+        self.task_tokens = TaskTokens(cfg, hidden_size=d, num_image_tokens=geometry.num_tokens,
+                                      with_predictors=with_predictors)
+        self.predictors = nn.ModuleDict()
+        self.logit_scales = nn.ParameterDict()
+        if with_predictors:
+            for name, task in cfg.tasks.items():
+                if not task.layers:
+                    continue
+                p = task.predictor
+                q = p.num_queries or (geometry.num_tokens if p.query_source == "task_tokens" else 1)
+                self.predictors[name] = nn.ModuleDict({str(l): Predictor(d, p, num_queries=q) for l in task.layers})
+                if cfg.use_contrastive:
+                    self.logit_scales[name] = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, *, with_predictors: bool = True) -> "OlaVLM":
+        """New model from ``model.llm`` / ``model.vision_tower`` (hub ids or folders); extras random."""
+        tokenizer = io.load_tokenizer(model_cfg)
+        llm = io.load_llm(model_cfg)
+        added = io.resize_for_tokenizer(llm, tokenizer)
+        if added:
+            log.info("added %d token(s) to the LLM embeddings (pad token), initialised to the mean row", added)
+        vision = VisionTower.from_config(model_cfg)
+        return cls(model_cfg, llm, vision, tokenizer, vision_geometry(model_cfg), with_predictors=with_predictors)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, with_predictors: bool | None = None, dtype: str | None = None,
+                        attn_implementation: str | None = None) -> "OlaVLM":
+        """Load a folder written by :meth:`save_pretrained` (a hub id is downloaded; nothing else is).
+        ``with_predictors`` None = as saved; False drops them; ``dtype`` overrides model.dtype."""
+        from safetensors.torch import load_file
+
+        folder = io.resolve_dir(path)
+        cfg, meta = io.read_config(folder)
+        saved_pred = bool(meta.get("with_predictors", False))
+        if with_predictors is None:
+            with_predictors = saved_pred
+        elif with_predictors and not saved_pred:
+            raise ValueError(f"{folder} was saved without predictors; load it with with_predictors=False")
+        if dtype is not None:
+            cfg.dtype = dtype
+        if attn_implementation is not None:
+            cfg.attn_implementation = attn_implementation
+        model = cls.from_config(cfg, with_predictors=with_predictors)
+        state = load_file(str(folder / io.WEIGHTS_NAME))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k.startswith(_EXTRA_PREFIXES)]
+        if missing:
+            raise ValueError(f"{folder / io.WEIGHTS_NAME} lacks {missing[:5]}")
+        kept = [k for k in unexpected if not k.startswith(("predictors.", "logit_scales.", "task_tokens."))]
+        if kept or (unexpected and with_predictors):
+            raise ValueError(f"{folder / io.WEIGHTS_NAME} has unexpected keys {(kept or unexpected)[:5]}")
+        return model
+
+    def save_pretrained(self, path: str | Path, *, with_predictors: bool = True) -> None:
+        """HF-style folder (see olavlm.model.io); ``with_predictors=False`` drops predictors and scales."""
+        from safetensors.torch import save_file
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.llm.save_pretrained(folder / "llm")
+        self.tokenizer.save_pretrained(folder / "llm")
+        self.tokenizer.save_pretrained(folder)
+        self.vision.save_pretrained(folder / "vision")
+        pre = io.read_json_file(self.cfg.vision_tower, "preprocessor_config.json")
+        (folder / "vision" / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+        keep_rows = set(tasks_with_rows(self.cfg, with_predictors=with_predictors and bool(self.predictors)))
+        state = {}
+        for key, value in self.state_dict().items():
+            if not key.startswith(_EXTRA_PREFIXES):
+                continue
+            if not with_predictors and key.startswith(("predictors.", "logit_scales.")):
+                continue
+            if key.startswith("task_tokens.rows.") and key.split(".")[2] not in keep_rows:
+                continue
+            state[key] = value.detach().cpu().contiguous()
+        save_file(state, str(folder / io.WEIGHTS_NAME), metadata={"format": "pt"})
+        io.write_config(folder, self.cfg, with_predictors=with_predictors and bool(self.predictors))
+
+    # -- facts other packages use ---------------------------------------------------------------
+    @property
+    def num_image_tokens(self) -> int:
+        return self.geometry.num_tokens
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Positions one image placeholder expands to: image tokens + task tokens."""
+        return self.num_image_tokens + self.task_tokens.tokens_per_image
+
+    @property
+    def image_spec(self) -> ImageSpec:
+        return self.geometry.spec
+
+    @property
+    def target_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-image target shape of every task that has predictors (what teachers/cache must give)."""
+        return {task: next(iter(layers.values())).output_shape for task, layers in self.predictors.items()}
+
+    @property
+    def device(self) -> torch.device:
+        return self.projector_weight.device
+
+    @property
+    def projector_weight(self) -> torch.Tensor:
+        return next(self.projector.parameters())
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"llm": list(self.llm.parameters()), "vision": list(self.vision.parameters()),
+                "projector": list(self.projector.parameters()), "task_tokens": list(self.task_tokens.parameters()),
+                "predictors": list(self.predictors.parameters()), "logit_scales": list(self.logit_scales.parameters())}
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Non-reentrant checkpointing of the LLM layers (hooks stay outside the checkpoint)."""
+        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # -- building the sequence ------------------------------------------------------------------
+    def build_layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     labels: torch.Tensor | None = None, *, max_length: int | None = None,
+                     padding_side: str = "right") -> SequenceLayout:
+        return build_layout(input_ids, attention_mask, labels, num_image_tokens=self.num_image_tokens,
+                            task_order=self.task_tokens.order, num_task_tokens=self.cfg.num_task_tokens,
+                            max_length=max_length or self.max_length, padding_side=padding_side)
+
+    def embed(self, layout: SequenceLayout, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """inputs_embeds (B, L, d) in the LLM's dtype: text embeddings, projected image features, task tokens."""
+        n = layout.num_images
+        count = 0 if pixel_values is None else pixel_values.shape[0]
+        if count != n:
+            raise ValueError(f"input_ids hold {n} image placeholder(s) ({IMAGE_TOKEN_INDEX}) but pixel_values "
+                             f"has {count} image(s)")
+        emb = self.llm.get_input_embeddings()
+        w = self.projector_weight
+        if n:
+            feats = self.vision(pixel_values.to(self.vision.dtype))
+        else:  # keeps the projector in the graph (DDP) at no cost
+            feats = torch.zeros(0, self.num_image_tokens, self.vision.hidden_size, device=w.device)
+        if not torch.is_autocast_enabled(w.device.type):
+            feats = feats.to(w.dtype)
+        image = self.projector(feats)
+        return assemble_embeddings(layout, emb(layout.text_ids), image,
+                                   self.task_tokens.all_sequence_tokens().to(w.device), emb.weight.dtype)
+
+    def _decode(self, embeds: torch.Tensor, layout: SequenceLayout, layers: list[int]):
+        """Final-norm states and {layer: states} captured by forward hooks at ``layers`` only."""
+        decoder, blocks = io.decoder_of(self.llm)
+        store: dict[int, torch.Tensor] = {}
+        handles = [blocks[l - 1].register_forward_hook(functools.partial(_capture_hook, store, l))
+                   for l in layers if l < len(blocks)]
+        try:
+            out = decoder(inputs_embeds=embeds, attention_mask=layout.attention_mask.long(),
+                          position_ids=layout.position_ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        hidden = out[0]
+        if len(blocks) in layers:
+            store[len(blocks)] = hidden  # hidden_states[n_layers] is the final-norm output, as in HF
+        return hidden, store
+
+    # -- predictors and losses -------------------------------------------------------------------
+    def predictor_layers(self) -> list[int]:
+        return sorted({int(l) for layers in self.predictors.values() for l in layers})
+
+    def predict(self, states: dict[int, torch.Tensor], layout: SequenceLayout) -> dict[str, dict[int, torch.Tensor]]:
+        out: dict[str, dict[int, torch.Tensor]] = {}
+        for task, by_layer in self.predictors.items():
+            tc = self.cfg.tasks[task]
+            mask = layout.predictor_key_mask(task, include_text=self.cfg.pass_text_to_predictors)
+            out[task] = {}
+            for key, predictor in by_layer.items():
+                layer = int(key)
+                if tc.predictor.query_source == "task_tokens":
+                    queries = self.task_tokens.rows[task][None]
+                else:  # this layer's states of the image's own task tokens (pooled by the predictor)
+                    queries = states[layer][layout.image_sample[:, None], layout.task_positions(task)]
+                out[task][layer] = predictor(states[layer], layout.image_sample, mask, queries)
+        return out
+
+    def _embedding_losses(self, predictions, targets, target_mask, n: int, metrics) -> torch.Tensor:
+        total = None
+        valid = torch.ones(n, dtype=torch.bool, device=self.device) if target_mask is None else target_mask.bool()
+        if valid.shape != (n,):
+            raise ValueError(f"target_mask must be bool ({n},) (one flag per image), got {tuple(valid.shape)}")
+        for task, by_layer in predictions.items():
+            if task not in targets:
+                raise ValueError(f"targets: missing task {task!r} (the model predicts {sorted(predictions)})")
+            target = targets[task]
+            expected = (n, *self.target_shapes[task])
+            if tuple(target.shape) != expected:
+                raise ValueError(f"targets[{task!r}]: shape {tuple(target.shape)} != expected {expected}")
+            scale = self.logit_scales[task] if self.cfg.use_contrastive else None
+            task_sum = None
+            for layer, pred in by_layer.items():
+                e = embedding_loss(pred, target, valid, scale, beta=self.cfg.smooth_l1_beta,
+                                   contrastive_weight=self.cfg.contrastive_weight, scale_max=self.cfg.logit_scale_max)
+                metrics[f"loss/{task}/layer{layer}/sl1"] = e.sl1.detach()
+                metrics[f"loss/{task}/layer{layer}/contrastive"] = e.contrastive.detach()
+                task_sum = e.total if task_sum is None else task_sum + e.total
+            task_loss = self.cfg.tasks[task].weight * task_sum
+            metrics[f"loss/{task}"] = task_loss.detach()
+            if scale is not None:
+                metrics[f"logit_scale/{task}"] = scale.detach().exp().clamp(max=self.cfg.logit_scale_max)
+            total = task_loss if total is None else total + task_loss
+        return total
+
+    def _keepalive(self) -> torch.Tensor:
+        """Zero-weighted sum of the trainable extras: every one gets a (zero) gradient, so DDP with
+        find_unused_parameters=False works on batches where predictors or task tokens are unused."""
+        params = [p for name, p in self.named_parameters() if p.requires_grad and name.startswith(_EXTRA_PREFIXES)]
+        return sum((p.sum() for p in params), torch.zeros((), device=self.device)) * 0.0
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                targets: dict[str, torch.Tensor] | None = None, target_mask: torch.Tensor | None = None,
+                num_images: torch.Tensor | None = None, *, predict: bool | None = None,
+                return_logits: bool = False, max_length: int | None = None) -> OlaVLMOutput:
+        """``targets`` {task: (N, *target_shapes[task])} adds the embedding losses; ``target_mask``
+        bool (N,) excludes images from them. ``predict`` None = run the predictors iff targets given."""
+        layout = self.build_layout(input_ids, attention_mask, labels, max_length=max_length)
+        if num_images is not None and int(num_images.sum()) != layout.num_images:
+            raise ValueError(f"num_images sums to {int(num_images.sum())} but input_ids hold {layout.num_images} placeholders")
+        if targets is not None and not self.predictors:
+            raise ValueError("targets given but the model has no predictors (built with with_predictors=False)")
+        run_pred = bool(self.predictors) and (targets is not None if predict is None else predict)
+        embeds = self.embed(layout, pixel_values)
+        hidden, states = self._decode(embeds, layout, self.predictor_layers() if run_pred else [])
+        metrics: dict[str, torch.Tensor] = {}
+        loss = None
+        if labels is not None:
+            loss, _ = ntp_loss(hidden, layout.labels, self.llm.get_output_embeddings())
+            metrics["loss/ntp"] = loss.detach()
+        predictions = self.predict(states, layout) if run_pred else {}
+        if targets is not None:
+            emb = self._embedding_losses(predictions, targets, target_mask, layout.num_images, metrics)
+            if emb is not None:
+                loss = emb if loss is None else loss + emb
+        if loss is not None and self.training and torch.is_grad_enabled() and (not run_pred or layout.num_images == 0):
+            loss = loss + self._keepalive()
+        if loss is not None:
+            metrics["loss"] = loss.detach()
+        logits = self.llm.get_output_embeddings()(hidden).float() if return_logits else None
+        return OlaVLMOutput(loss=loss, metrics=metrics, predictions=predictions, logits=logits, layout=layout)
+
+    @torch.no_grad()
+    def layer_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     pixel_values: torch.Tensor | None, layers: list[int]) -> tuple[dict[int, torch.Tensor], SequenceLayout]:
+        """{layer: (B, L, d)} = hidden_states[layer] (1-based; n_layers = final norm) and the spans."""
+        n = self.llm.config.num_hidden_layers
+        bad = [l for l in layers if not 1 <= l <= n]
+        if bad:
+            raise ValueError(f"layers {bad} are outside the LLM's 1..{n}")
+        layout = self.build_layout(input_ids, attention_mask)
+        _, states = self._decode(self.embed(layout, pixel_values), layout, sorted(set(layers)))
+        return states, layout
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *, max_new_tokens: int = 128, do_sample: bool = False,
+                 **generate_kwargs) -> torch.Tensor:
+        """New token ids (B, <= max_new_tokens) for prompts with image placeholders; greedy by
+        default, KV cache on. The prompt goes through the same sequence builder (left-padded)."""
+        layout = self.build_layout(input_ids, attention_mask, padding_side="left")
+        embeds = self.embed(layout, pixel_values)
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=layout.attention_mask.long(),
+                                 max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
+                                 **generate_kwargs)

@@ -1,0 +1,1 @@
+"""Training objectives: next-token prediction on supervised positions and the embedding losses."""
