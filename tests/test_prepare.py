@@ -16,7 +16,6 @@ import json
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -464,3 +463,24 @@ def test_mirror_zip_then_ocr_step_reencodes_present_gif_and_fetches_only_missing
     assert rep.ocr_vqa["fetched"] == 0 and list(rep.ocr_vqa["dead"]) == ["333.jpg"]
     assert (root / "ocr_vqa/images/222.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
     assert not server.gets("/ocr/111.jpg") and not server.gets("/ocr/222.gif")
+
+
+def test_allava_assemble_drops_unsafe_paths_and_flags_foreign_folders(tmp_path):
+    from olavlm.data.prepare.allava import assemble
+
+    part = [{"id": 1, "image": "a/images/1.jpg", "conversations": conv(1), "url": "u"},
+            {"id": 2, "image": "../../etc/passwd", "conversations": conv(2)},
+            {"id": 3, "image": "/abs.jpg", "conversations": conv(3)},
+            {"id": 4, "conversations": conv(4)},
+            {"id": 5, "image": "b/images/5.jpg", "conversations": conv(5)},
+            {"id": 6, "image": "a/images/6.jpg", "conversations": "not a list"}]
+    (tmp_path / "p.json").write_text(json.dumps(part))
+    spec = sources.AssembleSpec(parts=(("p.json", "a/images"),), output="out/all.json", image_folder="out")
+    stats = assemble(spec, tmp_path)
+    out = json.loads((tmp_path / "out/all.json").read_text())
+    assert [r["id"] for r in out] == [1, 5] and set(out[0]) == {"id", "image", "conversations"}
+    assert stats["dropped"] == {"unsafe_path": 2, "no_image": 1, "bad_record": 1}
+    assert stats["flagged"] == {"outside_expected_folder": 1} and stats["records"] == 2
+    (tmp_path / "p.json").write_text('[{"id": 1,')
+    with pytest.raises(ValueError, match="line 1"):
+        assemble(spec, tmp_path)

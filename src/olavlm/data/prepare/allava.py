@@ -4,8 +4,8 @@ The hub jsons already store image paths relative to the ALLaVA repo root (``alla
 ``allava_vflan/images/images_191task_1k/…``) and prepare mirrors that layout under
 ``<root>/allava``, so the paths stay as they are and ``data.image_folder`` is ``<root>/allava``. Each
 path is still checked: absolute or ``..`` paths are dropped (counted), and paths outside the part's
-declared image folder are counted (a sign that the hub json changed layout). Parts are streamed
-one at a time, so peak memory is one part, not the sum.
+declared image folder are counted (a sign that the hub json changed layout). Records are streamed
+(``olavlm.data.records.iter_records``), so memory stays small on the 1 GB LAION part.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from olavlm.data.prepare.sources import AssembleSpec
+from olavlm.data.records import iter_records
 
 
 def _check_path(image, prefix: str) -> str | None:
@@ -41,13 +42,8 @@ def assemble(spec: AssembleSpec, root: Path) -> dict:
     with open(tmp, "w") as out:
         out.write("[\n")
         for rel, prefix in spec.parts:
-            path = root / rel
-            with open(path) as f:
-                records = json.load(f)
-            if not isinstance(records, list):
-                raise ValueError(f"{path}: expected a json list of LLaVA records, got {type(records).__name__}")
             kept = 0
-            for rec in records:
+            for _, _, rec in iter_records(root / rel):  # streamed; a malformed file raises RecordFileError
                 if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
                     stats["dropped"]["bad_record"] = stats["dropped"].get("bad_record", 0) + 1
                     continue
@@ -67,7 +63,6 @@ def assemble(spec: AssembleSpec, root: Path) -> dict:
                 kept += 1
             stats["per_part"][rel] = kept
             stats["records"] += kept
-            del records
         out.write("\n]\n")
     os.replace(tmp, out_path)
     return stats

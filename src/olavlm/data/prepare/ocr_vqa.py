@@ -125,12 +125,17 @@ def _reencode_in_place(path: Path, converted: dict[str, int]) -> bool:
 
 def _wanted(spec: OcrVqaSpec, root: Path, records: dict) -> tuple[dict[str, str], dict[str, list[str]]]:
     """(file name -> dataset.json key) to fetch, and file name -> ids of the LLaVA records using it."""
+    from olavlm.data.records import iter_records, record_images
+
     users: dict[str, list[str]] = {}
     if spec.referenced_by and (root / spec.referenced_by).is_file():
-        with open(root / spec.referenced_by) as f:
-            for rec in json.load(f):
-                image = rec.get("image") if isinstance(rec, dict) else None
-                if isinstance(image, str) and image.startswith(spec.image_prefix):
+        for _, _, rec in iter_records(root / spec.referenced_by):  # streamed: the 665K json is ~1 GB
+            try:
+                images = record_images(rec)
+            except ValueError:
+                continue  # malformed image field: `data check` reports the record
+            for image in images:
+                if image.startswith(spec.image_prefix):
                     users.setdefault(image[len(spec.image_prefix):], []).append(str(rec.get("id")))
         names = {name: Path(name).stem for name in users}
     else:

@@ -8,7 +8,6 @@ missing. Only a failed free-disk check stops the run before anything is fetched.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -234,28 +233,44 @@ def _run_assemble(spec: DatasetSpec, root: Path, report: Report) -> Step:
     if marker and marker.get("inputs") == inputs and (root / a.output).is_file():
         report.assembled = marker.get("stats")
         return Step("assemble", a.output, "verified")
-    stats = assemble(a, root)
+    try:
+        stats = assemble(a, root)
+    except (ValueError, OSError) as e:  # RecordFileError (malformed part) is a ValueError
+        return Step("assemble", a.output, "failed", str(e))
     state.write_marker(root, "assemble", a.output, {"inputs": inputs, "stats": stats})
     report.assembled = stats
     return Step("assemble", a.output, "done", f"{stats['records']} records")
 
 
 def count_per_source(data_file: Path) -> tuple[int, dict[str, int]]:
-    """(records, records per top folder of the image path; TEXT_ONLY for records without image)."""
-    with open(data_file) as f:
-        records = json.load(f)
-    per = Counter()
-    for rec in records:
-        image = rec.get("image") if isinstance(rec, dict) else None
-        per[image.replace("\\", "/").split("/", 1)[0] if isinstance(image, str) and image else TEXT_ONLY] += 1
-    return len(records), dict(per)
+    """(records, records per top folder of the (first) image path; TEXT_ONLY for records without image).
+
+    Streams the file (olavlm.data.records), so memory stays small on the 1 GB 665K json.
+    """
+    from olavlm.data.records import iter_records, record_images
+
+    per: Counter = Counter()
+    total = 0
+    for _, _, rec in iter_records(data_file):
+        total += 1
+        try:
+            images = record_images(rec)
+        except ValueError:
+            per["(malformed image field)"] += 1
+            continue
+        per[images[0].replace("\\", "/").split("/", 1)[0] if images else TEXT_ONLY] += 1
+    return total, dict(per)
 
 
 def _count_and_check(spec: DatasetSpec, root: Path, opts: Options, report: Report) -> None:
     data_file = root / spec.data_file
     if not data_file.is_file():
         return
-    report.records, report.per_source = count_per_source(data_file)
+    try:
+        report.records, report.per_source = count_per_source(data_file)
+    except ValueError as e:  # RecordFileError: the json itself is malformed (names line and column)
+        report.steps.append(Step("check", spec.data_file, "failed", str(e)))
+        return
     if opts.check:
         from olavlm.data.check import check_dataset
 
