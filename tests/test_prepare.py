@@ -322,7 +322,7 @@ def test_download_resumes_after_drop_and_restarts_on_bad_checksum(server, tmp_pa
     server.faults["/f.bin"] = ["drop", "corrupt"]
     md5 = "md5:" + hashlib.md5(data).hexdigest()
     download_http(server.base + "/f.bin", tmp_path / "f.bin", size=len(data), checksum=md5, backoff=0.01,
-                  progress=False)
+                  progress=True)  # bars on: exercises the rewinds of the per-file bar
     assert (tmp_path / "f.bin").read_bytes() == data and not (tmp_path / "f.bin.part").exists()
     ranges = [r for _, _, r in server.gets("/f.bin")]
     # 1: dropped half way; 2: resumed (Range) but wrong bytes -> md5 mismatch; 3: fresh full download

@@ -136,26 +136,27 @@ def prepare(spec: DatasetSpec, root: Path, *, only: list[str] | None = None, opt
         return report
 
     # sizes first (one HEAD each), so the free-disk check happens before any byte is fetched
-    sizes: dict[str, int] = {}
-    needed = 0
+    needed = fetch_total = fetched_before = 0
     for src, f in todo:
         if isinstance(f.remote, HttpFile) and f.remote.url is None:
             continue
         try:
-            size = _remote_size(f, opts)
+            size = _remote_size(f, opts) or 0
         except DownloadError as e:
             report.steps.append(Step(src.name, f.save_as, "failed", str(e)))
             continue
-        sizes[f.save_as] = size or 0
         if not (f.unpack_to and _archive_downloaded(root, f)):
             part = root / (f.save_as + ".part")
-            needed += max(0, (size or 0) - (part.stat().st_size if part.exists() else 0))
+            have = min(size, part.stat().st_size) if part.exists() else 0
+            needed += size - have
+            fetch_total += size
+            fetched_before += have
         if f.unpack_to:
-            needed += size or 0  # unpacked images take about the archive's size (already-compressed JPEGs)
+            needed += size  # unpacked images take about the archive's size (already-compressed JPEGs)
     check_free_disk(root, needed)
 
     failed_now = {s.what for s in report.steps if s.status == "failed"}
-    overall = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=f"{spec.name} total",
+    overall = tqdm(total=fetch_total, initial=fetched_before, unit="B", unit_scale=True, desc=f"{spec.name} total",
                    disable=not opts.progress, position=0)
     with overall:
         for src, f in todo:
