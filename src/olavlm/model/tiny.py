@@ -144,3 +144,24 @@ def make_tiny(output: str | Path, *, seed: int = 0, with_teachers: bool = True) 
         else:
             written.update(make_tiny_teachers(out / "teachers", seed=seed))
     return written
+
+
+def tiny_model_config(tiny_dir: str | Path, *, llm: str = "llama", vision: str = "clip", **overrides):
+    """A ModelConfig over the tiny checkpoints in ``tiny_dir`` with small predictors (fp32, sdpa).
+
+    Layers fit the 4-layer tiny LLMs and include the last one (final-norm states): gen [2, 4],
+    depth [1, 3], seg [2, 4]; 2 task tokens per task; output dims 16/24/16. ``overrides`` are
+    ModelConfig fields.
+    """
+    from olavlm.config import ModelConfig, PredictorConfig, default_tasks
+
+    tasks = default_tasks()
+    tasks["gen"].layers, tasks["depth"].layers, tasks["seg"].layers = [2, 4], [1, 3], [2, 4]
+    tasks["gen"].predictor = PredictorConfig(dim=32, num_queries=1, query_source="hidden", out_dim=16,
+                                             output_layout="vector")
+    tasks["depth"].predictor = PredictorConfig(dim=None, out_dim=24, output_layout="tokens", output_mlp=True)
+    tasks["seg"].predictor = PredictorConfig(dim=32, out_dim=16, output_layout="grid")
+    fields = dict(llm=str(Path(tiny_dir) / f"llm-{llm}"), vision_tower=str(Path(tiny_dir) / f"vision-{vision}"),
+                  vision_type=vision, dtype="float32", num_task_tokens=2, tasks=tasks)
+    fields.update(overrides)
+    return ModelConfig(**fields)

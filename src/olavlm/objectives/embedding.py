@@ -65,6 +65,7 @@ def info_nce(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, log_
     """One-directional InfoNCE pred -> gathered targets, mean over this rank's valid rows."""
     p = F.normalize(pred.flatten(1).float(), dim=1)
     t = F.normalize(target.flatten(1).float(), dim=1)
+    t = torch.where(valid[:, None], t, torch.zeros_like(t))  # a masked target (even NaN) never reaches a gradient
     all_t, all_valid, offset = gather_targets(t, valid)
     scale = log_scale.float().exp().clamp(max=scale_max)
     logits = scale * (p @ all_t.T)
