@@ -1,0 +1,58 @@
+"""`olavlm targets precompute CONFIG.yaml [--batch-size N] [--dtype bf16|fp16|fp32] [--workers N]
+[--shard-size N] [--no-progress] [section.key=value ...]`.
+
+Multi-GPU: ``torchrun --nproc_per_node 8 -m olavlm.cli targets precompute CONFIG.yaml`` (or
+``accelerate launch -m olavlm.cli ...``): each rank encodes a disjoint share of the shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from olavlm.teachers.precompute import DEFAULT_SHARD_SIZE
+
+
+def _add_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=32, help="images per teacher call (default 32)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="storage dtype of the targets (default: the training teacher dtype)")
+    p.add_argument("--workers", type=int, default=None, help="image-decoding worker processes (default data.num_workers)")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                   help=f"images per shard file (default {DEFAULT_SHARD_SIZE}; keep it fixed when resuming)")
+    p.add_argument("--no-progress", action="store_true", help="no storage estimate / progress bar output")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("targets", help="precompute teacher targets into data.target_cache")
+    tsub = p.add_subparsers(dest="targets_command", metavar="ACTION", required=True)
+    pre = tsub.add_parser(
+        "precompute", help="run the configured teachers over the dataset's images (resumable, multi-process)",
+        description="Run the teachers of every task with predictor layers over the unique images of "
+                    "data.train_file and write safetensors shards + index.json to data.target_cache. "
+                    "Overrides: section.key=value (or --section.key=value), values parsed as YAML.")
+    pre.add_argument("config", help="run recipe YAML (the same file training uses)")
+    _add_flags(pre)
+    pre.add_argument("overrides", nargs=argparse.REMAINDER, help="section.key=value ...")
+    pre.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from olavlm.config import ConfigError, load_config
+    from olavlm.teachers.precompute import precompute
+
+    flags = argparse.ArgumentParser(add_help=False)
+    _add_flags(flags)
+    late, overrides = flags.parse_known_args(args.overrides or [], namespace=argparse.Namespace())
+    for name, value in vars(late).items():  # flags given after CONFIG
+        if value != flags.get_default(name):
+            setattr(args, name, value)
+    for item in overrides:
+        key = item[2:] if item.startswith("--") else item
+        if "=" not in key or "." not in key.split("=", 1)[0]:
+            raise ConfigError(f"{item}: unknown argument; overrides look like section.key=value")
+    cfg = load_config(args.config, overrides)
+    summary = precompute(cfg, batch_size=args.batch_size, dtype=args.dtype, workers=args.workers,
+                         shard_size=args.shard_size, progress=not args.no_progress)
+    if summary.get("rank", 0) == 0 and summary.get("complete") is False:
+        return 1
+    return 0

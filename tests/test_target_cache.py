@@ -1,0 +1,238 @@
+"""Target cache: precompute -> read round trip, equality with online teachers, resume, ranks, verify."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from olavlm.config import RunConfig, from_dict
+from olavlm.teachers import build_teachers
+from olavlm.teachers.cache import CacheError, TargetCache, config_fingerprints, geometry_fingerprint
+from olavlm.teachers.precompute import precompute, teacher_image_size
+
+GRID = 8
+N_GOOD = 7
+
+
+def _conv():
+    return [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A shape."}]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """7 images of various aspect ratios and modes, one corrupt file, one missing file, one duplicate."""
+    root = tmp_path_factory.mktemp("data")
+    folder = root / "images"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(N_GOOD):
+        w, h = 40 + 12 * i, 72 - 4 * i
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        name = f"sub/{i}.jpg" if i % 2 else f"{i}.png"
+        img = Image.fromarray(arr)
+        (img.convert("L") if i == 3 else img).save(folder / name)
+        records.append({"id": str(i), "image": name, "conversations": _conv()})
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    records += [{"id": "c", "image": "corrupt.jpg", "conversations": _conv()},
+                {"id": "m", "image": "missing.png", "conversations": _conv()},
+                {"id": "dup", "image": "0.png", "conversations": _conv()},
+                {"id": "text", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]
+    (root / "data.json").write_text(json.dumps(records))
+    return root
+
+
+def make_cfg(tiny_dir, dataset, cache, geometry="pad") -> RunConfig:
+    t = tiny_dir / "teachers"
+    return from_dict(RunConfig, {
+        "model": {"llm": str(tiny_dir / "llm-llama"), "vision_tower": str(tiny_dir / "vision-clip"), "tasks": {
+            "gen": {"teacher": "unclip", "teacher_path": str(t / "teacher-gen"), "layers": [2],
+                    "predictor": {"dim": 32, "out_dim": 24}},
+            "depth": {"teacher": "depth_anything", "teacher_path": str(t / "teacher-depth"), "layers": [1, 3],
+                      "predictor": {"out_dim": 32}},
+            "seg": {"teacher": "oneformer", "teacher_path": str(t / "teacher-seg"), "layers": [2],
+                    "predictor": {"dim": 32, "out_dim": 32}}}},
+        "data": {"train_file": str(dataset / "data.json"), "image_folder": str(dataset / "images"),
+                 "image_geometry": geometry, "target_cache": str(cache), "num_workers": 0},
+        "train": {"bf16": True}})
+
+
+@pytest.fixture(scope="module")
+def teachers(tiny_dir, dataset, tmp_path_factory):
+    cfg = make_cfg(tiny_dir, dataset, tmp_path_factory.mktemp("unused"))
+    return build_teachers(cfg.model, GRID, dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def built(tiny_dir, dataset, teachers, tmp_path_factory):
+    """One uninterrupted precompute (3 shards of 4), the reference for the other tests."""
+    cfg = make_cfg(tiny_dir, dataset, tmp_path_factory.mktemp("cache") / "full")
+    summary = precompute(cfg, batch_size=3, shard_size=4, teachers=teachers, progress=False, device="cpu")
+    return cfg, summary, TargetCache.open(cfg.data.target_cache)
+
+
+def all_targets(cache: TargetCache) -> dict:
+    return {k: cache.get(k) for k in sorted(cache.entries)}
+
+
+def test_round_trip_index_and_unreadable(built, dataset):
+    cfg, summary, cache = built
+    assert summary["images"] == N_GOOD + 2 and summary["shards"] == 3 and summary["complete"]
+    assert summary["encoded"] == N_GOOD and summary["unreadable"] == 2
+    assert len(cache) == N_GOOD and cache.complete and cache.dtype == torch.bfloat16
+    assert set(cache.unreadable) == {"corrupt.jpg", "missing.png"}
+    assert cache.unreadable["missing.png"].startswith("missing_image")
+    assert cache.unreadable["corrupt.jpg"].startswith("unreadable_image")
+    assert cache.shapes == {"gen": (1, 24), "depth": (64, 32), "seg": (32, 8, 8)}
+    got = cache.get("sub/1.jpg")
+    assert {k: (v.shape, v.dtype) for k, v in got.items()} == {
+        "gen": ((1, 24), torch.bfloat16), "depth": ((64, 32), torch.bfloat16), "seg": ((32, 8, 8), torch.bfloat16)}
+    assert cache.missing(["0.png", "missing.png", "new.png", "new.png"]) == ["missing.png", "new.png"]
+    with pytest.raises(KeyError, match="unreadable"):
+        cache.get("missing.png")
+    # keyed by content hash too
+    digest = hashlib.sha1((dataset / "images" / "sub/1.jpg").read_bytes()).hexdigest()
+    assert cache.sha1("sub/1.jpg") == digest
+    torch.testing.assert_close(cache.get_by_hash(digest)["depth"], got["depth"], rtol=0, atol=0)
+    with pytest.raises(CacheError, match="lacks 1 image"):
+        cache.check_coverage(["0.png", "nope.png"])
+
+
+def test_cached_equals_online_targets_through_the_dataset(built, teachers, tiny_dir):
+    """The images the training dataset gives online teachers produce the cached targets."""
+    from olavlm.data.dataset import LlavaDataset
+    from olavlm.model.io import load_tokenizer
+    from olavlm.model.vision import vision_geometry
+
+    cfg, _, cache = built
+    geo = vision_geometry(cfg.model)
+    ds = LlavaDataset(cfg.data, load_tokenizer(cfg.model), image_spec=geo.spec, tokens_per_image=geo.num_tokens + 24,
+                      teacher_image_size=teacher_image_size(cfg, teachers), target_lookup=cache.get)
+    checked = 0
+    for i in range(N_GOOD):
+        sample = ds[i]
+        online = teachers.encode(sample["images"], sample["image_keys"])
+        for task, value in online.items():
+            cached = sample["targets"][0][task]
+            # same computation in the same dtype: equal up to bf16 rounding of batch-size effects
+            torch.testing.assert_close(cached.float(), value[0].float(), rtol=2 ** -7, atol=2e-2)
+            checked += 1
+    assert checked == 3 * N_GOOD
+
+
+def test_resume_after_interruption(built, tiny_dir, dataset, teachers, tmp_path):
+    cfg = make_cfg(tiny_dir, dataset, tmp_path / "cache")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(shard):
+        raise Stop(shard)
+
+    with pytest.raises(Stop):
+        precompute(cfg, batch_size=3, shard_size=4, teachers=teachers, progress=False, device="cpu",
+                   on_shard_written=stop_after_first)
+    first = tmp_path / "cache" / "shard-00000.safetensors"
+    assert first.is_file() and not (tmp_path / "cache" / "shard-00001.safetensors").exists()
+    assert not (tmp_path / "cache" / "index.json").exists()
+    stamp = first.stat().st_mtime_ns, first.stat().st_ino
+    written = []
+    summary = precompute(cfg, batch_size=3, shard_size=4, teachers=teachers, progress=False, device="cpu",
+                         on_shard_written=written.append)
+    assert summary["shards_skipped"] == 1 and written == [1, 2]
+    assert (first.stat().st_mtime_ns, first.stat().st_ino) == stamp  # not recomputed
+    resumed, reference = TargetCache.open(tmp_path / "cache"), built[2]
+    assert resumed.entries == reference.entries and resumed.unreadable == reference.unreadable
+    for key, value in all_targets(reference).items():
+        for task in value:
+            assert torch.equal(resumed.get(key)[task], value[task])
+
+
+def test_ranks_take_disjoint_shards(built, tiny_dir, dataset, teachers, tmp_path):
+    cfg = make_cfg(tiny_dir, dataset, tmp_path / "cache")
+    s1 = precompute(cfg, batch_size=4, shard_size=4, teachers=teachers, progress=False, device="cpu",
+                    rank=1, world_size=2)
+    assert s1["shards_written"] == 1 and not (tmp_path / "cache" / "index.json").exists()
+    s0 = precompute(cfg, batch_size=4, shard_size=4, teachers=teachers, progress=False, device="cpu",
+                    rank=0, world_size=2)
+    assert s0["shards_written"] == 2 and s0["complete"]
+    cache, reference = TargetCache.open(tmp_path / "cache"), built[2]
+    assert cache.entries == reference.entries
+    for key, value in all_targets(reference).items():
+        torch.testing.assert_close(cache.get(key)["seg"], value["seg"], rtol=0, atol=0)
+
+
+def test_verify_and_foreign_cache_folder(built, tiny_dir, dataset, teachers):
+    cfg, _, cache = built
+    geo_ok = cache.geometry
+    cache.verify(["gen", "depth", "seg"], config_fingerprints(cfg.model, GRID),
+                 shapes={"gen": (1, 24), "depth": (64, 32), "seg": (32, 8, 8)}, geometry=geo_ok)
+    cache.verify(["depth"], teachers.fingerprints())  # full fingerprints of the loaded teachers
+    other = make_cfg(tiny_dir, dataset, cfg.data.target_cache)
+    other.model.tasks["depth"].teacher_kwargs = {"blocks": [3]}
+    with pytest.raises(CacheError, match=r"depth\.teacher_kwargs"):
+        cache.verify(["depth"], config_fingerprints(other.model, GRID))
+    with pytest.raises(CacheError, match="grid"):
+        cache.verify(["gen"], config_fingerprints(cfg.model, 4))
+    with pytest.raises(CacheError, match=r"depth: cache targets have shape \(64, 32\), the predictor outputs"):
+        cache.verify(["depth"], shapes={"depth": (576, 1024)})
+    with pytest.raises(CacheError, match="'extra': not in the cache"):
+        cache.verify(["extra"])
+    from olavlm.data.images import ImageSpec
+
+    spec = ImageSpec(size=64, mean=tuple(geo_ok["mean"]), std=tuple(geo_ok["std"]))
+    with pytest.raises(CacheError, match="geometry.image_geometry"):
+        cache.verify([], geometry=geometry_fingerprint("square", spec, geo_ok["teacher_image_size"]))
+    # precomputing a different configuration into the same folder is refused, not mixed
+    sq = make_cfg(tiny_dir, dataset, cfg.data.target_cache, geometry="square")
+    with pytest.raises(CacheError, match="different teachers / geometry / dtype"):
+        precompute(sq, batch_size=4, shard_size=4, teachers=teachers, progress=False, device="cpu")
+
+
+def test_pickled_into_workers(built):
+    _, _, cache = built
+    cache.get("0.png")  # opens a handle in this process
+    clone = pickle.loads(pickle.dumps(cache))
+    assert clone._handles == {}
+
+    class Keys(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return clone.get(["0.png", "sub/5.jpg"][i])["depth"]
+
+    loader = torch.utils.data.DataLoader(Keys(), batch_size=2, num_workers=1)
+    (batch,) = list(loader)
+    torch.testing.assert_close(batch[1], cache.get("sub/5.jpg")["depth"], rtol=0, atol=0)
+
+
+def test_open_errors(tmp_path):
+    with pytest.raises(CacheError, match="not a target cache"):
+        TargetCache.open(tmp_path)
+    (tmp_path / "index.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(CacheError, match="format"):
+        TargetCache.open(tmp_path)
+
+
+def test_cli_precompute(tiny_dir, dataset, tmp_path, capsys):
+    import yaml
+
+    from olavlm.cli import main
+
+    cfg = make_cfg(tiny_dir, dataset, tmp_path / "unused")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    out = tmp_path / "cli-cache"
+    rc = main(["targets", "precompute", str(tmp_path / "run.yaml"), "--batch-size", "8", "--dtype", "fp32",
+               "--shard-size", "16", f"data.target_cache={out}", "model.tasks.seg.layers=[]"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "estimated" in printed and "2 unreadable" in printed
+    cache = TargetCache.open(out)
+    assert cache.dtype == torch.float32 and cache.tasks == ["gen", "depth"] and len(cache) == N_GOOD
