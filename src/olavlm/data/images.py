@@ -44,6 +44,8 @@ _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
 }
 _PIL_CODE_TO_NAME = {int(v): k for k, v in _RESAMPLE.items()}
 

@@ -1,0 +1,150 @@
+"""``olavlm data``: ``check`` (pre-flight), ``show`` (one sample as the model sees it), ``prepare``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_TASK_TOKENS = 24  # 3 tasks x 8 task tokens inserted after every image (spec §2.2)
+
+
+def _add_sequence_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--template", help="llava_llama_3, llava_phi_3, vicuna_v1, plain or chat_template")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub id (usually the LLM's)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="maximum sequence length after image expansion (default 4096 when the image token "
+                        "count is known)")
+    p.add_argument("--num-image-tokens", type=int, default=None,
+                   help="image tokens per image (default: read from --vision-tower)")
+    p.add_argument("--vision-tower", default=None, help="vision tower folder/hub id to read the image token count from")
+    p.add_argument("--vision-type", default="clip", help="vision registry key of --vision-tower (default clip)")
+    p.add_argument("--task-tokens", type=int, default=DEFAULT_TASK_TOKENS,
+                   help=f"task tokens inserted after every image (default {DEFAULT_TASK_TOKENS}; 0 = plain LLaVA)")
+
+
+def register(sub) -> None:
+    data = sub.add_parser("data", help="dataset tools: check, show, prepare",
+                          description="Dataset tools for LLaVA-format JSON/JSONL files.")
+    dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
+
+    check = dsub.add_parser(
+        "check", help="open every image, tokenize every conversation, report problems by reason",
+        description="Pre-flight check: decodes every referenced image (in parallel), renders and tokenizes every "
+                    "conversation, checks label masks and expanded length. Prints a table of problems by reason "
+                    "and exits 1 when the bad fraction exceeds --max-bad-fraction (2 when the file is malformed).")
+    check.add_argument("--data", required=True, help="LLaVA JSON list or JSONL file")
+    check.add_argument("--image-folder", required=True, help="folder the records' image paths are relative to")
+    _add_sequence_args(check)
+    check.add_argument("--workers", type=int, default=4, help="threads decoding images (default 4)")
+    check.add_argument("--report", default=None, help="write the JSON report here")
+    check.add_argument("--max-bad-fraction", type=float, default=0.0,
+                       help="tolerated fraction of bad records before exiting non-zero (default 0)")
+    check.add_argument("--no-progress", action="store_true", help="no progress bar")
+    check.set_defaults(func=cmd_check, parser=check)
+
+    show = dsub.add_parser("show", help="print one rendered sample with its supervised spans and token counts",
+                           description="Print what the model sees for one record: the rendered sequence with "
+                                       "supervised spans in [[...]], image placeholders, and token counts.")
+    show.add_argument("--data", required=True, help="LLaVA JSON list or JSONL file")
+    which = show.add_mutually_exclusive_group(required=True)
+    which.add_argument("--index", type=int, help="record position (0-based)")
+    which.add_argument("--id", dest="record_id", help="record id")
+    _add_sequence_args(show)
+    show.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="colour supervised spans")
+    show.set_defaults(func=cmd_show, parser=show)
+
+    try:
+        from olavlm.data.prepare.cli import add_prepare_parser
+    except ModuleNotFoundError as e:
+        if e.name is None or not "olavlm.data.prepare.cli".startswith(e.name):
+            raise
+    else:
+        add_prepare_parser(dsub)
+
+
+def _load_tokenizer(path: str):
+    from olavlm.config import ModelConfig
+    from olavlm.model.io import load_tokenizer
+    return load_tokenizer(ModelConfig(llm=path))
+
+
+def _tokens_per_image(args) -> int | None:
+    n = args.num_image_tokens
+    if n is None and args.vision_tower:
+        from olavlm.config import ModelConfig
+        from olavlm.model.vision import vision_geometry
+        n = vision_geometry(ModelConfig(vision_tower=args.vision_tower, vision_type=args.vision_type)).num_tokens
+    if n is None:
+        return None
+    if n < 1 or args.task_tokens < 0:
+        args.parser.error("--num-image-tokens must be >= 1 and --task-tokens >= 0")
+    return n + args.task_tokens
+
+
+def _sequence_settings(args, need_template: bool):
+    if need_template and (not args.tokenizer or not args.template):
+        args.parser.error("--tokenizer and --template are required")
+    if args.tokenizer and not args.template:
+        args.parser.error("--tokenizer needs --template")
+    tpi = _tokens_per_image(args)
+    max_length = args.max_length
+    if max_length is not None and tpi is None:
+        args.parser.error("--max-length needs --num-image-tokens or --vision-tower (to expand images)")
+    if max_length is None and tpi is not None:
+        max_length = 4096
+    return tpi, max_length
+
+
+def cmd_check(args) -> int:
+    from olavlm.data.check import format_report, run_check
+    from olavlm.data.records import RecordFileError
+
+    tpi, max_length = _sequence_settings(args, need_template=False)
+    tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
+    if tokenizer is None:
+        print("note: no --tokenizer: checking records and images only", file=sys.stderr)
+    elif max_length is None:
+        print("note: no --num-image-tokens / --vision-tower: expanded length not checked", file=sys.stderr)
+    try:
+        report, messages = run_check(args.data, args.image_folder, tokenizer=tokenizer, template=args.template,
+                                     max_length=max_length, tokens_per_image=tpi, workers=args.workers,
+                                     progress=not args.no_progress)
+    except (RecordFileError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report, messages))
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+    bad = report["total"] - report["ok"]
+    fraction = bad / report["total"] if report["total"] else 0.0
+    if bad and fraction > args.max_bad_fraction:
+        print(f"FAILED: {bad} bad record(s) = {fraction:.4%} > --max-bad-fraction {args.max_bad_fraction}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_show(args) -> int:
+    from olavlm.data.errors import BadSample
+    from olavlm.data.show import find_record, render_sample
+
+    tpi, max_length = _sequence_settings(args, need_template=True)
+    tokenizer = _load_tokenizer(args.tokenizer)
+    try:
+        i, record = find_record(args.data, index=args.index, record_id=args.record_id)
+    except (IndexError, KeyError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    print(f"record {i} of {args.data}")
+    try:
+        print(render_sample(record, args.template, tokenizer, tokens_per_image=tpi, max_length=max_length,
+                            color=color))
+    except BadSample as e:
+        print(f"bad record: {e}", file=sys.stderr)
+        return 1
+    return 0
