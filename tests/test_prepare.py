@@ -8,7 +8,6 @@ huggingface_hub reads (X-Repo-Commit, ETag = sha256 of the content, Content-Leng
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import io
@@ -205,13 +204,12 @@ def hub_online(monkeypatch):
 
 
 def run_cli(argv: list[str], specs, monkeypatch) -> int:
+    """`olavlm data prepare ARGV` through the real command line, with the registry rewired."""
+    from olavlm.cli import main
     from olavlm.data.prepare import cli
 
     monkeypatch.setattr(cli, "DATASETS", specs)
-    parser = argparse.ArgumentParser()
-    cli.add_prepare_parser(parser.add_subparsers())
-    args = parser.parse_args(["prepare", *argv])
-    return args.func(args)
+    return main(["data", "prepare", *argv])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,7 +223,7 @@ def test_full_prepare_all_datasets_then_second_run_downloads_nothing(server, hub
     server.faults["/coco/train2017.zip"] = ["drop"]  # interrupted mid-file: must resume with Range
     server.faults["/gqa/images.zip"] = ["corrupt"]  # wrong bytes once: checksum mismatch, then refetched
     base = ["all", "--root", str(root), "--hub-endpoint", server.base, "--backoff", "0.01", "--workers", "2",
-            "--no-progress", "--no-check"]
+            "--no-progress"]
     assert run_cli(base, specs, monkeypatch) == 0
     out = capsys.readouterr().out
 
@@ -255,7 +253,9 @@ def test_full_prepare_all_datasets_then_second_run_downloads_nothing(server, hub
     assert len(allava) == 11 and all((root / "allava" / r["image"]).is_file() for r in allava)
     # counts and data check in the printed report
     assert "records: 9 in llava_v1_5_mix665k.json (expected 665,298) DIFFERS" in out
+    assert "missing/bad: missing_image: 1 (e.g. r7)" in out  # the dead OCR-VQA link, counted by data check
     assert "records: 4 in LLaVA-Pretrain/blip_laion_cc_sbu_558k.json" in out
+    assert "data check: 4 of 4 records usable" in out and "data check: 11 of 11 records usable" in out
 
     # second run: no request at all, everything verified
     n = len(server.log)
