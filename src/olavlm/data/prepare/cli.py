@@ -6,6 +6,7 @@ command. NAME is a registry dataset (``sources.DATASETS``) or ``all``.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from olavlm.data.prepare.sources import ALL, DATASETS, DatasetSpec
@@ -18,6 +19,8 @@ def add_prepare_parser(data_subparsers) -> None:
         help="download and lay out a training dataset (LLaVA-558K, LLaVA-665K, ALLaVA-Caption)",
         description="Download, verify and unpack a dataset into --root exactly as the training jsons expect, "
                     "then run `data check` on it. Idempotent: a second run only verifies.",
+        epilog=_sources_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("name", choices=[*DATASETS, ALL], help="dataset to prepare")
     p.add_argument("--root", default="datasets", help="dataset root folder (default: datasets)")
@@ -34,6 +37,15 @@ def add_prepare_parser(data_subparsers) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the final `data check`")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
+
+
+def _sources_help() -> str:
+    lines = ["sources (for --only):"]
+    for spec in DATASETS.values():
+        lines.append(f"  {spec.name}:")
+        for src in spec.sources:
+            lines.append(f"    {src.name:<15} {src.description}" + (" [only with --only]" if src.optional else ""))
+    return "\n".join(lines)
 
 
 def _only_for(spec: DatasetSpec, only: list[str] | None, several: bool) -> list[str] | None:

@@ -105,7 +105,7 @@ def _remote_size(f: Fetch, opts: Options) -> int | None:
 
 
 def _describe(r) -> str:
-    return f"hub {r.repo_id}:{r.filename}" if isinstance(r, HubFile) else (r.url or "(manual download)")
+    return f"hub {r.repo_id}:{r.filename}" if isinstance(r, HubFile) else (r.url or f"manual download: {r.note}")
 
 
 def prepare(spec: DatasetSpec, root: Path, *, only: list[str] | None = None, opts: Options | None = None) -> Report:
