@@ -47,60 +47,69 @@ def resolve_init_from(path: str) -> Path:
     raise ConfigError(f"train.init_from: {path} holds no finished model (no final/config.json or config.json)")
 
 
-def build_model_and_tokenizer(cfg: RunConfig):
+def build_model(cfg: RunConfig):
     """PT starts from ``model.llm`` / ``model.vision_tower``; VPT/IFT load ``init_from``'s final
-    folder without predictors (spec §5.5). Returns (model, tokenizer, init_dir or None)."""
-    from olavlm.model.io import load_tokenizer
+    folder without predictors (spec §5.5). The model checks the config against the loaded LLM and
+    tower (layers within depth, token divisibility) while it is built. Returns (model, init_dir)."""
     from olavlm.model.vlm import OlaVLM
 
     t = cfg.train
-    with_predictors = uses_predictors(t.stage)
     if t.init_from is None:
         if t.stage != "pt":
             log.warning("train.init_from is not set: %s starts from model.llm with a fresh projector", t.stage)
-        model = OlaVLM.from_config(cfg.model, with_predictors=with_predictors)
-        return model, load_tokenizer(cfg.model), None
+        return OlaVLM.from_config(cfg.model, with_predictors=uses_predictors(t.stage)), None
     if t.stage == "pt":
         raise ConfigError("train.init_from: PT starts from model.llm and model.vision_tower; unset init_from")
     init_dir = resolve_init_from(t.init_from)
-    model = OlaVLM.from_pretrained(init_dir, with_predictors=False)
-    tok_cfg = type(cfg.model)(**{**vars(cfg.model), "tokenizer": str(init_dir)}) \
-        if (init_dir / "tokenizer_config.json").is_file() else model.config
-    return model, load_tokenizer(tok_cfg), init_dir
+    return OlaVLM.from_pretrained(init_dir, with_predictors=False), init_dir
 
 
-def _validate_model(cfg: RunConfig, model) -> None:
-    from olavlm.config import validate_against_model
+def open_target_cache(cfg: RunConfig, model):
+    """The target cache, checked against this run (tasks, teachers, shapes, geometry, coverage)."""
+    from olavlm.data.records import iter_records, record_images
+    from olavlm.teachers.cache import TargetCache, config_fingerprints
 
-    validate_against_model(model.config if hasattr(model, "config") and not isinstance(model.config, dict)
-                           else cfg.model, num_layers=model.num_layers, num_image_tokens=model.num_image_tokens)
-
-
-def build_data(cfg: RunConfig, model, tokenizer, teachers):
-    """Dataset + collator; images for online teachers only when the stage needs them."""
-    from olavlm.data.collate import Collator
-    from olavlm.data.dataset import LlavaDataset
-
-    lookup = None
-    if teachers is None and uses_predictors(cfg.train.stage) and cfg.data.target_cache:
-        from olavlm.teachers.cache import TargetCache
-
-        lookup = TargetCache.open(cfg.data.target_cache)
-        expected = {k: tuple(v) for k, v in model.target_shapes.items()}
-        lookup.check_shapes(expected) if hasattr(lookup, "check_shapes") else None
-    dataset = LlavaDataset(cfg.data, tokenizer, image_spec=model.image_spec, tokens_per_image=model.tokens_per_image,
-                           teacher_image_size=teachers.input_size if teachers is not None else None,
-                           target_lookup=lookup, seed=cfg.train.seed)
-    return dataset, Collator(tokenizer.pad_token_id)
+    cache = TargetCache.open(cfg.data.target_cache)
+    spec = model.image_spec
+    cache.verify(list(model.target_shapes), config_fingerprints(model.cfg, model.geometry.grid, model.target_shapes),
+                 shapes=model.target_shapes,
+                 geometry={"image_geometry": cfg.data.image_geometry, "vision_size": int(spec.size),
+                           "mean": [float(m) for m in spec.mean], "std": [float(s) for s in spec.std]})
+    if cfg.data.cache_miss == "error":
+        keys = []
+        for _, _, record in iter_records(cfg.data.train_file):
+            try:
+                keys += record_images(record)
+            except ValueError:
+                continue  # a malformed record is the dataset's business (skipped or error)
+        cache.check_coverage(keys)
+    return cache
 
 
-def build_teachers_if_online(cfg: RunConfig, model, device, dtype):
-    """PT without a target cache encodes every micro-batch with the frozen teachers (outside the model)."""
-    if not uses_predictors(cfg.train.stage) or cfg.data.target_cache or not model.target_shapes:
+def build_teachers_if_needed(cfg: RunConfig, model, device, dtype):
+    """PT encodes with the frozen teachers (outside the model) unless a target cache serves all
+    images; with ``data.cache_miss: online`` they fill the cache's gaps."""
+    if not model.target_shapes or (cfg.data.target_cache and cfg.data.cache_miss == "error"):
         return None
     from olavlm.teachers import build_teachers
 
-    return build_teachers(cfg.model, grid=model.grid, device=device, dtype=dtype)
+    return build_teachers(model.cfg, grid=model.geometry.grid, device=device, dtype=dtype,
+                          expected=model.target_shapes)
+
+
+def build_data(cfg: RunConfig, model, teachers):
+    """Dataset + collator; teacher images only when teachers run, cached targets when configured."""
+    from olavlm.data.collate import Collator
+    from olavlm.data.dataset import LlavaDataset
+
+    cache = open_target_cache(cfg, model) if cfg.data.target_cache and model.target_shapes else None
+    teacher_side = cfg.data.teacher_image_size or (teachers.input_size if teachers is not None else None)
+    dataset = LlavaDataset(cfg.data, model.tokenizer, image_spec=model.image_spec,
+                           tokens_per_image=model.tokens_per_image,
+                           teacher_image_size=teacher_side if teachers is not None else None,
+                           target_lookup=cache.get if cache is not None else None, seed=cfg.train.seed)
+    collator = Collator(model.tokenizer.pad_token_id, target_shapes=model.target_shapes if cache else None)
+    return dataset, collator
 
 
 def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int | None = None) -> TrainResult:
@@ -117,10 +126,10 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
     resume_from = ckpt.find_resume(run_dir, resume)
 
     set_seed(t.seed)
-    model, tokenizer, init_dir = build_model_and_tokenizer(cfg)
-    _validate_model(cfg, model)
+    model, init_dir = build_model(cfg)
+    model.max_length = cfg.data.max_length
     counts = configure_trainable(model, t.stage, t)
-    accelerator = build_accelerator(t, accum, no_split_modules=getattr(model, "no_split_modules", None))
+    accelerator = build_accelerator(t, accum, no_split_modules=getattr(model.llm, "_no_split_modules", None))
     main = accelerator.is_main_process
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -129,11 +138,13 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
         for p in trainable_parameters(model):
             p.data = p.data.float()
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(input_require_grads=t.stage == "pt")
+        model.gradient_checkpointing_enable()  # non-reentrant: gradients reach the spliced inputs anyway
+        if t.stage == "pt":
+            model.llm.enable_input_require_grads()
 
     teacher_dtype = getattr(torch, t.teacher_dtype) if t.teacher_dtype else (torch.bfloat16 if t.bf16 else torch.float32)
-    teachers = build_teachers_if_online(cfg, model, accelerator.device, teacher_dtype)
-    dataset, collator = build_data(cfg, model, tokenizer, teachers)
+    teachers = build_teachers_if_needed(cfg, model, accelerator.device, teacher_dtype)
+    dataset, collator = build_data(cfg, model, teachers)
     from olavlm.data.sampler import build_batch_sampler
 
     def sampler_for(epoch: int, skip: int):
@@ -196,6 +207,7 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
                 tracker.add_metrics(out.metrics)
                 tracker.add_counts(samples=len(batch["input_ids"]), tokens=batch_tokens(batch, tokens_per_image))
                 tracker.add_skipped(batch.get("skipped"))
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             state.step, state.step_in_epoch, steps_this_run = state.step + 1, state.step_in_epoch + 1, steps_this_run + 1
             if grad_norm is not None:
@@ -205,7 +217,7 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
                 values = tracker.reduce(accelerator)
                 elapsed = max(time.perf_counter() - interval_start, 1e-9)
                 interval_start = time.perf_counter()
-                values["lr"] = scheduler.get_last_lr()[0]
+                values["lr"] = lr
                 values["samples_per_s"] = values.get("samples", 0) / elapsed
                 values["tokens_per_s"] = values.get("tokens", 0) / elapsed
                 state.samples += int(values.pop("samples", 0))
@@ -228,7 +240,7 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
 
     state.wall_time = wall_before + time.perf_counter() - loop_start
     finished = state.step >= total_steps
-    final_dir = save_final(cfg, accelerator, model, tokenizer, run_dir, init_dir) if finished else None
+    final_dir = save_final(cfg, accelerator, model, run_dir, init_dir) if finished else None
     summary = {
         "stage": t.stage, "finished": finished, "steps": state.step, "total_steps": total_steps,
         "epochs_completed": state.epoch, "samples": state.samples, "tokens": state.tokens,
@@ -264,29 +276,35 @@ def batch_tokens(batch: dict, tokens_per_image: int) -> int:
 
 
 def model_inputs(batch: dict, device: torch.device, teachers) -> dict[str, Any]:
-    """The model's forward arguments for one micro-batch; online teachers encode here, once per
-    teacher for the whole micro-batch, outside the (wrapped) model."""
-    inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "attention_mask")}
-    if batch.get("pixel_values") is not None:
-        inputs["pixel_values"] = batch["pixel_values"].to(device, non_blocking=True)
-    if teachers is not None:
-        targets = teachers.encode(batch["images"].to(device, non_blocking=True), batch.get("image_keys"))
-        inputs["targets"] = targets
-    elif batch.get("targets") is not None:
-        inputs["targets"] = {k: v.to(device, non_blocking=True) for k, v in batch["targets"].items()}
-    if "targets" in inputs and batch.get("target_mask") is not None:
-        inputs["target_mask"] = batch["target_mask"].to(device)
+    """The model's forward arguments for one micro-batch. Teacher targets are computed here,
+    outside the (wrapped) model: one call per teacher for the whole micro-batch, or only for the
+    images the target cache lacks (``data.cache_miss: online``)."""
+    inputs = {k: batch[k].to(device, non_blocking=True)
+              for k in ("input_ids", "labels", "attention_mask", "pixel_values", "num_images")}
+    cached = batch.get("targets")
+    if cached is not None:
+        inputs["targets"] = {k: v.to(device, non_blocking=True) for k, v in cached.items()}
+        mask = batch["target_mask"]
+        if teachers is not None and not bool(mask.all()):
+            missing = torch.nonzero(~mask).flatten()
+            keys = [batch["image_keys"][i] for i in missing.tolist()]
+            fresh = teachers.encode(batch["images"][missing].to(device, non_blocking=True), keys)
+            for task, value in fresh.items():
+                inputs["targets"][task][missing.to(device)] = value.to(inputs["targets"][task].dtype)
+            mask = torch.ones_like(mask)
+        inputs["target_mask"] = mask.to(device)
+    elif teachers is not None:
+        inputs["targets"] = teachers.encode(batch["images"].to(device, non_blocking=True), batch["image_keys"])
     return inputs
 
 
-def save_final(cfg: RunConfig, accelerator, model, tokenizer, run_dir: Path, init_dir: Path | None) -> Path:
+def save_final(cfg: RunConfig, accelerator, model, run_dir: Path, init_dir: Path | None) -> Path:
     """``RUN_DIR/final/``: model (+ predictors after PT), tokenizer and ``olavlm_run.json``."""
     final = run_dir / "final"
     accelerator.wait_for_everyone()
     with full_parameters(accelerator, model):
         if accelerator.is_main_process:
             accelerator.unwrap_model(model).save_pretrained(final, with_predictors=uses_predictors(cfg.train.stage))
-            tokenizer.save_pretrained(final)
             info = {"stage": cfg.train.stage, "template": cfg.data.template,
                     "image_geometry": cfg.data.image_geometry, "max_length": cfg.data.max_length,
                     "init_from": str(init_dir) if init_dir else None, "run_dir": str(run_dir)}

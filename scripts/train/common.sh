@@ -1,0 +1,52 @@
+# Shared launcher of scripts/train/*.sh (sourced, not run). Inputs, set by the calling script or the
+# environment:
+#   LLM       llama3_8b | phi3_mini          (recipe folder configs/${LLM}_${ENCODER}/)
+#   ENCODER   clip336
+#   STAGE     pt | vpt | ift | vpt_ift        (recipe file ${STAGE}.yaml)
+#   NGPU      GPUs of this node (default: detected with nvidia-smi, else torch; 0 = CPU)
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node torchrun rendezvous (defaults: one node)
+#   LAUNCHER  torchrun (default) | accelerate
+#   TINY      folder written by `olavlm make-tiny`: smoke-run the recipe on CPU with tiny models,
+#             a generated 8-image dataset and 2 optimizer steps (outputs under runs/smoke/)
+# Extra arguments of the script are passed to `olavlm train` (e.g. --train.max_steps=10).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+RECIPE="configs/${LLM}_${ENCODER}/${STAGE}.yaml"
+if [[ ! -f "$RECIPE" ]]; then
+  echo "no recipe $RECIPE (LLM=$LLM ENCODER=$ENCODER STAGE=$STAGE); available: $(ls -d configs/*_*/ | tr '\n' ' ')" >&2
+  exit 2
+fi
+PYTHON=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
+export HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
+
+if [[ -n "${TINY:-}" ]]; then
+  export DS_ACCELERATOR=cpu
+  mapfile -t SMOKE < <("$PYTHON" -m olavlm.train.smoke --tiny "$TINY" --recipe "$RECIPE" --out runs/smoke)
+  echo "smoke run of $RECIPE on $TINY (CPU)" >&2
+  exec "$PYTHON" -m olavlm.cli train "$RECIPE" "${SMOKE[@]}" "$@"
+fi
+
+if [[ -z "${NGPU:-}" ]]; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  else
+    NGPU=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+  fi
+fi
+if [[ "${NGPU:-0}" -lt 1 ]]; then
+  echo "no GPU found (NGPU=$NGPU): set NGPU, or TINY=<make-tiny folder> for a CPU smoke run" >&2
+  exit 2
+fi
+NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
+echo "training $RECIPE on $NNODES node(s) x $NGPU GPU(s)" >&2
+case "${LAUNCHER:-torchrun}" in
+  torchrun)
+    exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NGPU" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m olavlm.cli train "$RECIPE" "$@" ;;
+  accelerate)
+    exec "$PYTHON" -m accelerate.commands.launch --num_processes $((NGPU * NNODES)) --num_machines "$NNODES" \
+      --machine_rank "$NODE_RANK" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
+      -m olavlm.cli train "$RECIPE" "$@" ;;
+  *) echo "LAUNCHER must be torchrun or accelerate, got ${LAUNCHER}" >&2; exit 2 ;;
+esac
