@@ -53,6 +53,11 @@ def run(args) -> int:
     cfg = load_config(args.config, overrides)
     summary = precompute(cfg, batch_size=args.batch_size, dtype=args.dtype, workers=args.workers,
                          shard_size=args.shard_size, progress=not args.no_progress)
+    if summary["world_size"] > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # precompute ended with a barrier
+            dist.destroy_process_group()
     if summary.get("rank", 0) == 0 and summary.get("complete") is False:
         return 1
     return 0

@@ -45,6 +45,15 @@ def teacher_image_size(run_cfg, teachers) -> int:
     return int(run_cfg.data.teacher_image_size or teachers.input_size)
 
 
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.23 MB' (decimal units, like disk sizes)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
 def _digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
@@ -157,7 +166,7 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
     if rank is None or world_size is None or device is None:
         from accelerate import PartialState
 
-        state = PartialState()
+        state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: torchrun on CPU uses gloo
         rank = state.process_index if rank is None else rank
         world_size = state.num_processes if world_size is None else world_size
         device = state.device if device is None else device
@@ -192,7 +201,7 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
         layout = ", ".join(f"{t} {tuple(s['shape'])}" for t, s in task_info.items())
         print(f"targets: {len(keys)} unique images in {len(shards)} shard(s) of {shard_size}, "
               f"{layout} in {dtype_name(store_dtype)}: "
-              f"{per_image / 2**20:.3f} MiB per image, estimated {per_image * len(keys) / 2**30:.2f} GiB -> {root}",
+              f"{human_bytes(per_image)} per image, estimated {human_bytes(per_image * len(keys))} -> {root}",
               flush=True)
 
     mine = [i for i in range(len(shards)) if i % world_size == rank]
@@ -245,6 +254,9 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
                 bar.update(len(batch))
         if bar is not None:
             bar.close()
+    log.info("targets rank %d/%d: %d shard(s) written, %d already done, %d image(s) encoded, %d unreadable",
+             rank, world_size, summary["shards_written"], summary["shards_skipped"], summary["encoded"],
+             summary["unreadable"])
     barrier()
     if main:
         index = write_index(root, header, len(shards))
