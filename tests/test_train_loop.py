@@ -1,0 +1,92 @@
+"""The training loop on tiny models: exact resume, config errors before any data is read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from olavlm.cli import main as cli_main
+from olavlm.config import ConfigError, load_config
+from olavlm.train import checkpoint as ckpt
+from olavlm.train.loop import train
+from olavlm.train.smoke import smoke_overrides, write_smoke_dataset
+
+PT = Path("configs/llama3_8b_clip336/pt.yaml")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pt_overrides(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    data = write_smoke_dataset(root / "data12", num_images=10, text_only=2, seed=1)
+    return root, smoke_overrides(tiny_dir, PT, root) + [
+        f"--data.train_file={data}", f"--data.image_folder={data.parent / 'images'}",
+        "--train.global_batch_size=4", "--train.micro_batch_size=2",  # accumulation 2, 3 steps per epoch
+        "--train.max_steps=10", "--train.save_every=3", "--train.keep_last=2", "--train.report_to=[tensorboard]"]
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "olavlm.safetensors"))
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_resume_is_exact(pt_overrides):
+    root, overrides = pt_overrides
+    straight = load_config(PT, overrides + [f"--train.output_dir={root / 'straight'}"])
+    res = train(straight, resume="none")
+    assert res.summary["steps"] == 10 and res.summary["epochs_completed"] == 3 and res.final_dir is not None
+    assert [p.name for p in ckpt.list_checkpoints(root / "straight")] == ["step-00000006", "step-00000009"]
+
+    split = load_config(PT, overrides + [f"--train.output_dir={root / 'split'}"])
+    first = train(split, resume="auto", stop_after_steps=5)  # stops mid-epoch (epoch 1, step 2 of 3)
+    assert first.final_dir is None and first.summary["steps"] == 5
+    assert not (root / "split" / "final").exists()
+    assert ckpt.find_resume(root / "split", "auto").name == "step-00000005"
+    state = ckpt.TrainState.from_json((root / "split" / "checkpoints" / "step-00000005" / "state.json").read_text())
+    assert (state.epoch, state.step_in_epoch, state.samples) == (1, 2, 20)
+    second = train(split, resume="auto")
+    assert second.summary["steps"] == 10 and second.summary["samples"] == 40
+
+    a, b = _final_weights(root / "straight"), _final_weights(root / "split")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    la, lb = _losses(root / "straight"), _losses(root / "split")
+    assert sorted(lb) == list(range(1, 11))  # the resumed run's log continues where the checkpoint was
+    assert la == lb
+
+
+def test_config_errors_name_the_field_before_data_is_read(pt_overrides, tmp_path, capsys):
+    _, overrides = pt_overrides
+    no_data = overrides + [f"--data.train_file={tmp_path / 'absent.json'}", f"--train.output_dir={tmp_path / 'r'}"]
+    cases = {
+        "model.tasks.depth.layers": ["--model.tasks.depth.layers=[2, 9]"],  # tiny LLM has 4 layers
+        "train.global_batch_size": ["--train.global_batch_size=3"],
+        "train.learning_rte": ["--train.learning_rte=0.1"],
+        "train.init_from": ["--train.init_from=/nowhere"],  # PT starts from model.llm
+        "train.report_to": ["--train.report_to=[mlflow]"],
+        "train.deepspeed": ["--train.deepspeed=/nowhere/zero2.json"],
+    }
+    for field, extra in cases.items():
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            train(load_config(PT, no_data + extra), resume="none")
+    ift = Path("configs/llama3_8b_clip336/ift.yaml")
+    with pytest.raises(ConfigError, match=r"train\.init_from"):
+        train(load_config(ift, no_data + [f"--train.init_from={tmp_path / 'missing-run'}"]), resume="none")
+    assert not (tmp_path / "r").exists()  # nothing written either
+    with pytest.raises(ConfigError, match=r"--bogus"):
+        cli_main(["train", str(PT), "--bogus"])
