@@ -17,6 +17,7 @@ appears at each segment start, identically in training and in :func:`encode_prom
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from olavlm.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
@@ -37,13 +38,27 @@ class Encoded:
         return len(self.input_ids) + self.num_images * (tokens_per_image - 1)
 
 
+_ADDS_BOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> (bos id, adds BOS)
+
+
 def tokenizer_adds_bos(tokenizer) -> bool:
     """Whether ``tokenizer(text)`` starts with BOS (Llama-3, Llama-2, Phi-3: yes; Qwen2: no)."""
     bos = tokenizer.bos_token_id
     if bos is None:
         return False
+    try:
+        cached = _ADDS_BOS.get(tokenizer)
+    except TypeError:  # not weak-referenceable / hashable
+        cached = None
+    if cached is not None and cached[0] == bos:
+        return cached[1]
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos
+    adds = bool(ids) and ids[0] == bos
+    try:
+        _ADDS_BOS[tokenizer] = (bos, adds)
+    except TypeError:
+        pass
+    return adds
 
 
 def _tokenize_segments(segments, tokenizer, add_bos: bool | None) -> tuple[list[int], list[int]]:
