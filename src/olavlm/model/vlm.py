@@ -176,8 +176,18 @@ class OlaVLM(nn.Module):
                 "predictors": list(self.predictors.parameters()), "logit_scales": list(self.logit_scales.parameters())}
 
     def gradient_checkpointing_enable(self) -> None:
-        """Non-reentrant checkpointing of the LLM layers (hooks stay outside the checkpoint)."""
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        """Non-reentrant checkpointing of the LLM layers (our capture hooks fire outside the checkpoint)."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        if hasattr(self.llm, "activation_checkpointing_disable"):
+            self.llm.activation_checkpointing_disable()
+        else:
+            self.llm.gradient_checkpointing_disable()
 
     # -- building the sequence ------------------------------------------------------------------
     def build_layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
