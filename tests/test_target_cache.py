@@ -101,7 +101,8 @@ def test_round_trip_index_and_unreadable(built, dataset):
     assert cache.sha1("sub/1.jpg") == digest
     torch.testing.assert_close(cache.get_by_hash(digest)["depth"], got["depth"], rtol=0, atol=0)
     with pytest.raises(CacheError, match="lacks 1 image"):
-        cache.check_coverage(["0.png", "nope.png"])
+        cache.check_coverage(["0.png", "nope.png", "corrupt.jpg"])
+    cache.check_coverage(["0.png", "corrupt.jpg"])  # unreadable files are the dataset's bad samples
 
 
 def test_cached_equals_online_targets_through_the_dataset(built, teachers, tiny_dir):
@@ -236,3 +237,50 @@ def test_cli_precompute(tiny_dir, dataset, tmp_path, capsys):
     assert "estimated" in printed and "2 unreadable" in printed
     cache = TargetCache.open(out)
     assert cache.dtype == torch.float32 and cache.tasks == ["gen", "depth"] and len(cache) == N_GOOD
+
+
+def test_training_step_cached_equals_online(tiny_dir, dataset, tmp_path):
+    """A PT forward/backward with cached targets gives the losses and gradients of online teachers."""
+    import dataclasses
+
+    from olavlm.model.tiny import tiny_model_config
+    from olavlm.model.vlm import OlaVLM
+    from olavlm.train.loop import build_data, model_inputs
+
+    base = make_cfg(tiny_dir, dataset, tmp_path / "cache")
+    model_cfg = tiny_model_config(tiny_dir)
+    for task in ("gen", "depth", "seg"):
+        src = base.model.tasks[task]
+        model_cfg.tasks[task].teacher, model_cfg.tasks[task].teacher_path = src.teacher, src.teacher_path
+    model_cfg.tasks["gen"].predictor.out_dim = 24
+    model_cfg.tasks["depth"].predictor.out_dim = 32
+    model_cfg.tasks["seg"].predictor.out_dim = 32
+    cfg = dataclasses.replace(base, model=model_cfg, train=dataclasses.replace(base.train, bf16=False))
+    torch.manual_seed(0)
+    model = OlaVLM.from_config(cfg.model, with_predictors=True)
+    model.train()
+    teachers = build_teachers(cfg.model, model.geometry.grid, dtype=torch.float32, expected=model.target_shapes)
+    precompute(cfg, batch_size=4, shard_size=4, dtype="fp32", teachers=teachers, progress=False, device="cpu")
+
+    def step(online: bool):
+        run = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, target_cache=None if online else
+                                                                 cfg.data.target_cache))
+        ds, collate = build_data(run, model, teachers if online else None)
+        batch = collate([ds[i] for i in range(4)])
+        assert ("targets" in batch) != online
+        inputs = model_inputs(batch, torch.device("cpu"), teachers if online else None)
+        model.zero_grad(set_to_none=True)
+        out = model(**inputs)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.metrics, grads
+
+    online_metrics, online_grads = step(True)
+    cached_metrics, cached_grads = step(False)
+    assert any(k.startswith("loss/depth") for k in online_metrics)
+    assert online_metrics.keys() == cached_metrics.keys()
+    for key in online_metrics:
+        torch.testing.assert_close(cached_metrics[key], online_metrics[key], rtol=1e-5, atol=1e-6)
+    assert online_grads.keys() == cached_grads.keys() and any("predictor" in n for n in online_grads)
+    for name in online_grads:
+        torch.testing.assert_close(cached_grads[name], online_grads[name], rtol=1e-4, atol=1e-6)

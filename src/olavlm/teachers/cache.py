@@ -209,8 +209,10 @@ class TargetCache:
                              + "\nrebuild it with `olavlm targets precompute` into a new folder")
 
     def check_coverage(self, keys: Iterable[str], *, max_listed: int = 10) -> None:
-        """Raise :class:`CacheError` naming (up to ``max_listed``) image keys without targets."""
-        missing = self.missing(keys)
+        """Raise :class:`CacheError` naming (up to ``max_listed``) image keys without targets.
+        Images recorded as unreadable by the precompute are not counted: the dataset meets the same
+        unreadable file and applies its bad-sample policy (``data.on_bad_sample``)."""
+        missing = [k for k in self.missing(keys) if k not in self.unreadable]
         if missing:
             listed = ", ".join(repr(k) for k in missing[:max_listed])
             more = f" and {len(missing) - max_listed} more" if len(missing) > max_listed else ""
