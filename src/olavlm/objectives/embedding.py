@@ -40,9 +40,9 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def gather_targets(t: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def gather_targets(t: torch.Tensor, valid: torch.Tensor, *, gather: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
     """All ranks' targets (W * maxN, D), their validity, and the row offset of this rank."""
-    if not _distributed():
+    if not (gather and _distributed()):
         return t, valid, 0
     from torch.distributed.nn.functional import all_gather
 
@@ -61,12 +61,13 @@ def gather_targets(t: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def info_nce(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, log_scale: torch.Tensor,
-             *, scale_max: float) -> torch.Tensor:
-    """One-directional InfoNCE pred -> gathered targets, mean over this rank's valid rows."""
+             *, scale_max: float, gather: bool = True) -> torch.Tensor:
+    """One-directional InfoNCE pred -> gathered targets, mean over this rank's valid rows.
+    ``gather=False`` keeps the negatives local even under torch.distributed."""
     p = F.normalize(pred.flatten(1).float(), dim=1)
     t = F.normalize(target.flatten(1).float(), dim=1)
     t = torch.where(valid[:, None], t, torch.zeros_like(t))  # a masked target (even NaN) never reaches a gradient
-    all_t, all_valid, offset = gather_targets(t, valid)
+    all_t, all_valid, offset = gather_targets(t, valid, gather=gather)
     scale = log_scale.float().exp().clamp(max=scale_max)
     logits = scale * (p @ all_t.T)
     logits = logits.masked_fill(~all_valid[None], float("-inf"))
@@ -78,7 +79,7 @@ def info_nce(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, log_
 
 def embedding_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
                    log_scale: torch.Tensor | None = None, *, beta: float = 1.0, contrastive_weight: float = 0.3,
-                   scale_max: float = 100.0) -> EmbeddingLoss:
+                   scale_max: float = 100.0, gather: bool = True) -> EmbeddingLoss:
     """Loss of one (task, layer): pred/target (N, *shape), valid bool (N,) (None = all valid).
     ``log_scale`` None disables the contrastive term (``use_contrastive=False``)."""
     if pred.shape != target.shape:
@@ -91,5 +92,5 @@ def embedding_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
     if log_scale is None:
         zero = sl1.new_zeros(())
         return EmbeddingLoss(total=sl1, sl1=sl1, contrastive=zero)
-    con = info_nce(pred, target, valid, log_scale, scale_max=scale_max)
+    con = info_nce(pred, target, valid, log_scale, scale_max=scale_max, gather=gather)
     return EmbeddingLoss(total=sl1 + contrastive_weight * con, sl1=sl1, contrastive=con)
