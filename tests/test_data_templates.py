@@ -176,3 +176,30 @@ def test_truncate_and_empty_target(tok):
 def test_unknown_template(tok):
     with pytest.raises(ValueError, match="unknown template"):
         encode_conversation(ONE, "llama2", tok, num_images=1)
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_segments_tokenize_like_the_whole_prompt(tok, template):
+    """Independent check: for a byte-level BPE tokenizer, segment boundaries fall on special tokens
+    or word starts, so the segment ids equal the tokenizer's own ids of the full rendered string."""
+    for conv in (TEXT, TWO):
+        if template == "plain" and conv is TWO:
+            continue
+        n = 0 if conv is TEXT else 1
+        enc = encode_conversation(conv, template, tok, num_images=n)
+        text = render_text(normalize_conversation(conv, n), template, tok)
+        parts = text.split("<image>")
+        ids = tok(parts[0], add_special_tokens=not text.startswith("<|begin_of_text|>"))["input_ids"]
+        for part in parts[1:]:
+            ids += [IMAGE_TOKEN_INDEX] + tok(part, add_special_tokens=False)["input_ids"]
+        assert enc.input_ids == ids
+
+
+def test_chat_template_matches_apply_chat_template(tok):
+    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}]
+    ref = tok.apply_chat_template(msgs, tokenize=True)
+    ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
+    assert encode_conversation(TEXT, "chat_template", tok, num_images=0).input_ids == list(ref)
+    gen = tok.apply_chat_template(msgs[:1], tokenize=True, add_generation_prompt=True)
+    gen = gen["input_ids"] if isinstance(gen, dict) or hasattr(gen, "keys") else gen
+    assert encode_prompt(TEXT[:1], "chat_template", tok) == list(gen)
