@@ -113,11 +113,13 @@ def test_sample_contents(planted, tok):
     assert s["input_ids"].dtype == torch.long and (s["input_ids"] == IMAGE_TOKEN_INDEX).sum() == 1
     sup = s["labels"][s["labels"] != IGNORE_INDEX]
     assert tok.decode(sup) == "A red circle.<|eot_id|>"
-    # pixels and teacher images come from the same square (made at max(32, 48) = 48)
+    # pixels: the square at the tower's size; teacher images: the same geometry made at max(32, 48) = 48
     from olavlm.data.images import load_image
-    sq = to_square(load_image(Path(ds.cfg.image_folder) / "good.jpg"), "pad", SPEC, 48)
-    torch.testing.assert_close(s["pixel_values"][0], pixel_values(sq, SPEC))
-    assert torch.equal(s["images"][0], uint8_tensor(sq, 48))
+    img = load_image(Path(ds.cfg.image_folder) / "good.jpg")
+    torch.testing.assert_close(s["pixel_values"][0], pixel_values(to_square(img, "pad", SPEC), SPEC))
+    assert torch.equal(s["images"][0], uint8_tensor(to_square(img, "pad", SPEC, 48), 48))
+    small = _ds(planted, tok, teacher_image_size=16)[0]  # smaller than the tower: resized from its square
+    assert torch.equal(small["images"][0], uint8_tensor(to_square(img, "pad", SPEC), 16))
     assert s["pixel_values"].shape == (1, 3, 32, 32) and s["images"].shape == (1, 3, 48, 48)
     text = ds[2]
     assert text["pixel_values"].shape == (0, 3, 32, 32) and text["images"].shape == (0, 3, 48, 48)

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from olavlm.data.errors import BadSample
-from olavlm.data.images import GEOMETRIES, ImageSpec, load_image, pixel_values, to_square, uint8_tensor
+from olavlm.data.images import GEOMETRIES, ImageSpec, load_image, pixel_values, teacher_image, to_square
 from olavlm.data.records import RecordIndex, record_images
 from olavlm.data.templates import get_template
 from olavlm.data.tokenize import Encoded, encode_conversation, truncate
@@ -70,8 +70,6 @@ class LlavaDataset(Dataset):
         self.seed = seed
         self.add_bos = add_bos  # None = as the tokenizer does (see olavlm.data.tokenize)
         self.image_folder = Path(data_cfg.image_folder) if data_cfg.image_folder else None
-        # the shared square is made at the larger of the two sides, then resized for each consumer
-        self.square_side = max(image_spec.size, teacher_image_size or 0)
         self.index = RecordIndex.build(data_cfg.train_file)
         if len(self.index) == 0:
             raise ValueError(f"data.train_file: {data_cfg.train_file} contains no records")
@@ -120,11 +118,11 @@ class LlavaDataset(Dataset):
         sid = str(record.get("id", f"#{i}")) if isinstance(record, dict) else f"#{i}"
         try:
             enc, keys = self.encode(record)
-            squares = [to_square(load_image(self.image_path(k)), self.cfg.image_geometry, self.image_spec,
-                                 self.square_side) for k in keys]
+            images = [load_image(self.image_path(k)) for k in keys]
         except BadSample as e:
             raise BadSample(e.reason, f"record {i} (id {sid}): {e.msg}") from None
-        spec = self.image_spec
+        spec, geometry = self.image_spec, self.cfg.image_geometry
+        squares = [to_square(img, geometry, spec) for img in images]  # exactly the tower's processor input
         sample = {
             "id": sid,
             "index": i,
@@ -136,7 +134,8 @@ class LlavaDataset(Dataset):
         }
         if self.teacher_image_size is not None:
             side = self.teacher_image_size
-            sample["images"] = (torch.stack([uint8_tensor(s, side, spec.resample) for s in squares]) if squares
+            sample["images"] = (torch.stack([teacher_image(img, sq, geometry, spec, side)
+                                             for img, sq in zip(images, squares)]) if squares
                                 else torch.zeros((0, 3, side, side), dtype=torch.uint8))
         if self.target_lookup is not None:
             targets = []

@@ -2,13 +2,16 @@
 
 Pipeline of one image (spec §2.1, fix of D13)::
 
-    load_image(path)                      -> RGB PIL image (decoded by content, any mode)
-    to_square(img, geometry, spec, side)  -> ONE square PIL image (pad | square | resize)
-    pixel_values(square, spec)            -> float (3, H, W), the vision tower's normalised input
-    uint8_tensor(square, size)            -> uint8 (3, S, S), the online teachers' input
+    load_image(path)                           -> RGB PIL image (decoded by content, any mode)
+    to_square(img, geometry, spec, side)       -> the square PIL image (pad | square | resize)
+    pixel_values(to_square(img, g, spec), spec) -> float (3, H, W), the vision tower's input (exactly
+                                                   what the tower's HF processor gives)
+    teacher_image(img, square, g, spec, S)     -> uint8 (3, S, S), the teachers' input: the same square
+                                                   made at side max(spec.size, S), resized to S
 
-Both outputs are resized from the same square, so the teacher's grid covers exactly the region
-the image tokens cover. Geometries:
+Both come from the same geometry on the same image, so the teacher's grid covers the region the
+image tokens cover (fix of D13): identical for ``pad`` and ``resize``, within the rounding of one
+resized pixel for ``square``. Geometries:
 
 * ``pad``    - expand to a square with the encoder's mean colour ``int(255 * mean)`` per channel
                (LLaVA ``expand2square``; CLIP gives (122, 116, 104)), image centred, then resize.
@@ -209,3 +212,13 @@ def uint8_tensor(square: Image.Image, size: int, resample: str = "bicubic") -> t
     """uint8 (3, size, size) RGB tensor of the shared square image (the teachers' input)."""
     arr = np.asarray(_resized(square, size, resample), dtype=np.uint8)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def teacher_image(img: Image.Image, vision_square: Image.Image | None, geometry: str, spec: ImageSpec,
+                  size: int) -> torch.Tensor:
+    """The teachers' uint8 (3, size, size) input, as training and ``olavlm targets precompute`` make it:
+    ``uint8_tensor(to_square(img, geometry, spec, max(spec.size, size)), size)``. ``vision_square``
+    (the square at ``spec.size``) is reused when ``size <= spec.size``."""
+    side = max(spec.size, size)
+    square = vision_square if vision_square is not None and side == spec.size else to_square(img, geometry, spec, side)
+    return uint8_tensor(square, size, spec.resample)
