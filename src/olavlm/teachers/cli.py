@@ -16,7 +16,8 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per teacher call (default 32)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="storage dtype of the targets (default: the training teacher dtype)")
-    p.add_argument("--workers", type=int, default=None, help="image-decoding worker processes (default data.num_workers)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding worker processes (default data.num_workers)")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                    help=f"images per shard file (default {DEFAULT_SHARD_SIZE}; keep it fixed when resuming)")
     p.add_argument("--no-progress", action="store_true", help="no storage estimate / progress bar output")

@@ -39,7 +39,8 @@ class DepthAnythingTeacher(Teacher):
 
     @classmethod
     def from_pretrained(cls, path: str = DEFAULT_SOURCE, *, grid: int, blocks: list[int] | None = None,
-                        dtype: torch.dtype | str | None = None, mean=None, std=None, **hub_kwargs) -> "DepthAnythingTeacher":
+                        dtype: torch.dtype | str | None = None, mean=None, std=None,
+                        **hub_kwargs) -> "DepthAnythingTeacher":
         """``path``: hub id or folder of a ``DepthAnythingForDepthEstimation`` checkpoint.
 
         ``blocks`` (0-based) default to the checkpoint's DPT read-out blocks (backbone

@@ -51,7 +51,8 @@ class OneFormerTeacher(Teacher):
 
     @classmethod
     def from_pretrained(cls, path: str = DEFAULT_SOURCE, *, grid: int, image_size: int | None = None,
-                        dtype: torch.dtype | str | None = None, mean=None, std=None, **hub_kwargs) -> "OneFormerTeacher":
+                        dtype: torch.dtype | str | None = None, mean=None, std=None,
+                        **hub_kwargs) -> "OneFormerTeacher":
         """``path``: hub id or folder of a OneFormer checkpoint (``OneFormerForUniversalSegmentation``
         or ``OneFormerModel``). ``image_size`` defaults to grid x backbone stride (768 for Swin-L)."""
         from transformers import OneFormerModel

@@ -109,8 +109,8 @@ def _shard_done(path: Path, run_digest: str, plan_digest: str) -> bool:
     if meta is None:
         return False
     if meta.get("run_digest") != run_digest:
-        raise CacheError(f"{path} was written for different teachers / geometry / dtype than this run; "
-                         "use a new target_cache folder (or delete the old one)")
+        raise CacheError(f"{path} was written for different teachers / geometry / dtype / shard size than "
+                         "this run; use a new target_cache folder (or delete the old one)")
     return meta.get("plan_digest") == plan_digest
 
 
@@ -186,8 +186,8 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
     root.mkdir(parents=True, exist_ok=True)
 
     cfg_fps = config_fingerprints(run_cfg.model, geo.grid, teachers.tasks)
-    task_info = {t: {"shape": list(teachers[t].target_shape), "fingerprint": {**cfg_fps[t], **teachers[t].fingerprint()}}
-                 for t in teachers.tasks}
+    task_info = {t: {"shape": list(teachers[t].target_shape),
+                     "fingerprint": {**cfg_fps[t], **teachers[t].fingerprint()}} for t in teachers.tasks}
     geometry = geometry_fingerprint(data.image_geometry, geo.spec, side)
     header = {"format": FORMAT, "version": VERSION, "dtype": dtype_name(store_dtype),
               "compute_dtype": dtype_name(compute_dtype), "tasks": task_info, "geometry": geometry,

@@ -70,8 +70,9 @@ def make_tiny_gen(path: Path, *, seed: int = 0, scale: int = 1, image_size: int 
                            num_attention_heads=2 * scale, image_size=image_size, patch_size=8, projection_dim=24)
     torch.manual_seed(seed)
     CLIPVisionModelWithProjection(cfg).save_pretrained(path / "image_encoder")
-    CLIPImageProcessor(size={"shortest_edge": image_size},
-                       crop_size={"height": image_size, "width": image_size}).save_pretrained(path / "feature_extractor")
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    processor.save_pretrained(path / "feature_extractor")
     return path
 
 
