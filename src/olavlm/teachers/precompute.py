@@ -3,8 +3,8 @@
 Plan: the unique image paths of ``data.train_file`` (first-seen order) cut into shards of
 ``shard_size`` images; shard ``i`` is done by rank ``i % world_size`` (torchrun / accelerate launch
 give each rank a disjoint share). Every image goes through exactly the pipeline training uses for
-online teachers (``olavlm.data.images``: ``load_image`` -> ``to_square(data.image_geometry)`` ->
-``uint8_tensor(teacher side)``), is sha1-hashed, and the teachers encode batches of them in the
+online teachers (``olavlm.data.images.teacher_image``: ``load_image`` -> ``to_square(data.image_geometry)``
+-> ``uint8_tensor(teacher side)``), is sha1-hashed, and the teachers encode batches of them in the
 training teacher dtype. A finished shard is written atomically (tmp file + rename) with its keys,
 hashes, unreadable images and the run digest in the safetensors header, so an interrupted run
 resumes by skipping shards whose header matches the plan. Rank 0 finally rebuilds ``index.json``
@@ -69,7 +69,7 @@ class _ImageReader(Dataset):
 
     def __getitem__(self, i: int):
         from olavlm.data.errors import BadSample
-        from olavlm.data.images import load_image, to_square, uint8_tensor
+        from olavlm.data.images import load_image, teacher_image
 
         shard, key = self.items[i]
         path = Path(self.folder) / key if self.folder else Path(key)
@@ -78,8 +78,7 @@ class _ImageReader(Dataset):
         except OSError as e:
             return shard, key, None, None, f"missing_image: {path}: {e.strerror or e}"
         try:
-            square = to_square(load_image(path), self.geometry, self.spec, max(self.spec.size, self.side))
-            return shard, key, sha1, uint8_tensor(square, self.side, self.spec.resample), None
+            return shard, key, sha1, teacher_image(load_image(path), None, self.geometry, self.spec, self.side), None
         except BadSample as e:
             return shard, key, sha1, None, str(e)
 
