@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=None)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     n = args.batch or (8 if args.quick else 16)
     scale = args.scale or (2 if args.quick else 3)
     repeat = args.repeat or (3 if args.quick else 5)
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"ratio {lo['median'] / b['median']:5.2f}x")
     config = {"images_per_batch": n, "source_image_side": 96, "scale": scale, "repeat": repeat, "warmup": 2,
               "dtype": args.dtype, "device": str(device), "grid": grid, "quick": args.quick,
-              "load_average_after": os.getloadavg(),
+              "torch_threads": torch.get_num_threads(), "load_average_after": os.getloadavg(),
               "note": "tiny-but-real-architecture teachers (random weights, scaled up from the test ones); "
                       "ratios, not absolute times, are the result"}
     path = write_result("teacher_batching", {"config": config, "results": results})

@@ -284,3 +284,20 @@ def test_training_step_cached_equals_online(tiny_dir, dataset, tmp_path):
     assert online_grads.keys() == cached_grads.keys() and any("predictor" in n for n in online_grads)
     for name in online_grads:
         torch.testing.assert_close(cached_grads[name], online_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_dtype_rule_and_storage_estimate():
+    from olavlm.teachers.base import resolve_dtype
+    from olavlm.teachers.precompute import human_bytes, teacher_dtype
+
+    cfg = RunConfig()
+    assert teacher_dtype(cfg) == torch.bfloat16  # train.bf16 defaults to True
+    cfg.train.bf16 = False
+    assert teacher_dtype(cfg) == torch.float32
+    cfg.train.teacher_dtype = "float16"
+    assert teacher_dtype(cfg) == torch.float16 and resolve_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int8")
+    # the paper's teachers in bf16 over LLaVA-558K: 576x1024 + 1536x24x24 + 1024 values per image (spec §11.5)
+    per_image = (576 * 1024 + 1536 * 24 * 24 + 1024) * 2
+    assert human_bytes(per_image) == "2.95 MB" and human_bytes(per_image * 558_128) == "1.65 TB"

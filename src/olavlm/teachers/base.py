@@ -13,11 +13,14 @@ Target layouts (per image, the predictor's output must match exactly):
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2 / Depth-Anything / Swin normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -139,6 +142,9 @@ def processor_dict(path: str, subfolder: str | None = None, **hub_kwargs) -> dic
     try:
         config, _ = ImageProcessingMixin.get_image_processor_dict(path, **kwargs)
     except OSError:
+        where = f"{path}/{subfolder}" if subfolder else str(path)
+        log.warning("%s has no image-processor config; the teacher uses its documented default "
+                    "preprocessing (see the teacher's from_pretrained)", where)
         return {}
     return config
 
