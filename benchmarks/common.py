@@ -15,7 +15,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # committed results; OLAVLM_BENCH_RESULTS overrides
+
+
+def results_dir() -> Path:
+    """Where results are written: ``$OLAVLM_BENCH_RESULTS`` (tests point it at a temporary folder) or
+    ``benchmarks/results``."""
+    return Path(os.environ.get("OLAVLM_BENCH_RESULTS") or RESULTS)
 
 
 def machine() -> dict[str, Any]:
@@ -65,11 +71,108 @@ def summarize(times: list[float]) -> dict[str, float]:
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
     payload = {"name": name, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "machine": machine(), **payload}
-    path = RESULTS / f"{name}.json"
+    path = out / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     os.replace(tmp, path)
     return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared by the step benchmarks (pt_vs_ntp, ift_vs_llava, online_vs_cached, scaling, data_vs_model)
+# ------------------------------------------------------------------------------------------------
+
+
+def bench_env() -> None:
+    """Environment every benchmark process sets before importing transformers (no network, no bars)."""
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                       ("TRANSFORMERS_VERBOSITY", "error"), ("TOKENIZERS_PARALLELISM", "false"),
+                       ("DS_ACCELERATOR", "cpu")):
+        os.environ.setdefault(key, value)
+
+
+def step_parser(description: str):
+    """Arguments shared by the step benchmarks."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true", help="smaller batch/sequence, fewer repeats (CI smoke)")
+    ap.add_argument("--config", default="small",
+                    help="'small' (built in code, CPU-friendly) or a RunConfig YAML with real models (GPU)")
+    ap.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="dotted override applied to --config YAML (repeatable)")
+    ap.add_argument("--text-len", type=int, default=None, help="text tokens per sample (default: small 96, YAML 128)")
+    ap.add_argument("--batch", type=int, default=None, help="samples per step (default: small 8, YAML micro batch)")
+    ap.add_argument("--repeat", type=int, default=None, help="timed steps per variant (default 7, quick 3)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default 2, quick 1)")
+    ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                    help="bf16 autocast: auto = YAML train.bf16; small config: on only on CUDA")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="peak dense bf16 TFLOP/s of the device for MFU (default: known GPUs, else none)")
+    return ap
+
+
+def repeats(args) -> tuple[int, int]:
+    """(warmup, repeat) from the parsed step arguments."""
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    repeat = args.repeat if args.repeat is not None else (3 if args.quick else 7)
+    return warmup, repeat
+
+
+def timeit_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 2, repeat: int = 5,
+                       sync: Callable[[], None] | None = None,
+                       peak_memory: Callable[[], int | None] | None = None,
+                       reset_peak: Callable[[], None] | None = None) -> tuple[dict[str, list[float]], dict]:
+    """Time several variants side by side: after each variant's warm-up, the timed rounds alternate
+    A B C, C B A, ... so slow drifts of a shared machine hit every variant alike. Returns
+    ``({name: [seconds]}, {name: peak bytes during its warm-up or None})``."""
+    peaks: dict[str, int | None] = {}
+    for name, fn in fns.items():
+        if reset_peak:
+            reset_peak()
+        for _ in range(max(1, warmup)):
+            fn()
+        if sync:
+            sync()
+        peaks[name] = peak_memory() if peak_memory else None
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for r in range(repeat):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            t0 = time.perf_counter()
+            fns[name]()
+            if sync:
+                sync()
+            times[name].append(time.perf_counter() - t0)
+    return times, peaks
+
+
+def ratio(numerator: dict[str, float], denominator: dict[str, float], *, goal: float | None = None,
+          better: str = "lower", what: str = "") -> dict[str, Any]:
+    """Ratio of two :func:`summarize` medians with its goal: ``better="lower"`` passes when
+    ratio <= goal, ``"higher"`` when ratio >= goal; no goal -> ``pass`` is None. The ``range`` is the
+    ratio of the extremes (min/max, max/min) -- how far noise could move it."""
+    value = numerator["median"] / denominator["median"]
+    lo, hi = numerator["min"] / denominator["max"], numerator["max"] / denominator["min"]
+    passed = None if goal is None else (value <= goal if better == "lower" else value >= goal)
+    return {"value": value, "range": [lo, hi], "goal": goal, "better": better, "pass": passed, "what": what}
+
+
+def memory_probes(dev) -> tuple[Callable[[], int | None] | None, Callable[[], None] | None]:
+    """(peak bytes, reset) on CUDA; (None, None) elsewhere (CPU peak memory: see pt_memory.py)."""
+    import torch
+
+    if getattr(dev, "type", str(dev)) != "cuda":
+        return None, None
+    return torch.cuda.max_memory_allocated, torch.cuda.reset_peak_memory_stats
+
+
+def load_average() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except OSError:  # pragma: no cover - not on every platform
+        return None

@@ -1,0 +1,75 @@
+"""Goal 1: a PT step with all three embedding losses on cached targets / a plain NTP step (<= 1.10).
+
+Variants, timed side by side in one process (interleaved), same model instance, same batch:
+
+* ``pt_cached``: PT step -- NTP + depth/seg/gen predictors at their layers (hook capture) +
+  smooth-L1 + InfoNCE, targets = precomputed tensors in the batch (what a TargetCache delivers);
+* ``ntp``: the same model and trainable set (projector, task tokens, predictors, logit scales),
+  forward without targets: NTP only (predictors not run) -- the "plain NTP step of the same model";
+* ``ntp_plain``: a LLaVA-1.5 model of the same LLM/tower (no task tokens, no predictors), NTP only
+  (information: what the 24 task tokens per image cost on their own).
+
+Each is a full training step: forward under the trainer's autocast, backward, clipping, AdamW.
+Result: benchmarks/results/pt_vs_ntp.json.
+
+    python -m benchmarks.pt_vs_ntp [--quick] [--config small|RUN.yaml] [--batch B] [--text-len T]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import bench_env, ratio, step_parser  # noqa: E402
+
+bench_env()
+
+GOAL = 1.10  # issue 8 / 5(a): PT step with cached targets costs at most 10 % more than NTP
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = step_parser(__doc__.splitlines()[0]).parse_args(argv)
+    import torch
+
+    from benchmarks import models as M
+    from benchmarks.harness import measure, print_summary, record
+
+    M.quiet()
+    bc = M.load_bench_config(args.config, quick=args.quick, text_len=args.text_len, micro_batch=args.batch,
+                             overrides=args.override, bf16=args.bf16)
+    dev, bf16, clip = M.device(), bc.run.train.bf16, bc.run.train.max_grad_norm
+    n = bc.micro_batch
+    model, opt, counts = M.build_olavlm(bc, "pt")
+    batch = M.to_device(M.synthetic_batch(model, n, bc.text_len), dev)
+    target_dtype = torch.bfloat16 if bf16 else torch.float32
+    targets = M.to_device(M.random_targets(model.target_shapes, n, target_dtype), dev)
+    plain, plain_opt, plain_counts = M.build_olavlm(bc, "pt", plain=True)
+    steps = {
+        "pt_cached": M.make_step(model, opt, {**batch, "targets": targets}, bf16=bf16, max_grad_norm=clip),
+        "ntp": M.make_step(model, opt, batch, bf16=bf16, max_grad_norm=clip),
+        "ntp_plain": M.make_step(plain, plain_opt, batch, bf16=bf16, max_grad_norm=clip),
+    }
+    variants = measure(steps, args=args, dev=dev)
+    v = variants
+    ratios = {
+        "pt_cached_over_ntp": ratio(v["pt_cached"], v["ntp"], goal=GOAL,
+                                    what="PT step (3 embedding losses, cached targets) / NTP step, same model"),
+        "pt_cached_over_ntp_plain": ratio(v["pt_cached"], v["ntp_plain"],
+                                          what="PT step / NTP step of the LLaVA-1.5 model (no task tokens)"),
+        "ntp_over_ntp_plain": ratio(v["ntp"], v["ntp_plain"], what="cost of the task tokens in the sequence"),
+    }
+    extra = {"trainable": {"olavlm_pt": counts, "plain": plain_counts},
+             "sequence": {"tokens_per_image": model.tokens_per_image, "plain_tokens_per_image": plain.tokens_per_image,
+                          "expanded_length": bc.text_len - 1 + model.tokens_per_image,
+                          "plain_expanded_length": bc.text_len - 1 + plain.tokens_per_image},
+             "target_shapes": {k: list(s) for k, s in model.target_shapes.items()}}
+    path = record("pt_vs_ntp", args=args, bc=bc, variants=variants, ratios=ratios, extra=extra)
+    print(f"pt_vs_ntp ({'bf16 autocast' if bf16 else 'fp32'}, batch {n}, text {bc.text_len}, device {dev.type})")
+    print_summary(variants, ratios)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
