@@ -84,6 +84,20 @@ def test_split_to_even_chunks_matches_greedy():
     lens = np.array([10, 9, 8, 1, 1, 1])
     chunks = split_to_even_chunks(np.array([0, 1, 2, 3, 4, 5]), lens, 3)
     assert [c.tolist() for c in chunks] == [[0, 5], [1, 4], [2, 3]]  # 10+1, 9+1, 8+1
+    # randomized comparison with LLaVA's list-based implementation (llava_trainer.split_to_even_chunks)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        k, per = int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        lens = rng.integers(1, 5, k * per)  # many ties
+        order = np.argsort(-lens, kind="stable")
+        ref, totals = [[] for _ in range(k)], [0] * k
+        for i in order.tolist():
+            c = totals.index(min(totals))
+            ref[c].append(i)
+            totals[c] += int(lens[i])
+            if len(ref[c]) == per:
+                totals[c] = float("inf")
+        assert [c.tolist() for c in split_to_even_chunks(order, lens, k)] == ref
 
 
 @pytest.mark.parametrize("kind", ["random", "modality_length"])

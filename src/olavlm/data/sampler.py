@@ -22,6 +22,7 @@ tail of the full order. ``set_epoch(e)`` re-seeds for a new epoch (and clears th
 
 from __future__ import annotations
 
+import heapq
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -110,16 +111,18 @@ class RandomBatchSampler(DistributedBatchSampler):
 
 
 def split_to_even_chunks(indices: np.ndarray, lengths: np.ndarray, num_chunks: int) -> list[np.ndarray]:
-    """LLaVA's greedy split: each index (longest first) goes to the lightest non-full chunk."""
+    """LLaVA's greedy split: each index (in the given order, longest first) goes to the non-full
+    chunk with the smallest summed length (lowest chunk number on ties)."""
     if len(indices) % num_chunks:
         raise ValueError(f"{len(indices)} indices cannot be split into {num_chunks} equal chunks")
     per = len(indices) // num_chunks
     chunks: list[list[int]] = [[] for _ in range(num_chunks)]
-    totals = [0] * num_chunks
-    for idx in indices:
-        k = min((c for c in range(num_chunks) if len(chunks[c]) < per), key=lambda c: totals[c])
-        chunks[k].append(int(idx))
-        totals[k] += int(lengths[idx])
+    heap = [(0, c) for c in range(num_chunks)]  # (summed length, chunk) of the non-full chunks
+    for idx, length in zip(indices.tolist(), lengths[indices].tolist()):
+        total, c = heapq.heappop(heap)
+        chunks[c].append(idx)
+        if len(chunks[c]) < per:
+            heapq.heappush(heap, (total + length, c))
     return [np.asarray(c, dtype=np.int64) for c in chunks]
 
 
@@ -132,9 +135,8 @@ class ModalityLengthBatchSampler(DistributedBatchSampler):
             raise ValueError(f"modality_length sampler: {int((self.lengths == 0).sum())} length(s) are 0; lengths "
                              "must be > 0 for image records and < 0 for text-only ones")
 
-    def _arrange(self, batch: np.ndarray) -> np.ndarray:
+    def _arrange(self, batch: np.ndarray, absl: np.ndarray) -> np.ndarray:
         """Sort a global batch by |length| (desc) and lay out balanced micro-batches."""
-        absl = np.abs(self.lengths)
         batch = batch[np.argsort(-absl[batch], kind="stable")]
         chunks = split_to_even_chunks(batch, absl, self.world_size * self.accumulation)
         return np.concatenate(chunks)
@@ -156,7 +158,8 @@ class ModalityLengthBatchSampler(DistributedBatchSampler):
             batches.append(_pad(merged, G, merged))
         else:
             batches += [_pad(r, G, r) for r in leftover]
-        return np.concatenate([self._arrange(b) for b in batches])
+        absl = np.abs(self.lengths)
+        return np.concatenate([self._arrange(b, absl) for b in batches])
 
 
 def build_batch_sampler(kind: str, dataset_lengths: Sequence[int], *, global_batch_size: int, micro_batch_size: int,
