@@ -301,3 +301,38 @@ def test_teacher_dtype_rule_and_storage_estimate():
     # the paper's teachers in bf16 over LLaVA-558K: 576x1024 + 1536x24x24 + 1024 values per image (spec §11.5)
     per_image = (576 * 1024 + 1536 * 24 * 24 + 1024) * 2
     assert human_bytes(per_image) == "2.95 MB" and human_bytes(per_image * 558_128) == "1.65 TB"
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_share_the_shards(built, tiny_dir, dataset, tmp_path):
+    """`torchrun --nproc_per_node 2 -m olavlm.cli targets precompute` (gloo on CPU): both ranks write
+    disjoint shards, rank 0 writes a complete index equal to the single-process cache."""
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = make_cfg(tiny_dir, dataset, tmp_path / "unused")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "dist-cache"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "olavlm.cli", "targets", "precompute", str(tmp_path / "run.yaml"),
+           "--shard-size", "2", "--batch-size", "2", "--no-progress", f"data.target_cache={out}"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    written = {int(r): int(n) for r, n in re.findall(r"targets rank (\d)/2: (\d+) shard\(s\) written", proc.stderr)}
+    assert written == {0: 3, 1: 2}  # 9 images in shards of 2 -> 5 shards, round-robin over 2 ranks
+    cache, reference = TargetCache.open(out), built[2]
+    assert cache.complete and cache.unreadable.keys() == reference.unreadable.keys()
+    assert {k: v[2] for k, v in cache.entries.items()} == {k: v[2] for k, v in reference.entries.items()}
+    for key, value in all_targets(reference).items():
+        for task, target in value.items():  # other batch composition: equal up to bf16 rounding
+            torch.testing.assert_close(cache.get(key)[task].float(), target.float(), rtol=2 ** -7, atol=2e-2)
