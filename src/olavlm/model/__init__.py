@@ -1,0 +1,1 @@
+"""The OLA-VLM model: vision towers, projector, sequence builder, task tokens, predictors, OlaVLM."""
