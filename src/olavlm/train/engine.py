@@ -21,10 +21,18 @@ log = logging.getLogger(__name__)
 
 
 def world_size() -> int:
-    """Number of processes of this launch (initialises torch.distributed when launched with several)."""
-    from accelerate import PartialState
+    """Number of processes of this launch, read from the launcher's environment (torchrun,
+    accelerate launch, MPI) without initialising anything; the Accelerator later confirms it."""
+    from accelerate.utils import get_int_from_env
 
-    return PartialState().num_processes
+    return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+
+
+def _cpu_only(t: TrainConfig) -> bool:
+    """No CUDA device: tell Accelerate, so torchrun on CPUs becomes MULTI_CPU (gloo) and not N single
+    processes. DeepSpeed must not get the flag (Accelerate would silently drop the plugin); it runs
+    its own CPU accelerator (DS_ACCELERATOR=cpu)."""
+    return not torch.cuda.is_available() and not t.deepspeed
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
@@ -41,7 +49,7 @@ def build_accelerator(t: TrainConfig, accum: int, *, no_split_modules: list[str]
     """Accelerator for the configured engine; tf32 on CUDA; bf16 autocast when ``train.bf16``."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     # one process may train several stages in a row (ShapeWorld demo, tests): start each from a fresh
     # Accelerate state (precision, accumulation, plugins) while keeping the process group
@@ -51,8 +59,11 @@ def build_accelerator(t: TrainConfig, accum: int, *, no_split_modules: list[str]
         torch.backends.cuda.matmul.allow_tf32 = t.tf32
         torch.backends.cudnn.allow_tf32 = t.tf32
     kwargs = {}
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
     if t.deepspeed:
         kwargs["deepspeed_plugin"] = _deepspeed_plugin(t, accum)
+        if not torch.cuda.is_available():  # DeepSpeed on CPUs: name the backend, or Accelerate counts 1 process
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
     elif t.fsdp:
         from accelerate.utils import FullyShardedDataParallelPlugin
 
@@ -62,13 +73,18 @@ def build_accelerator(t: TrainConfig, accum: int, *, no_split_modules: list[str]
             transformer_cls_names_to_wrap=no_split_modules or None,
             activation_checkpointing=False,  # train.gradient_checkpointing is applied on the LLM itself
         )
-    return Accelerator(
+    accelerator = Accelerator(
+        cpu=_cpu_only(t),
         mixed_precision="bf16" if t.bf16 else "no",
         gradient_accumulation_steps=accum,
         step_scheduler_with_optimizer=False,  # the loop steps the scheduler once per optimizer step
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        kwargs_handlers=handlers,
         **kwargs,
     )
+    if accelerator.num_processes != world_size():
+        raise RuntimeError(f"Accelerate sees {accelerator.num_processes} process(es) but the launcher started "
+                           f"{world_size()}: check the launch command / accelerate config")
+    return accelerator
 
 
 def _deepspeed_plugin(t: TrainConfig, accum: int):

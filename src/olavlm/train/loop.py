@@ -36,6 +36,7 @@ class TrainResult:
     output_dir: Path  # the run directory
     final_dir: Path | None  # RUN_DIR/final, or None when the run stopped early (stop_after_steps)
     summary: dict[str, Any]  # the content of summary.json
+    model: Any = None  # the trained model (unwrapped from DDP/DeepSpeed), for in-process callers
 
 
 def resolve_init_from(path: str) -> Path:
@@ -252,7 +253,8 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
     }
     logger.close(summary if finished else None)
     accelerator.wait_for_everyone()
-    return TrainResult(output_dir=run_dir, final_dir=final_dir, summary=summary)
+    return TrainResult(output_dir=run_dir, final_dir=final_dir, summary=summary,
+                       model=accelerator.unwrap_model(model))
 
 
 def _at_boundary(state: ckpt.TrainState, steps_per_epoch: int) -> ckpt.TrainState:
