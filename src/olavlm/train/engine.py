@@ -4,6 +4,9 @@ One command runs everywhere: plain ``python``/``olavlm train`` (one process), ``
 ``accelerate launch`` (DDP by default; ``train.deepspeed: configs/deepspeed/zero2.json`` or
 ``train.fsdp: true`` switch the engine). Batches never pass through Accelerate's dataloader
 wrapper: each rank reads its own slice from our batch sampler.
+
+Tested on CPU (gloo): single process, DDP, DeepSpeed ZeRO-2. FSDP needs GPUs in Accelerate and
+has not been run here (no GPU in the development environment).
 """
 
 from __future__ import annotations
@@ -106,6 +109,18 @@ def _deepspeed_plugin(t: TrainConfig, accum: int):
                     t.max_grad_norm)
     return DeepSpeedPlugin(hf_ds_config=ds, gradient_accumulation_steps=accum,
                            gradient_clipping=t.max_grad_norm if t.max_grad_norm is not None else 0.0)
+
+
+def check_engine_compatible(accelerator, model: torch.nn.Module) -> None:
+    """Refuse, with the parameter names, what the engine would fail on cryptically later:
+    DeepSpeed broadcasts every parameter as a byte view, which 0-dim tensors cannot give."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        scalars = [n for n, p in model.named_parameters() if p.ndim == 0]
+        if scalars:
+            raise ValueError(f"DeepSpeed cannot handle 0-dim parameters {scalars[:5]} (it broadcasts each as a "
+                             "byte view); they must have shape (1,), or train without train.deepspeed")
 
 
 def uses_engine_state(accelerator) -> bool:

@@ -21,8 +21,8 @@ import torch
 
 from olavlm.config import ConfigError, RunConfig
 from olavlm.train import checkpoint as ckpt
-from olavlm.train.engine import (accumulation_steps, build_accelerator, full_parameters, uses_engine_state,
-                                 world_size)
+from olavlm.train.engine import (accumulation_steps, build_accelerator, check_engine_compatible, full_parameters,
+                                 uses_engine_state, world_size)
 from olavlm.train.metrics import MetricsLogger, StepAccumulator, check_report_to
 from olavlm.train.stages import configure_trainable, trainable_parameters, uses_predictors
 
@@ -135,7 +135,9 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    if not uses_engine_state(accelerator):  # fp32 master weights under autocast (DeepSpeed keeps its own)
+    if t.fsdp:  # FSDP flattens each wrapped unit into one tensor: one dtype (fp32, sharded; bf16 compute)
+        model.float()
+    elif not t.deepspeed:  # fp32 master weights under autocast (DeepSpeed keeps its own master copy)
         for p in trainable_parameters(model):
             p.data = p.data.float()
     if t.gradient_checkpointing:
@@ -161,6 +163,7 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
 
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=t.learning_rate, betas=tuple(t.adam_betas),
                                   eps=t.adam_eps, weight_decay=t.weight_decay)
+    check_engine_compatible(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     from transformers import get_scheduler
 
@@ -214,22 +217,16 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
             if grad_norm is not None:
                 tracker.add_metrics({"grad_norm": torch.as_tensor(grad_norm, dtype=torch.float32)})
             logger.advance()
-            if state.step % t.log_every == 0 or state.step == total_steps:
-                values = tracker.reduce(accelerator)
-                elapsed = max(time.perf_counter() - interval_start, 1e-9)
-                interval_start = time.perf_counter()
-                values["lr"] = lr
-                values["samples_per_s"] = values.get("samples", 0) / elapsed
-                values["tokens_per_s"] = values.get("tokens", 0) / elapsed
-                state.samples += int(values.pop("samples", 0))
-                state.tokens += int(values.pop("tokens", 0))
-                for k in [k for k in values if k.startswith("skipped/")]:
-                    reason = k.split("/", 1)[1]
-                    state.skipped[reason] = state.skipped.get(reason, 0) + int(values[k])
-                    epoch_skipped[reason] = epoch_skipped.get(reason, 0) + int(values[k])
-                logger.log(state.step, values)
             stopping = stop_after_steps is not None and steps_this_run >= stop_after_steps and state.step < total_steps
-            if (t.save_every and state.step % t.save_every == 0 and state.step < total_steps) or stopping:
+            saving = stopping or bool(t.save_every and state.step % t.save_every == 0 and state.step < total_steps)
+            epoch_done = state.step_in_epoch >= steps_per_epoch
+            # counters reach the state (and the log) at least at every save, epoch end and the last step
+            if state.step % t.log_every == 0 or state.step == total_steps or saving or epoch_done:
+                values = fold_counters(tracker.reduce(accelerator), state, epoch_skipped, lr,
+                                       time.perf_counter() - interval_start)
+                interval_start = time.perf_counter()
+                logger.log(state.step, values)
+            if saving:
                 state.wall_time = wall_before + time.perf_counter() - loop_start
                 ckpt.save_checkpoint(accelerator, model, optimizer, scheduler, _at_boundary(state, steps_per_epoch),
                                      run_dir, keep_last=t.keep_last, engine_state=engine_state)
@@ -255,6 +252,23 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
     accelerator.wait_for_everyone()
     return TrainResult(output_dir=run_dir, final_dir=final_dir, summary=summary,
                        model=accelerator.unwrap_model(model))
+
+
+def fold_counters(values: dict[str, float], state: ckpt.TrainState, epoch_skipped: dict[str, int], lr: float,
+                  elapsed: float) -> dict[str, float]:
+    """Move the interval's counters (samples, tokens, skipped/<reason>) into the run state, and add
+    lr and throughput; returns what gets logged for the step."""
+    elapsed = max(elapsed, 1e-9)
+    values["lr"] = lr
+    values["samples_per_s"] = values.get("samples", 0) / elapsed
+    values["tokens_per_s"] = values.get("tokens", 0) / elapsed
+    state.samples += int(values.pop("samples", 0))
+    state.tokens += int(values.pop("tokens", 0))
+    for key in [k for k in values if k.startswith("skipped/")]:
+        reason = key.split("/", 1)[1]
+        state.skipped[reason] = state.skipped.get(reason, 0) + int(values[key])
+        epoch_skipped[reason] = epoch_skipped.get(reason, 0) + int(values[key])
+    return values
 
 
 def _at_boundary(state: ckpt.TrainState, steps_per_epoch: int) -> ckpt.TrainState:
