@@ -7,9 +7,12 @@
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node torchrun rendezvous (defaults: one node)
 #   LAUNCHER  torchrun (default) | accelerate
 #   TINY      folder written by `olavlm make-tiny`: smoke-run the recipe on CPU with tiny models,
-#             a generated 8-image dataset and 2 optimizer steps (outputs under runs/smoke/)
+#             a generated 8-image dataset and 2 optimizer steps (outputs under $SMOKE_OUT)
+#   SMOKE_OUT where smoke data and runs go (default runs/smoke)
 # Extra arguments of the script are passed to `olavlm train` (e.g. --train.max_steps=10).
 set -euo pipefail
+if [[ -n "${TINY:-}" ]]; then TINY=$(realpath "$TINY"); fi  # paths given relative to the caller
+if [[ -n "${SMOKE_OUT:-}" ]]; then SMOKE_OUT=$(realpath -m "$SMOKE_OUT"); fi
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 RECIPE="configs/${LLM}_${ENCODER}/${STAGE}.yaml"
 if [[ ! -f "$RECIPE" ]]; then
@@ -21,7 +24,8 @@ export HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 
 if [[ -n "${TINY:-}" ]]; then
   export DS_ACCELERATOR=cpu
-  mapfile -t SMOKE < <("$PYTHON" -m olavlm.train.smoke --tiny "$TINY" --recipe "$RECIPE" --out runs/smoke)
+  SMOKE_ARGS=$("$PYTHON" -m olavlm.train.smoke --tiny "$TINY" --recipe "$RECIPE" --out "${SMOKE_OUT:-runs/smoke}")
+  mapfile -t SMOKE <<<"$SMOKE_ARGS"
   echo "smoke run of $RECIPE on $TINY (CPU)" >&2
   exec "$PYTHON" -m olavlm.cli train "$RECIPE" "${SMOKE[@]}" "$@"
 fi
