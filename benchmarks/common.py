@@ -102,7 +102,8 @@ def step_parser(description: str):
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--quick", action="store_true", help="smaller batch/sequence, fewer repeats (CI smoke)")
     ap.add_argument("--config", default="small",
-                    help="'small' (built in code, CPU-friendly) or a RunConfig YAML with real models (GPU)")
+                    help="'small' (built in code, CPU-friendly), 'demo' (the ShapeWorld demo's model sizes) or a "
+                         "RunConfig YAML with real models (GPU)")
     ap.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="dotted override applied to --config YAML (repeatable)")
     ap.add_argument("--text-len", type=int, default=None, help="text tokens per sample (default: small 96, YAML 128)")

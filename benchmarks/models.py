@@ -44,6 +44,10 @@ SMALL = {
     "text_len": 96,  # text tokens per sample (system prefix + caption), before image expansion
     "micro_batch": 4,  # samples per step
 }
+# The ShapeWorld demo's base models (olavlm.shapeworld.bootstrap.BootstrapSpec defaults; read from
+# there when that module is importable, these values otherwise): the "model consumption" side of goal 5.
+DEMO = {**SMALL, "llm_hidden": 128, "llm_layers": 4, "llm_heads": 4, "llm_kv_heads": 4, "llm_intermediate": 256,
+        "vision_hidden": 64, "vision_layers": 4, "image_size": 64, "patch_size": 8, "micro_batch": 16}
 SYSTEM_TOKENS = 8  # synthetic "system prompt" tokens before the image placeholder
 SUPERVISED_FRACTION = 0.5  # share of the text after the image that is supervised (the answer)
 
@@ -57,12 +61,14 @@ class BenchConfig:
     micro_batch: int  # samples per step
     source: str  # "small" or the YAML path
     tmp: tempfile.TemporaryDirectory | None = None  # keeps the small config's folders alive
+    sizes: dict[str, Any] | None = None  # the built-in preset's sizes (None for a YAML)
 
     def describe(self) -> dict[str, Any]:
         m, t = self.run.model, self.run.train
-        return {"source": self.source, "llm": m.llm if self.source != "small" else "small llama (see SMALL)",
-                "vision_tower": m.vision_tower if self.source != "small" else "small clip (see SMALL)",
-                "small": SMALL if self.source == "small" else None, "model_dtype": m.dtype,
+        built = self.sizes is not None
+        return {"source": self.source, "llm": "LlamaForCausalLM (sizes)" if built else m.llm,
+                "vision_tower": "CLIPVisionModel (sizes)" if built else m.vision_tower,
+                "sizes": self.sizes, "model_dtype": m.dtype,
                 "bf16_autocast": t.bf16, "num_task_tokens": m.num_task_tokens, "task_order": list(m.task_order),
                 "layers": {k: list(v.layers) for k, v in m.tasks.items()}, "text_len": self.text_len,
                 "micro_batch": self.micro_batch, "max_grad_norm": t.max_grad_norm,
@@ -83,7 +89,20 @@ def quiet() -> None:
         pass
 
 
-def write_small_checkpoints(out: Path, seed: int = 0) -> dict[str, str]:
+def demo_sizes() -> tuple[dict[str, int], str]:
+    """(sizes of the demo's base models, where they were read from)."""
+    try:
+        from olavlm.shapeworld.bootstrap import BootstrapSpec
+    except ImportError:
+        return dict(DEMO), "benchmarks.models.DEMO"
+    b = BootstrapSpec()
+    return ({**DEMO, "llm_hidden": b.llm_hidden, "llm_layers": b.llm_layers, "llm_heads": b.llm_heads,
+             "llm_kv_heads": b.llm_heads, "llm_intermediate": 2 * b.llm_hidden, "vision_hidden": b.vision_hidden,
+             "vision_layers": b.vision_layers, "patch_size": b.vision_patch},
+            "olavlm.shapeworld.bootstrap.BootstrapSpec")
+
+
+def write_small_checkpoints(out: Path, seed: int = 0, sizes: dict[str, int] = SMALL) -> dict[str, str]:
     """Save the small LLM (+ tokenizer) and CLIP tower under ``out``; returns the folders, including
     where :func:`write_small_teachers` puts the teachers (written only when a benchmark needs them)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
@@ -91,7 +110,7 @@ def write_small_checkpoints(out: Path, seed: int = 0) -> dict[str, str]:
     from olavlm.model.tiny import _CORPUS, train_tokenizer
     from olavlm.teachers.tiny import TINY_TEACHERS
 
-    s = SMALL
+    s = sizes
     tok = train_tokenizer(_CORPUS)
     torch.manual_seed(seed)
     llm = LlamaForCausalLM(LlamaConfig(
@@ -117,15 +136,15 @@ def write_small_teachers(bc: "BenchConfig", seed: int = 0) -> None:
     ModelConfig points; a YAML config's teachers are whatever its teacher paths name."""
     from olavlm.teachers.tiny import make_tiny_teachers
 
-    if bc.source == "small":
-        make_tiny_teachers(Path(bc.tmp.name) / "teachers", seed=seed, scale=SMALL["teacher_scale"])
+    if bc.tmp is not None:
+        make_tiny_teachers(Path(bc.tmp.name) / "teachers", seed=seed, scale=bc.sizes["teacher_scale"])
 
 
-def small_model_config(paths: dict[str, str], dtype: str = "float32"):
+def small_model_config(paths: dict[str, str], dtype: str = "float32", sizes: dict[str, int] = SMALL):
     """ModelConfig over :func:`write_small_checkpoints` output; predictor outputs match the teachers."""
     from olavlm.config import ModelConfig, PredictorConfig, default_tasks
 
-    sc = SMALL["teacher_scale"]
+    sc = sizes["teacher_scale"]
     tasks = default_tasks()
     tasks["gen"].layers, tasks["depth"].layers, tasks["seg"].layers = [2, 4], [1, 3], [2, 4]
     tasks["gen"].teacher_path, tasks["depth"].teacher_path = paths["teacher-gen"], paths["teacher-depth"]
@@ -140,7 +159,8 @@ def small_model_config(paths: dict[str, str], dtype: str = "float32"):
 
 def load_bench_config(config: str, *, quick: bool, text_len: int | None = None, micro_batch: int | None = None,
                       overrides: list[str] | None = None, bf16: str = "auto") -> BenchConfig:
-    """``"small"``: build the small config in a temporary folder; otherwise a RunConfig YAML (its
+    """``"small"`` (or ``"demo"``: the ShapeWorld demo's model sizes): build the config in a temporary
+    folder; otherwise a RunConfig YAML (its
     ``model`` section, ``train.bf16``, ``train.micro_batch_size``, ``train.max_grad_norm`` ...).
 
     ``bf16``: "on" / "off" force bf16 autocast (and, for the small config, bf16 frozen weights);
@@ -153,15 +173,17 @@ def load_bench_config(config: str, *, quick: bool, text_len: int | None = None, 
 
     if bf16 not in ("auto", "on", "off"):
         raise ValueError(f"--bf16: {bf16!r} is not auto/on/off")
-    if config == "small":
+    if config in ("small", "demo"):
+        sizes, origin = (dict(SMALL), "benchmarks.models.SMALL") if config == "small" else demo_sizes()
         use_bf16 = bf16 == "on" or (bf16 == "auto" and torch.cuda.is_available())
         tmp = tempfile.TemporaryDirectory(prefix="olavlm-bench-")
-        paths = write_small_checkpoints(Path(tmp.name))
-        run = RunConfig(model=small_model_config(paths, "bfloat16" if use_bf16 else "float32"),
-                        train=TrainConfig(micro_batch_size=SMALL["micro_batch"], bf16=use_bf16))
-        default_len = SMALL["text_len"] // (2 if quick else 1)
-        default_batch = SMALL["micro_batch"] // (2 if quick else 1)
-        return BenchConfig(run, text_len or default_len, micro_batch or default_batch, "small", tmp)
+        paths = write_small_checkpoints(Path(tmp.name), sizes=sizes)
+        run = RunConfig(model=small_model_config(paths, "bfloat16" if use_bf16 else "float32", sizes),
+                        train=TrainConfig(micro_batch_size=sizes["micro_batch"], bf16=use_bf16))
+        default_len = sizes["text_len"] // (2 if quick else 1)
+        default_batch = sizes["micro_batch"] // (2 if quick else 1)
+        return BenchConfig(run, text_len or default_len, micro_batch or default_batch, config, tmp,
+                           {**sizes, "origin": origin})
     run = load_config(config, overrides)
     if bf16 != "auto":
         run.train = dataclasses.replace(run.train, bf16=bf16 == "on")
