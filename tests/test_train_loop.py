@@ -90,3 +90,37 @@ def test_config_errors_name_the_field_before_data_is_read(pt_overrides, tmp_path
     assert not (tmp_path / "r").exists()  # nothing written either
     with pytest.raises(ConfigError, match=r"--bogus"):
         cli_main(["train", str(PT), "--bogus"])
+
+
+def test_target_cache_matches_online_teachers(tiny_dir, tmp_path, monkeypatch):
+    """PT with a partial target cache + data.cache_miss=online reproduces the online-teacher run;
+    with cache_miss=error the gap is reported before training."""
+    from olavlm.teachers.cache import CacheError
+    from olavlm.teachers.precompute import precompute
+
+    data = write_smoke_dataset(tmp_path / "data", num_images=6, text_only=0, seed=2)
+    base = smoke_overrides(tiny_dir, PT, tmp_path) + [
+        f"--data.train_file={data}", f"--data.image_folder={data.parent / 'images'}", "--train.max_steps=3"]
+    online = train(load_config(PT, base + [f"--train.output_dir={tmp_path / 'online'}"]), resume="none")
+
+    subset = tmp_path / "subset.json"  # the cache covers 4 of the 6 images
+    subset.write_text(json.dumps(json.loads(data.read_text())[:4]))
+    cache = tmp_path / "cache"
+    precompute(load_config(PT, base + [f"--data.train_file={subset}", f"--data.target_cache={cache}"]),
+               progress=False, device="cpu", rank=0, world_size=1, workers=0)
+    cached = base + [f"--data.target_cache={cache}", f"--train.output_dir={tmp_path / 'cached'}"]
+    with pytest.raises(CacheError, match="lacks 2 image"):
+        train(load_config(PT, cached + ["--data.cache_miss=error"]), resume="none")
+    assert not (tmp_path / "cached" / "metrics.jsonl").exists()
+    from olavlm.teachers.cache import TargetCache
+
+    hits, real_get = [], TargetCache.get
+    monkeypatch.setattr(TargetCache, "get", lambda self, key, *a, **k: hits.append(key) or real_get(self, key, *a, **k))
+    mixed = train(load_config(PT, cached + ["--data.cache_miss=online"]), resume="none")
+    assert len(hits) == 6 and len(set(hits)) == 6  # every image was looked up; 2 missed and went to the teachers
+    assert mixed.summary["steps"] == 3
+    a, b = _losses(online.output_dir), _losses(mixed.output_dir)
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-4 * abs(a[k]) for k in a), (a, b)
+    wa, wb = _final_weights(online.output_dir), _final_weights(mixed.output_dir)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
