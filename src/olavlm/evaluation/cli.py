@@ -1,0 +1,68 @@
+"""`olavlm eval cvbench ...` and `olavlm probe ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub) -> None:
+    ev = sub.add_parser("eval", help="evaluate a trained model on a benchmark (cvbench)")
+    ev_sub = ev.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    p = ev_sub.add_parser("cvbench", help="CV-Bench protocol (spec §8): accuracy per source/task, 2D, 3D, overall",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="trained model folder (RUN_DIR/final)")
+    p.add_argument("--data", required=True, help="CV-Bench test.jsonl (real layout) or ShapeWorld cvbench.jsonl")
+    p.add_argument("--image-root", default=None, help="folder the records' 'filename' is relative to "
+                                                      "(default: the jsonl's folder)")
+    p.add_argument("--output", default=None, help="write scores + every item's output here (JSON)")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="greedy decoding length")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--template", default=None, help="override the template from olavlm_run.json")
+    p.add_argument("--image-geometry", default=None, choices=["pad", "square", "resize"],
+                   help="override the image geometry from olavlm_run.json")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.set_defaults(func=_cvbench)
+
+    pr = sub.add_parser("probe", help="probe each LLM layer for a teacher's targets (held-out cosine per layer)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pr.add_argument("--model", required=True, help="trained model folder (RUN_DIR/final)")
+    pr.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL with images (e.g. ShapeWorld probe.json)")
+    pr.add_argument("--teacher", required=True, help="a task of the model (depth, seg, gen) or a teacher name")
+    pr.add_argument("--teacher-path", default=None, help="teacher weights / ShapeWorld folder (default: the task's)")
+    pr.add_argument("--teacher-kwargs", default=None, help='JSON, e.g. \'{"dim": 32}\' (default: the task\'s)')
+    pr.add_argument("--layers", default="all", help="'all' or a comma list of 1-based LLM layers")
+    pr.add_argument("--image-root", default=None, help="folder image paths are relative to (default: data's folder)")
+    pr.add_argument("--output", default="probe", help="folder for probe.json and probe.png")
+    pr.add_argument("--steps", type=int, default=300, help="probe optimisation steps")
+    pr.add_argument("--limit", type=int, default=None, help="only the first N images")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--device", default=None)
+    pr.set_defaults(func=_probe)
+
+
+def _cvbench(args) -> int:
+    from olavlm.evaluation.cvbench import format_table, run_cvbench
+
+    res = run_cvbench(args.model, args.data, args.image_root, output=args.output,
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
+                      template=args.template, image_geometry=args.image_geometry, device=args.device)
+    print(format_table(res))
+    return 0
+
+
+def _probe(args) -> int:
+    from olavlm.evaluation.probe import ProbeSpec, run_probe
+
+    kwargs = json.loads(args.teacher_kwargs) if args.teacher_kwargs else None
+    res = run_probe(args.model, args.data, args.teacher, teacher_path=args.teacher_path, teacher_kwargs=kwargs,
+                    layers=args.layers, image_root=args.image_root, output=args.output,
+                    spec=ProbeSpec(steps=args.steps, seed=args.seed), limit=args.limit, device=args.device)
+    print(f"probe {res['teacher']} ({res['n_train']} train / {res['n_test']} held-out images); "
+          f"mean-target baseline cosine {res['constant_cosine']:.3f}")
+    for layer, r in res["layers"].items():
+        print(f"  layer {layer:>3}: cosine {r['cosine']:.3f} ± {r['cosine_std']:.3f}   "
+              f"centred cosine {r['centred_cosine']:.3f}")
+    print(f"wrote {args.output}/probe.json and probe.png")
+    return 0

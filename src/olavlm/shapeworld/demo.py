@@ -1,0 +1,206 @@
+"""`olavlm demo`: the whole OLA-VLM pipeline on ShapeWorld, on a laptop CPU.
+
+Stages (each logged as ``[demo k/6] ...``):
+  1. generate the world (cached: same spec -> reused);
+  2. bootstrap the base tokenizer / LLM / vision tower (cached, see bootstrap.py);
+  3. PT with ``configs/shapeworld/pt.yaml`` through ``olavlm.train.loop.train`` (NTP + the three
+     embedding losses against the oracle teachers);
+  4. IFT with ``configs/shapeworld/ift.yaml`` (NTP only, task tokens kept frozen);
+  5. ``eval cvbench`` on the held-out cvbench.jsonl and ``probe`` (depth, seg, gen) on probe.json;
+  6. report.md, report.json, loss.png, probe.png.
+With ``compare`` the baseline (identical, embedding losses off: tasks keep their tokens but
+``layers: []``) runs too; with ``seeds > 1`` everything after the bootstrap repeats per seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from olavlm.shapeworld.bootstrap import BootstrapSpec
+from olavlm.shapeworld.world import WorldSpec
+
+log = logging.getLogger("olavlm.demo")
+VARIANTS = ("ola", "baseline")
+PROBE_TASKS = ("depth", "seg", "gen")
+
+
+@dataclass
+class DemoSettings:
+    """Everything that sizes a demo run (``quick`` = the smoke-test size)."""
+
+    world: WorldSpec = field(default_factory=WorldSpec)
+    bootstrap: BootstrapSpec = field(default_factory=BootstrapSpec)
+    pt_epochs: int = 2  # passes over pretrain.json
+    ift_epochs: int = 2  # passes over instruct.json
+    max_steps: int | None = None  # cap per stage (quick mode)
+    batch_size: int = 16  # global = micro batch of PT and IFT
+    probe_steps: int = 300
+    probe_models: tuple[str, ...] = ("pt", "ift")  # which stage's final model is probed
+    eval_batch_size: int = 16
+
+
+def settings_for(quick: bool, seed: int) -> DemoSettings:
+    if not quick:
+        return DemoSettings(world=WorldSpec(seed=seed), bootstrap=BootstrapSpec(seed=seed))
+    return DemoSettings(
+        world=WorldSpec(seed=seed, n_pretrain=48, n_instruct=48, n_text_only=8, n_cvbench=16, n_probe=24),
+        bootstrap=BootstrapSpec(seed=seed, llm_steps=8, llm_batch=8, vision_steps=8, vision_batch=16),
+        pt_epochs=1, ift_epochs=1, max_steps=3, batch_size=8, probe_steps=20, probe_models=("ift",),
+    )
+
+
+def default_config_dir() -> Path:
+    """``configs/shapeworld`` of the source checkout this package runs from."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        cand = parent / "configs" / "shapeworld"
+        if (cand / "pt.yaml").is_file():
+            return cand
+    raise FileNotFoundError("configs/shapeworld/pt.yaml not found above the installed package; "
+                            "pass --config-dir (the recipes live in the repository's configs/shapeworld)")
+
+
+def _stage(k: int, text: str) -> float:
+    log.info("[demo %d/6] %s", k, text)
+    return time.perf_counter()
+
+
+def ensure_world(root: Path, spec: WorldSpec) -> Path:
+    from olavlm.shapeworld.world import generate_world
+
+    meta = root / "world.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("spec") == json.loads(json.dumps(dataclasses.asdict(spec))):
+        log.info("world: reusing %s", root)
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    world = generate_world(root, spec)
+    log.info("world: %s", ", ".join(f"{k} {v}" for k, v in world.counts.items()))
+    return root
+
+
+def stage_config(config_file: Path, *, llm: Path, vision: Path, world: Path, data_file: str, run_dir: Path,
+                 seed: int, epochs: int, batch: int, max_steps: int | None, init_from: Path | None,
+                 baseline: bool):
+    """The recipe with the demo's paths and sizes filled in (the same overrides `olavlm train` takes)."""
+    from olavlm.config import load_config
+
+    overrides = [f"model.llm={llm}", f"model.vision_tower={vision}", f"data.train_file={world / data_file}",
+                 f"data.image_folder={world}", f"train.output_dir={run_dir}", f"train.seed={seed}",
+                 f"train.epochs={epochs}", f"train.global_batch_size={batch}", f"train.micro_batch_size={batch}",
+                 f"train.max_steps={'null' if max_steps is None else max_steps}"]
+    overrides += [f"model.tasks.{t}.teacher_path={world}" for t in PROBE_TASKS]
+    if init_from is not None:
+        overrides.append(f"train.init_from={init_from}")
+    if baseline:
+        overrides += [f"model.tasks.{t}.layers=[]" for t in PROBE_TASKS]
+    return load_config(config_file, overrides)
+
+
+def run_stage(cfg) -> dict:
+    """Train one stage through the same function as `olavlm train`; a finished identical run is reused."""
+    from olavlm.train.loop import train
+
+    run_dir = Path(cfg.train.output_dir)
+    done = run_dir / "final" / "config.json"
+    if done.is_file() and (run_dir / "config.yaml").is_file() and (run_dir / "config.yaml").read_text() == cfg.to_yaml():
+        log.info("%s: reusing finished run %s", cfg.train.stage, run_dir)
+        return json.loads((run_dir / "summary.json").read_text())
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return train(cfg, resume="none").summary
+
+
+def run_variant(out: Path, variant: str, seed: int, st: DemoSettings, boot, world: Path, config_dir: Path,
+                progress: bool) -> dict:
+    from olavlm.evaluation.cvbench import format_table, run_cvbench
+
+    base = out / "runs" / f"seed{seed}" / variant
+    common = dict(llm=boot.llm, vision=boot.vision, world=world, seed=seed, batch=st.batch_size,
+                  max_steps=st.max_steps, baseline=variant == "baseline")
+    t0 = _stage(3, f"PT ({variant}, seed {seed}): NTP{' + depth/seg/gen embedding losses' if variant == 'ola' else ' only (embedding losses off)'}")
+    pt_cfg = stage_config(config_dir / "pt.yaml", data_file="pretrain.json", run_dir=base / "pt",
+                          epochs=st.pt_epochs, init_from=None, **common)
+    pt = run_stage(pt_cfg)
+    t1 = _stage(4, f"IFT ({variant}, seed {seed}) from {base / 'pt'} [PT took {time.perf_counter() - t0:.0f} s]")
+    ift_cfg = stage_config(config_dir / "ift.yaml", data_file="instruct.json", run_dir=base / "ift",
+                           epochs=st.ift_epochs, init_from=base / "pt", **common)
+    ift = run_stage(ift_cfg)
+    t2 = _stage(5, f"evaluate ({variant}, seed {seed}): CV-Bench format + probes "
+                   f"[IFT took {time.perf_counter() - t1:.0f} s]")
+    cvb = run_cvbench(base / "ift" / "final", world / "cvbench.jsonl", world, output=base / "cvbench.json",
+                      batch_size=st.eval_batch_size, progress=progress)
+    log.info("%s seed %d:\n%s", variant, seed, format_table(cvb))
+    probes = probe_models(base, world, st, progress)
+    return {"variant": variant, "seed": seed, "pt": pt, "ift": ift, "cvbench": {k: v for k, v in cvb.items() if k != "per_item"},
+            "probe": probes, "seconds": {"pt": round(t1 - t0, 1), "ift": round(t2 - t1, 1),
+                                         "eval": round(time.perf_counter() - t2, 1)},
+            "metrics": {"pt": str(base / "pt" / "metrics.jsonl"), "ift": str(base / "ift" / "metrics.jsonl")}}
+
+
+def probe_models(base: Path, world: Path, st: DemoSettings, progress: bool) -> dict:
+    """Probe results {stage: {task: train_probes result}} for the configured stages' final models."""
+    import json as _json
+
+    from olavlm.evaluation.probe import ProbeSpec, collect_states, parse_layers, resolve_teacher, train_probes
+    from olavlm.evaluation.runner import load_eval_model
+    from olavlm.teachers.base import build_teacher
+
+    records = _json.loads((world / "probe.json").read_text())
+    out = {}
+    for stage in st.probe_models:
+        em = load_eval_model(base / stage / "final")
+        layers = parse_layers("all", em.model.llm.config.num_hidden_layers)
+        teachers = {}
+        for task in PROBE_TASKS:
+            name, path, kwargs = resolve_teacher(em.model.cfg, task, str(world), None)
+            teachers[task] = build_teacher(name, path, grid=em.model.geometry.grid, **kwargs).eval()
+        states, mask, targets = collect_states(em, records, world, layers, teachers, progress=progress)
+        out[stage] = {}
+        for task, teacher in teachers.items():
+            res = train_probes(states, mask, targets[task], teacher.layout, ProbeSpec(steps=st.probe_steps))
+            res["layers"] = {str(k): v for k, v in res["layers"].items()}
+            out[stage][task] = res
+            log.info("probe %s/%s: %s (mean-target baseline %.3f)", stage, task,
+                     " ".join(f"L{k}={v['cosine']:.3f}" for k, v in res["layers"].items()), res["constant_cosine"])
+    return out
+
+
+def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool = False, compare: bool = False,
+             seeds: int = 1, config_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Run the demo; returns the report dict (also written to ``output_dir/report.json``)."""
+    from olavlm.shapeworld.bootstrap import bootstrap
+    from olavlm.shapeworld.report import write_report
+
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    start = time.perf_counter()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    st = settings_for(quick, seed)
+    cfg_dir = Path(config_dir) if config_dir else default_config_dir()
+    t = _stage(1, f"generate ShapeWorld (seed {seed}) -> {out / 'world'}")
+    world = ensure_world(out / "world", st.world)
+    gen_s = time.perf_counter() - t
+    t = _stage(2, f"bootstrap base tokenizer / LLM / vision tower -> {out / 'bootstrap'}")
+    boot = bootstrap(world, out / "bootstrap", st.bootstrap)
+    boot_s = time.perf_counter() - t
+    runs = []
+    for s in range(seed, seed + seeds):
+        for variant in (VARIANTS if compare else VARIANTS[:1]):
+            runs.append(run_variant(out, variant, s, st, boot, world, cfg_dir, progress))
+    _stage(6, f"report -> {out / 'report.md'}")
+    info = {"output_dir": str(out), "seed": seed, "seeds": list(range(seed, seed + seeds)), "quick": quick,
+            "compare": compare, "settings": dataclasses.asdict(st), "config_dir": str(cfg_dir),
+            "bootstrap": {k: v for k, v in boot.info.items() if k != "key"} | {"cached": boot.cached},
+            "seconds": {"generate": round(gen_s, 1), "bootstrap": round(boot_s, 1),
+                        "total": round(time.perf_counter() - start, 1)}}
+    report = write_report(out, info, runs)
+    log.info("demo finished in %.0f s: %s", time.perf_counter() - start, out / "report.md")
+    return report
