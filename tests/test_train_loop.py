@@ -80,6 +80,8 @@ def test_config_errors_name_the_field_before_data_is_read(pt_overrides, tmp_path
         "train.init_from": ["--train.init_from=/nowhere"],  # PT starts from model.llm
         "train.report_to": ["--train.report_to=[mlflow]"],
         "train.deepspeed": ["--train.deepspeed=/nowhere/zero2.json"],
+        "train.save_every": ["--train.save_every=-1"],
+        "train.adam_betas": ["--train.adam_betas=[0.9]"],
     }
     for field, extra in cases.items():
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

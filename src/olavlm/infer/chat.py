@@ -17,7 +17,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-RUN_INFO = "olavlm_run.json"  # same name as olavlm.train.loop.RUN_INFO
+RUN_INFO = "olavlm_run.json"  # written by olavlm.train.loop.save_final into every final/ folder
 
 
 def read_run_info(model_dir: str | Path) -> dict:

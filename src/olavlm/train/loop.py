@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from olavlm.config import ConfigError, RunConfig
+from olavlm.infer.chat import RUN_INFO  # written into final/: template + geometry for chat / eval
 from olavlm.train import checkpoint as ckpt
 from olavlm.train.engine import (accumulation_steps, build_accelerator, check_engine_compatible, full_parameters,
                                  uses_engine_state, world_size)
@@ -27,8 +28,6 @@ from olavlm.train.metrics import MetricsLogger, StepAccumulator, check_report_to
 from olavlm.train.stages import configure_trainable, trainable_parameters, uses_predictors
 
 log = logging.getLogger(__name__)
-
-RUN_INFO = "olavlm_run.json"  # written into final/: data template + image geometry for chat / eval
 
 
 @dataclass
@@ -46,6 +45,20 @@ def resolve_init_from(path: str) -> Path:
         if (candidate / "config.json").is_file():
             return candidate
     raise ConfigError(f"train.init_from: {path} holds no finished model (no final/config.json or config.json)")
+
+
+def check_loop_fields(cfg: RunConfig) -> None:
+    """Ranges of the loop's own fields (beyond olavlm.config.validate)."""
+    t = cfg.train
+    checks = [("train.epochs", t.epochs >= 1, ">= 1"), ("train.max_steps", t.max_steps is None or t.max_steps >= 1,
+              ">= 1 or null"), ("train.save_every", t.save_every >= 0, ">= 0 (0 = only the final model)"),
+              ("train.log_every", t.log_every >= 1, ">= 1"), ("train.learning_rate", t.learning_rate > 0, "> 0"),
+              ("train.adam_betas", len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
+               "two numbers in [0, 1)"), ("train.max_grad_norm", t.max_grad_norm is None or t.max_grad_norm > 0,
+                                          "> 0 or null (no clipping)")]
+    for name, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"{name}: must be {rule}")
 
 
 def build_model(cfg: RunConfig):
@@ -121,6 +134,7 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
 
     t = cfg.train
     cfg.validate()
+    check_loop_fields(cfg)
     check_report_to(t.report_to)
     accum = accumulation_steps(t.global_batch_size, t.micro_batch_size, world_size())
     run_dir = Path(t.output_dir)
@@ -145,8 +159,9 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
         if t.stage == "pt":
             model.llm.enable_input_require_grads()
 
-    teacher_dtype = getattr(torch, t.teacher_dtype) if t.teacher_dtype else (torch.bfloat16 if t.bf16 else torch.float32)
-    teachers = build_teachers_if_needed(cfg, model, accelerator.device, teacher_dtype)
+    from olavlm.teachers.precompute import teacher_dtype  # the same dtype rule as the target cache
+
+    teachers = build_teachers_if_needed(cfg, model, accelerator.device, teacher_dtype(cfg))
     dataset, collator = build_data(cfg, model, teachers)
     from olavlm.data.sampler import build_batch_sampler
 
