@@ -1,5 +1,7 @@
 """CPU smoke runs of any recipe: tiny models from ``olavlm make-tiny`` + a generated 8-image dataset.
 
+    olavlm train RECIPE $(python -m olavlm.train.smoke --tiny runs/tiny --recipe RECIPE)
+
 ``python -m olavlm.train.smoke --tiny runs/tiny --recipe configs/llama3_8b_clip336/pt.yaml``
 prints (one per line) the ``--section.key=value`` overrides that point the recipe at the tiny
 checkpoints, shrink batch sizes and layers to them, train in fp32 (``--keep-precision`` keeps
@@ -98,7 +100,8 @@ def smoke_overrides(tiny: str | Path, recipe: str | Path, out: str | Path = "run
             continue
         shape = build_teacher(task.teacher, str(folder), grid=grid, **task.teacher_kwargs).target_shape
         out_dim = shape[0] if task.predictor.output_layout == "grid" else shape[-1]
-        o += [f"--model.tasks.{name}.teacher_path={folder}", f"--model.tasks.{name}.layers={spread[i % 3]}",
+        layer_list = ",".join(str(x) for x in spread[i % 3])  # no spaces: the output may be word-split by a shell
+        o += [f"--model.tasks.{name}.teacher_path={folder}", f"--model.tasks.{name}.layers=[{layer_list}]",
               f"--model.tasks.{name}.predictor.out_dim={out_dim}", f"--model.tasks.{name}.predictor.dim=32"]
     return o
 
