@@ -126,3 +126,14 @@ def test_target_cache_matches_online_teachers(tiny_dir, tmp_path, monkeypatch):
     wa, wb = _final_weights(online.output_dir), _final_weights(mixed.output_dir)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
+    # a complete cache: no teacher is loaded at all
+    full = tmp_path / "full-cache"
+    precompute(load_config(PT, base + [f"--data.target_cache={full}"]), progress=False, device="cpu", rank=0,
+               world_size=1, workers=0)
+    import olavlm.teachers as teachers_pkg
+
+    monkeypatch.setattr(teachers_pkg, "build_teachers", lambda *a, **k: pytest.fail("teachers loaded"))
+    cached_only = train(load_config(PT, base + [f"--data.target_cache={full}", "--data.cache_miss=error",
+                                                f"--train.output_dir={tmp_path / 'full'}"]), resume="none")
+    c = _losses(cached_only.output_dir)
+    assert all(abs(a[k] - c[k]) <= 1e-4 * abs(a[k]) for k in a), (a, c)
