@@ -5,8 +5,10 @@ One command runs everywhere: plain ``python``/``olavlm train`` (one process), ``
 ``train.fsdp: true`` switch the engine). Batches never pass through Accelerate's dataloader
 wrapper: each rank reads its own slice from our batch sampler.
 
-Tested on CPU (gloo): single process, DDP, DeepSpeed ZeRO-2. FSDP needs GPUs in Accelerate and
-has not been run here (no GPU in the development environment).
+Tested on CPU (gloo): single process, DDP, DeepSpeed ZeRO-2 (VPT/IFT; PT needs OlaVLM's 0-dim
+logit scales to become shape (1,), see :func:`check_engine_compatible`). ZeRO-3 currently fails
+inside OlaVLM's forward (it reads parameters outside their modules' forward, which ZeRO-3 leaves
+partitioned). FSDP needs GPUs in Accelerate and has not been run (no GPU where this was written).
 """
 
 from __future__ import annotations
