@@ -112,6 +112,8 @@ def step_parser(description: str):
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default 2, quick 1)")
     ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                     help="bf16 autocast: auto = YAML train.bf16; small config: on only on CUDA")
+    ap.add_argument("--no-flops", action="store_true",
+                    help="skip counting FLOPs (torch's FlopCounterMode costs ~ms per op, once per variant)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="peak dense bf16 TFLOP/s of the device for MFU (default: known GPUs, else none)")
     return ap
@@ -130,12 +132,12 @@ def timeit_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 2, re
                        reset_peak: Callable[[], None] | None = None) -> tuple[dict[str, list[float]], dict]:
     """Time several variants side by side: after each variant's warm-up, the timed rounds alternate
     A B C, C B A, ... so slow drifts of a shared machine hit every variant alike. Returns
-    ``({name: [seconds]}, {name: peak bytes during its warm-up or None})``."""
+    ``({name: [seconds]}, {name: peak bytes during its warm-up or None})`` (peaks need warmup >= 1)."""
     peaks: dict[str, int | None] = {}
     for name, fn in fns.items():
         if reset_peak:
             reset_peak()
-        for _ in range(max(1, warmup)):
+        for _ in range(warmup):
             fn()
         if sync:
             sync()

@@ -29,16 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = step_parser(__doc__.splitlines()[0])
     ap.set_defaults(config="demo")
     args = ap.parse_args(argv)
+    source = results_dir() / "data_loading.json"
+    if not source.is_file():
+        print(f"error: {source} not found; run `python benchmarks/data_loading.py` first", file=sys.stderr)
+        return 2
     import torch
 
     from benchmarks import models as M
     from benchmarks.common import ratio
     from benchmarks.harness import measure, print_summary, record
-
-    source = results_dir() / "data_loading.json"
-    if not source.is_file():
-        print(f"error: {source} not found; run `python benchmarks/data_loading.py` first", file=sys.stderr)
-        return 2
     loading = json.loads(source.read_text())
     micro = args.batch or int(loading["loader"]["micro_batch"])
     M.quiet()

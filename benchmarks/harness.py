@@ -9,9 +9,10 @@ from benchmarks.common import load_average, memory_probes, repeats, summarize, t
 from benchmarks.flops import count, throughput
 
 
-def measure(steps: dict[str, Callable[[], Any]], *, args, dev, count_flops: bool = True) -> dict[str, dict]:
+def measure(steps: dict[str, Callable[[], Any]], *, args, dev, count_flops: bool | None = None) -> dict[str, dict]:
     """Warm up, count one step's FLOPs, then time all variants interleaved. Returns
-    ``{variant: {"raw": [s], median, min, max, spread, n, "peak_memory_bytes", "throughput"}}``."""
+    ``{variant: {"raw": [s], median, min, max, spread, n, "peak_memory_bytes", "throughput"}}``;
+    ``count_flops`` None = unless ``--no-flops``."""
     from benchmarks.models import sync_fn
 
     warmup, repeat = repeats(args)
@@ -19,10 +20,12 @@ def measure(steps: dict[str, Callable[[], Any]], *, args, dev, count_flops: bool
     peak, reset = memory_probes(dev)
     times, peaks = timeit_interleaved(steps, warmup=warmup, repeat=repeat, sync=sync, peak_memory=peak,
                                       reset_peak=reset)
+    if count_flops is None:
+        count_flops = not args.no_flops
     out: dict[str, dict] = {}
     for name, fn in steps.items():
         s = summarize(times[name])
-        rec: dict[str, Any] = {"raw": times[name], **s, "peak_memory_bytes": peaks[name]}
+        rec: dict[str, Any] = {"raw": times[name], **s, "peak_memory_bytes": peaks[name], "throughput": None}
         if count_flops:
             flops, _ = count(fn)
             rec["throughput"] = throughput(flops, s["median"], args.peak_tflops)

@@ -20,6 +20,7 @@ Accelerate's bookkeeping. Trainable parameters are fp32 master weights, frozen o
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,7 @@ def write_small_teachers(bc: "BenchConfig", seed: int = 0) -> None:
     ModelConfig points; a YAML config's teachers are whatever its teacher paths name."""
     from olavlm.teachers.tiny import make_tiny_teachers
 
-    if bc.tmp is not None:
+    if bc.tmp is not None and not (Path(bc.tmp.name) / "teachers").is_dir():
         make_tiny_teachers(Path(bc.tmp.name) / "teachers", seed=seed, scale=bc.sizes["teacher_scale"])
 
 
@@ -155,6 +156,9 @@ def small_model_config(paths: dict[str, str], dtype: str = "float32", sizes: dic
     tasks["seg"].predictor = PredictorConfig(dim=96, out_dim=32 * sc, output_layout="grid")
     return ModelConfig(llm=paths["llm"], vision_tower=paths["vision"], vision_type="clip", dtype=dtype,
                        num_task_tokens=8, tasks=tasks)
+
+
+_WRITTEN: dict[tuple[str, str], tuple[tempfile.TemporaryDirectory, dict[str, str]]] = {}
 
 
 def load_bench_config(config: str, *, quick: bool, text_len: int | None = None, micro_batch: int | None = None,
@@ -176,8 +180,11 @@ def load_bench_config(config: str, *, quick: bool, text_len: int | None = None, 
     if config in ("small", "demo"):
         sizes, origin = (dict(SMALL), "benchmarks.models.SMALL") if config == "small" else demo_sizes()
         use_bf16 = bf16 == "on" or (bf16 == "auto" and torch.cuda.is_available())
-        tmp = tempfile.TemporaryDirectory(prefix="olavlm-bench-")
-        paths = write_small_checkpoints(Path(tmp.name), sizes=sizes)
+        key = (config, json.dumps(sizes, sort_keys=True))
+        if key not in _WRITTEN:  # one process (the tests) may build the same preset several times
+            tmp = tempfile.TemporaryDirectory(prefix="olavlm-bench-")
+            _WRITTEN[key] = (tmp, write_small_checkpoints(Path(tmp.name), sizes=sizes))
+        tmp, paths = _WRITTEN[key]
         run = RunConfig(model=small_model_config(paths, "bfloat16" if use_bf16 else "float32", sizes),
                         train=TrainConfig(micro_batch_size=sizes["micro_batch"], bf16=use_bf16))
         default_len = sizes["text_len"] // (2 if quick else 1)

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         batch["targets"] = M.to_device(M.random_targets(model.target_shapes, b, target_dtype), dev)
         steps[name] = M.make_step(model, opt, batch, bf16=bf16, max_grad_norm=clip)
         shapes[name] = (t, b, t - 1 + model.tokens_per_image)
-    variants = measure(steps, args=args, dev=dev)
+    variants = measure(steps, args=args, dev=dev, count_flops=True)  # the table compares time with FLOPs
     base = f"T{bc.text_len}_B{bc.micro_batch}"
     b_time, b_flops = variants[base]["median"], variants[base]["throughput"]["step_flops"]
     table = []

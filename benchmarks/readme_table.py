@@ -1,0 +1,184 @@
+"""Regenerate the performance tables of README.md and benchmarks/README.md from
+``benchmarks/results/*.json`` (the text between ``<!-- bench:start -->`` and ``<!-- bench:end -->``).
+
+    python -m benchmarks.readme_table            # rewrite both READMEs
+    python -m benchmarks.readme_table --print    # only print the table
+
+README.md gets a ``## Performance`` section with the markers at its end when it has none. Each goal
+of issue 8 is one row (value, goal, verdict, how it was measured); a missing result shows as
+"not run". Nothing else in either README is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import results_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+@dataclass(frozen=True)
+class Row:
+    goal_no: str  # issue 8 numbering
+    label: str  # what is compared
+    result: str  # results/<result>.json
+    path: tuple[str, ...]  # keys to the ratio value inside that JSON
+    op: str | None  # "<=" or ">=" (None: reported without a goal)
+    goal: float | None
+
+
+ROWS = [
+    Row("1", "PT step, 3 embedding losses + cached targets ÷ NTP step (same model)", "pt_vs_ntp",
+        ("ratios", "pt_cached_over_ntp", "value"), "<=", 1.10),
+    Row("2", "IFT step ÷ `LlavaForConditionalGeneration` step (same sequence, no task tokens)", "ift_vs_llava",
+        ("ratios", "olavlm_ift_no_task_tokens_over_llava", "value"), "<=", 1.00),
+    Row("2", "IFT step with the frozen task tokens (+24 positions/image) ÷ Llava step", "ift_vs_llava",
+        ("ratios", "olavlm_ift_over_llava", "value"), "<=", 1.00),
+    Row("3", "per-image loop ÷ batched encode: depth teacher (Depth-Anything)", "teacher_batching",
+        ("results", "depth", "ratio_loop_over_batched"), ">=", 4.0),
+    Row("3", "per-image loop ÷ batched encode: seg teacher (OneFormer)", "teacher_batching",
+        ("results", "seg", "ratio_loop_over_batched"), ">=", 4.0),
+    Row("3", "per-image loop ÷ batched encode: gen teacher (unCLIP image encoder)", "teacher_batching",
+        ("results", "gen", "ratio_loop_over_batched"), ">=", 4.0),
+    Row("4", "PT peak memory: hooks + supervised-only NTP ÷ `output_hidden_states` + fp32 logits", "pt_memory",
+        ("ratios", "peak_memory_olavlm_over_reference", "value"), "<=", 0.5),
+    Row("4", "PT step time of the same two routes", "pt_memory",
+        ("ratios", "step_time_olavlm_over_reference", "value"), None, None),
+    Row("5", "data loading samples/s (2 workers) ÷ model consumption (demo-sized model)", "data_vs_model",
+        ("ratios", "loader_over_model", "value"), ">=", 3.0),
+    Row("6", "PT step with online teachers ÷ with cached targets", "online_vs_cached",
+        ("ratios", "pt_online_over_pt_cached", "value"), None, None),
+]
+
+
+def load(folder: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict) and "name" in data:
+            out[data["name"]] = data
+    return out
+
+
+def dig(data: Any, keys: tuple[str, ...]) -> Any:
+    for k in keys:
+        if not isinstance(data, dict) or k not in data:
+            return None
+        data = data[k]
+    return data
+
+
+def setup_of(data: dict) -> str:
+    """How a result was measured, in a few words: config, precision, batch/sequence, device."""
+    cfg, m = data.get("config", {}), data.get("machine", {})
+    parts = []
+    source = cfg.get("source")
+    if source:
+        parts.append(source if len(source) < 24 else Path(source).name)
+    bf16 = data.get("bf16_autocast", cfg.get("bf16_autocast"))
+    if bf16 is not None:
+        parts.append("bf16 autocast" if bf16 else "fp32")
+    elif cfg.get("dtype"):
+        parts.append(str(cfg["dtype"]))
+    batch = cfg.get("micro_batch", cfg.get("batch", cfg.get("images_per_batch")))
+    if batch:
+        parts.append(f"B{batch}")
+    if cfg.get("text_len"):
+        parts.append(f"T{cfg['text_len']}")
+    device = m.get("cuda") or f"CPU x{m.get('cpu_count', '?')}"
+    parts.append(device)
+    if cfg.get("quick"):
+        parts.append("quick")
+    return ", ".join(parts)
+
+
+def verdict(value: float | None, row: Row) -> str:
+    if value is None:
+        return "not run"
+    if row.goal is None:
+        return "-"
+    ok = value <= row.goal if row.op == "<=" else value >= row.goal
+    return "pass" if ok else "**miss**"
+
+
+def render(folder: Path | None = None) -> str:
+    results = load(folder or results_dir())
+    lines = ["| # | comparison | measured | goal | verdict | setup |", "|---|---|---|---|---|---|"]
+    for row in ROWS:
+        data = results.get(row.result)
+        value = dig(data, row.path) if data else None
+        shown = f"{value:.2f}" if isinstance(value, (int, float)) else "not run"
+        goal = f"{row.op} {row.goal:g}" if row.goal is not None else "-"
+        lines.append(f"| {row.goal_no} | {row.label} | {shown} | {goal} | {verdict(value, row)} | "
+                     f"{setup_of(data) if data else ''} |")
+    scaling = results.get("scaling")
+    if scaling and scaling.get("table"):
+        lines += ["", f"Goal 7, step time vs sequence and batch (PT step, cached targets; {setup_of(scaling)}; "
+                      f"ratios against {scaling.get('base')}):", "",
+                  "| text len | batch | sequence | ms/step | µs/token | time × | FLOPs × | time × ÷ FLOPs × |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in scaling["table"]:
+            lines.append(f"| {r['text_len']} | {r['batch']} | {r['sequence_len']} | {r['median_ms']:.0f} | "
+                         f"{r['us_per_token']:.0f} | {r['time_ratio']:.2f} | {r['flops_ratio']:.2f} | "
+                         f"{r['time_over_flops_ratio']:.2f} |")
+    dates = sorted(d.get("written", "") for d in results.values() if d.get("written"))
+    machine = next((d.get("machine") for d in results.values() if d.get("machine")), {})
+    if dates:
+        lines += ["", f"Measured {dates[0][:10]} – {dates[-1][:10]}, {machine.get('processor', '?')} "
+                      f"({machine.get('cpu_count', '?')} cores{', ' + machine['cuda'] if machine.get('cuda') else ''}), "
+                      f"torch {machine.get('torch', '?')}, transformers {machine.get('transformers', '?')}. "
+                      "Ratios come from one process each, variants interleaved; raw timings in "
+                      "`benchmarks/results/*.json`. Regenerate with `make bench`."]
+    return "\n".join(lines)
+
+
+def replace_between(text: str, table: str, *, heading: str | None = None) -> str:
+    """Put ``table`` between the markers; without markers, append them (under ``heading``)."""
+    block = f"{START}\n{table}\n{END}"
+    if START in text and END in text and text.index(START) < text.index(END):
+        return text[:text.index(START)] + block + text[text.index(END) + len(END):]
+    if START in text or END in text:
+        raise ValueError(f"unbalanced {START} / {END} markers")
+    prefix = text.rstrip("\n") + "\n\n" + (f"{heading}\n\n" if heading else "")
+    return prefix + block + "\n"
+
+
+def update_all(folder: Path | None = None) -> list[Path]:
+    table = render(folder)
+    written = []
+    for path, heading in ((ROOT / "README.md", "## Performance"), (ROOT / "benchmarks" / "README.md", None)):
+        if not path.exists():
+            continue
+        old = path.read_text()
+        new = replace_between(old, table, heading=heading)
+        if new != old:
+            path.write_text(new)
+            written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--print", action="store_true", help="print the table, write nothing")
+    args = ap.parse_args(argv)
+    if args.print:
+        print(render())
+        return 0
+    for path in update_all():
+        print(f"updated {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

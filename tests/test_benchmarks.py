@@ -1,0 +1,137 @@
+"""Every benchmark runs in --quick mode (with the smallest sizes its flags allow) and writes valid
+JSON; the README table is generated from results. No timings are asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_STEP = ["--quick", "--batch", "2", "--text-len", "24", "--repeat", "1", "--warmup", "0"]
+NO_FLOPS = [*TINY_STEP, "--no-flops"]
+
+
+@pytest.fixture()
+def results(tmp_path, monkeypatch):
+    monkeypatch.setenv("OLAVLM_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(ROOT))
+    return tmp_path
+
+
+def _read(folder: Path, name: str) -> dict:
+    data = json.loads((folder / f"{name}.json").read_text())
+    assert data["name"] == name and data["machine"]["torch"]
+    return data
+
+
+def _check_variants(data: dict, names: list[str], *, flops: bool = True) -> None:
+    assert set(data["variants"]) == set(names)
+    for v in data["variants"].values():
+        assert len(v["raw"]) == v["n"] >= 1 and v["min"] <= v["median"] <= v["max"]
+        assert (v["throughput"]["step_flops"] > 0) if flops else v["throughput"] is None
+
+
+def _check_ratio(r: dict, num: dict, den: dict) -> None:
+    assert r["value"] == pytest.approx(num["median"] / den["median"])
+    if r["goal"] is not None:
+        assert r["pass"] == (r["value"] <= r["goal"] if r["better"] == "lower" else r["value"] >= r["goal"])
+
+
+def test_pt_vs_ntp(results):
+    from benchmarks import pt_vs_ntp
+
+    assert pt_vs_ntp.main(NO_FLOPS) == 0
+    d = _read(results, "pt_vs_ntp")
+    _check_variants(d, ["pt_cached", "ntp", "ntp_plain"], flops=False)
+    v = d["variants"]
+    _check_ratio(d["ratios"]["pt_cached_over_ntp"], v["pt_cached"], v["ntp"])
+    assert d["ratios"]["pt_cached_over_ntp"]["goal"] == 1.10
+    assert d["bf16_autocast"] is False and d["config"]["quick"] is True  # small config on CPU: fp32
+    assert d["sequence"]["expanded_length"] - d["sequence"]["plain_expanded_length"] == 24
+
+
+def test_ift_vs_llava_same_loss(results):
+    from benchmarks import ift_vs_llava
+
+    assert ift_vs_llava.main(NO_FLOPS) == 0
+    d = _read(results, "ift_vs_llava")
+    _check_variants(d, ["olavlm_ift", "olavlm_ift_no_task_tokens", "llava_hf"], flops=False)
+    # same weights, same sequence -> the same NTP loss (fp32 on CPU)
+    assert d["loss_check"]["abs_diff"] < 1e-4
+    assert d["sequence"]["olavlm_ift_no_task_tokens"] == d["sequence"]["llava_hf"]
+    assert d["trainable"]["llava_hf"] == sum(d["trainable"]["olavlm_ift_no_task_tokens"].values())
+    _check_ratio(d["ratios"]["olavlm_ift_over_llava"], d["variants"]["olavlm_ift"], d["variants"]["llava_hf"])
+
+
+def test_online_vs_cached(results):
+    from benchmarks import online_vs_cached
+
+    assert online_vs_cached.main(NO_FLOPS) == 0
+    d = _read(results, "online_vs_cached")
+    _check_variants(d, ["pt_cached", "pt_online", "teachers_only"], flops=False)
+    assert set(d["teachers"]) == {"gen", "depth", "seg"}
+    assert all(f > 0 for f in d["teacher_forward_flops"].values())
+
+
+def test_scaling_table(results):
+    from benchmarks import scaling
+
+    assert scaling.main(TINY_STEP) == 0
+    d = _read(results, "scaling")
+    _check_variants(d, ["T24_B1", "T12_B2", "T24_B2"])
+    assert [(r["text_len"], r["batch"]) for r in d["table"]] == [(24, 1), (12, 2), (24, 2)]
+    base = next(r for r in d["table"] if r["point"] == d["base"])
+    assert base["time_ratio"] == base["flops_ratio"] == 1.0
+    one = next(r for r in d["table"] if r["batch"] == 1)
+    assert one["flops_ratio"] < 1.0 and one["tokens_ratio"] == pytest.approx(0.5)
+
+
+def test_data_vs_model_ratio(results):
+    from benchmarks import data_vs_model
+
+    assert data_vs_model.main(NO_FLOPS) == 2  # needs data_loading's result first
+    loader = {"samples_per_s": 123.0, "micro_batch": 2}
+    (results / "data_loading.json").write_text(json.dumps({"name": "data_loading", "loader": loader}))
+    assert data_vs_model.main(NO_FLOPS) == 0
+    d = _read(results, "data_vs_model")
+    model_rate = 2 / d["variants"]["model_pt_step"]["median"]
+    assert d["ratios"]["loader_over_model"]["value"] == pytest.approx(123.0 / model_rate)
+    assert d["ratios"]["loader_over_model"]["better"] == "higher"
+
+
+@pytest.mark.slow  # the model/teachers engineers' benchmarks: > 30 s each even with these sizes
+@pytest.mark.parametrize("script,args", [
+    ("teacher_batching.py", ["--quick", "--batch", "2", "--scale", "1", "--repeat", "1"]),
+    ("pt_memory.py", ["--quick", "--vocab", "600", "--batch", "1", "--text-len", "24", "--repeat", "1"]),
+])
+def test_other_benchmarks_quick(results, script, args):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, cwd=ROOT,
+                   capture_output=True, timeout=300)
+    d = _read(results, script[:-3])
+    assert d["config"]["quick"] is True
+
+
+def test_run_and_readme_table(results, tmp_path):
+    from benchmarks import readme_table, run
+
+    extra = " ".join(NO_FLOPS[1:])
+    only = ["--quick", "--only", "data_vs_model", "--no-readme", "--extra", extra]
+    assert run.main(only) == 1  # data_loading's result is missing: that benchmark fails, run says so
+    assert not json.loads((results / "run.json").read_text())["runs"][0]["ok"]
+    (results / "data_loading.json").write_text(json.dumps({"name": "data_loading",
+                                                           "loader": {"samples_per_s": 50.0, "micro_batch": 2}}))
+    assert run.main(only) == 0
+    summary = json.loads((results / "run.json").read_text())
+    assert [r["name"] for r in summary["runs"]] == ["data_vs_model"] and summary["runs"][0]["ok"]
+    table = readme_table.render(results)
+    assert "| 5 | data loading" in table and "not run" in table  # the others have no result here
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\ntext\n")
+    once = readme_table.replace_between(readme.read_text(), table, heading="## Performance")
+    assert once.startswith("# x\n\ntext\n\n## Performance\n\n<!-- bench:start -->")
+    twice = readme_table.replace_between(once, "new table", heading="## Performance")
+    assert twice.count("## Performance") == 1 and "new table" in twice and "| 1 |" not in twice
