@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 class ProbeSpec:
     """Probe size and optimisation."""
 
-    dim: int = 64  # probe internal width
-    heads: int = 4
+    dim: int = 32  # probe internal width
+    heads: int = 2
     steps: int = 300  # optimisation steps (all layers' probes train together)
     batch_size: int = 32
     lr: float = 2e-3
@@ -47,25 +47,55 @@ class ProbeSpec:
     bf16: bool = False  # autocast the probe forward in bf16 on CPU
 
 
-class ResamplerProbe(nn.Module):
-    """Latents attend to one layer's hidden states; output ``(N, n_queries, out_dim)``."""
+class LayerwiseProbes(nn.Module):
+    """One one-block resampler probe per layer, all evaluated in the same tensor ops (every
+    parameter carries a leading layer axis): latents -> LayerNorm -> multi-head cross-attention over
+    the layer's projected, LayerNormed tokens (padding masked) -> residual -> LayerNorm-GELU MLP ->
+    residual -> linear to the target channels. Output ``(n_layers, N, n_queries, out_dim)``."""
 
-    def __init__(self, d_in: int, n_queries: int, out_dim: int, dim: int = 64, heads: int = 4) -> None:
+    def __init__(self, n_layers: int, d_in: int, n_queries: int, out_dim: int, dim: int = 64, heads: int = 4) -> None:
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(n_queries, dim) / math.sqrt(dim))
-        self.proj_in = nn.Linear(d_in, dim)
-        self.norm_x, self.norm_q = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
-        self.proj_out = nn.Linear(dim, out_dim)
+        if dim % heads:
+            raise ValueError(f"probe dim {dim} is not divisible by heads {heads}")
+        self.heads, self.dim = heads, dim
+
+        def w(*shape, fan_in):
+            return nn.Parameter(torch.randn(n_layers, *shape) / math.sqrt(fan_in))
+
+        def zeros(*shape):
+            return nn.Parameter(torch.zeros(n_layers, 1, 1, *shape))
+
+        self.latents = w(n_queries, dim, fan_in=dim)
+        self.w_in, self.b_in = w(d_in, dim, fan_in=d_in), zeros(dim)
+        self.w_q, self.w_k, self.w_v, self.w_o = (w(dim, dim, fan_in=dim) for _ in range(4))
+        self.w_ff1, self.b_ff1 = w(dim, dim, fan_in=dim), zeros(dim)
+        self.w_ff2, self.b_ff2 = w(dim, dim, fan_in=dim), zeros(dim)
+        self.w_out, self.b_out = w(dim, out_dim, fan_in=dim), zeros(out_dim)
+
+    @staticmethod
+    def _mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x @ weight.unsqueeze(1)  # (Ly, N, T, a) @ (Ly, 1, a, b)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (N, L, d_in), mask bool (N, L) True on real tokens."""
-        kv = self.norm_x(self.proj_in(x))
-        q = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)
-        q = q + self.attn(self.norm_q(q), kv, kv, key_padding_mask=~mask, need_weights=False)[0]
-        q = q + self.ff(q)
-        return self.proj_out(q)
+        """x (n_layers, N, L, d_in); mask bool (N, L), True on real tokens."""
+        ly, n, length, _ = x.shape
+        h, d = self.heads, self.dim // self.heads
+        kv = F.layer_norm(self._mm(x, self.w_in) + self.b_in, (self.dim,))
+        q0 = self.latents.unsqueeze(1).expand(-1, n, -1, -1)
+        qn = F.layer_norm(q0, (self.dim,))
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (Ly, N, T, D) -> (Ly*N, H, T, d)
+            return t.reshape(ly * n, t.shape[2], h, d).transpose(1, 2)
+
+        # plain softmax attention: for these tiny head sizes it is much faster on CPU than SDPA's kernels
+        scores = heads(self._mm(qn, self.w_q)) @ heads(self._mm(kv, self.w_k)).transpose(-1, -2) / math.sqrt(d)
+        scores = scores.masked_fill(~mask.repeat(ly, 1)[:, None, None, :], float("-inf"))
+        att = torch.softmax(scores.float(), dim=-1).to(kv.dtype) @ heads(self._mm(kv, self.w_v))
+        att = att.transpose(1, 2).reshape(ly, n, -1, self.dim)
+        q = q0 + self._mm(att, self.w_o)
+        ff = self._mm(F.gelu(self._mm(F.layer_norm(q, (self.dim,)), self.w_ff1) + self.b_ff1), self.w_ff2)
+        q = q + ff + self.b_ff2
+        return self._mm(q, self.w_out) + self.b_out
 
 
 def targets_as_tokens(targets: torch.Tensor, layout: str) -> torch.Tensor:
@@ -114,8 +144,11 @@ def train_probes(states: dict[int, torch.Tensor], mask: torch.Tensor, targets: t
     z = (tok - mu) / sd
     torch.manual_seed(spec.seed)
     layers = sorted(states)
-    probes = nn.ModuleDict({str(lay): ResamplerProbe(states[lay].shape[-1], q, c, spec.dim, spec.heads)
-                            for lay in layers})
+    widths = {states[lay].shape[-1] for lay in layers}
+    if len(widths) != 1:
+        raise ValueError(f"train_probes: layers have different widths {sorted(widths)}")
+    x_all = torch.stack([states[lay].float() for lay in layers])  # (Ly, N, L, d)
+    probes = LayerwiseProbes(len(layers), widths.pop(), q, c, spec.dim, spec.heads)
     opt = torch.optim.AdamW(probes.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     warm = max(1, spec.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
@@ -125,15 +158,14 @@ def train_probes(states: dict[int, torch.Tensor], mask: torch.Tensor, targets: t
     probes.train()
     for step in range(spec.steps):
         pick = train_idx[torch.randint(len(train_idx), (min(spec.batch_size, len(train_idx)),), generator=gen)]
-        total = 0.0
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16):
-            for lay in layers:
-                pred = probes[str(lay)](states[lay][pick].float(), mask[pick])
-                loss = F.smooth_l1_loss(pred.float(), z[pick])
-                total = total + loss
-                if step >= spec.steps - 10:
-                    last[lay].append(float(loss.detach()))
-        total.backward()
+            pred = probes(x_all[:, pick], mask[pick])
+        per_layer = F.smooth_l1_loss(pred.float(), z[pick].unsqueeze(0).expand_as(pred), reduction="none")
+        per_layer = per_layer.flatten(1).mean(1)  # (Ly,): each probe's own loss
+        if step >= spec.steps - 10:
+            for lay, v in zip(layers, per_layer.detach().tolist()):
+                last[lay].append(v)
+        per_layer.sum().backward()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -143,8 +175,9 @@ def train_probes(states: dict[int, torch.Tensor], mask: torch.Tensor, targets: t
     out = {}
     with torch.no_grad():
         mean_target = mu
-        for lay in layers:
-            pred = probes[str(lay)](states[lay][test_idx].float(), mask[test_idx]) * sd + mu
+        preds = probes(x_all[:, test_idx], mask[test_idx]) * sd + mu
+        for i, lay in enumerate(layers):
+            pred = preds[i]
             cos = cosine_per_image(pred, tok[test_idx])
             centred = cosine_per_image(pred - mean_target, tok[test_idx] - mean_target)
             out[lay] = {"cosine": float(cos.mean()), "cosine_std": float(cos.std()) if len(cos) > 1 else 0.0,

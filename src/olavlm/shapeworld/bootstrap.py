@@ -49,9 +49,9 @@ class BootstrapSpec:
     llm_hidden: int = 64  # LlamaForCausalLM hidden size
     llm_layers: int = 4  # decoder layers (the probe reports one value per layer)
     llm_heads: int = 4
-    llm_steps: int = 200  # LM optimisation steps on the world's conversations
-    llm_batch: int = 16  # packed blocks per step
-    llm_block: int = 256  # tokens per packed block
+    llm_steps: int = 120  # LM optimisation steps on the world's conversations
+    llm_batch: int = 12  # packed blocks per step
+    llm_block: int = 192  # tokens per packed block
     llm_lr: float = 3e-3
     vision_hidden: int = 64  # CLIPVisionModel hidden size
     vision_layers: int = 4
@@ -144,12 +144,22 @@ def train_llm(tokenizer, convs: list[list[dict]], spec: BootstrapSpec, out: Path
             "losses": losses}
 
 
+_OBJECT = re.compile(r"(small|large) (red|green|blue|yellow) (circle|square|triangle)")
+
+
 def caption_targets(captions: list[str], min_count: int = 5) -> tuple[list[str], np.ndarray]:
-    """Bag of words and adjacent word pairs of each caption -> (vocabulary, multi-hot (n, V))."""
+    """Multi-hot caption attributes -> (vocabulary, (n, V)).
+
+    Attributes read from the caption text only: its words, its adjacent word pairs, and "slot k: the
+    k-th object named in the caption" (captions name objects left to right), so the tower has to
+    keep where things are, not only what they are.
+    """
     grams = []
     for cap in captions:
         words = re.findall(r"[a-z]+", cap.lower())
-        grams.append(set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])})
+        slots = {f"slot{k}: {m.group(0)}" for k, m in enumerate(_OBJECT.finditer(cap.lower().split(". ")[1]
+                                                                              if ". " in cap else cap))}
+        grams.append(set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])} | slots)
     counts = Counter(g for gs in grams for g in gs)
     vocab = sorted(g for g, c in counts.items() if min_count <= c < len(captions))  # drop constant ones
     index = {g: i for i, g in enumerate(vocab)}

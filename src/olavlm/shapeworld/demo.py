@@ -40,18 +40,22 @@ class DemoSettings:
     ift_epochs: int = 2  # passes over instruct.json
     max_steps: int | None = None  # cap per stage (quick mode)
     batch_size: int = 16  # global = micro batch of PT and IFT
-    probe_steps: int = 300
-    probe_models: tuple[str, ...] = ("pt", "ift")  # which stage's final model is probed
+    probe_steps: int = 150  # optimisation steps of each probe set
+    # which final model is probed for which teacher: the PT model shows what the embedding losses
+    # alone changed (its LLM is frozen); the IFT model is the one the paper probes
+    probe_plan: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"pt": ("depth",),
+                                                                            "ift": ("depth", "seg", "gen")})
     eval_batch_size: int = 16
 
 
 def settings_for(quick: bool, seed: int) -> DemoSettings:
     if not quick:
-        return DemoSettings(world=WorldSpec(seed=seed), bootstrap=BootstrapSpec(seed=seed))
+        return DemoSettings(world=WorldSpec(seed=seed, n_probe=240), bootstrap=BootstrapSpec(seed=seed))
     return DemoSettings(
         world=WorldSpec(seed=seed, n_pretrain=48, n_instruct=48, n_text_only=8, n_cvbench=16, n_probe=24),
         bootstrap=BootstrapSpec(seed=seed, llm_steps=8, llm_batch=8, vision_steps=8, vision_batch=16),
-        pt_epochs=1, ift_epochs=1, max_steps=3, batch_size=8, probe_steps=20, probe_models=("ift",),
+        pt_epochs=1, ift_epochs=1, max_steps=3, batch_size=8, probe_steps=20,
+        probe_plan={"ift": ("depth", "seg", "gen")},
     )
 
 
@@ -154,11 +158,11 @@ def probe_models(base: Path, world: Path, st: DemoSettings, progress: bool) -> d
 
     records = _json.loads((world / "probe.json").read_text())
     out = {}
-    for stage in st.probe_models:
+    for stage, tasks in st.probe_plan.items():
         em = load_eval_model(base / stage / "final")
         layers = parse_layers("all", em.model.llm.config.num_hidden_layers)
         teachers = {}
-        for task in PROBE_TASKS:
+        for task in tasks:
             name, path, kwargs = resolve_teacher(em.model.cfg, task, str(world), None)
             teachers[task] = build_teacher(name, path, grid=em.model.geometry.grid, **kwargs).eval()
         states, mask, targets = collect_states(em, records, world, layers, teachers, progress=progress)

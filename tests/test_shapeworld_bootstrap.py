@@ -1,0 +1,38 @@
+"""Bootstrap pieces that need no training: caption attributes for the vision objective, world text."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from olavlm.shapeworld.bootstrap import caption_targets, world_texts
+from olavlm.shapeworld.world import WorldSpec, generate_world
+
+CAPS = [
+    "The image shows two objects standing on a grey ground. From left to right there is a small red circle "
+    "and a large blue square. In total there is one circle.",
+    "The image shows two objects standing on a grey ground. From left to right there is a large blue square "
+    "and a small red circle. In total there is one circle.",
+    "The image shows one object standing on a grey ground. It is a small red circle. In total there is one circle.",
+]
+
+
+def test_caption_targets_keep_left_to_right_slots():
+    vocab, y = caption_targets(CAPS, min_count=1)
+    idx = {g: i for i, g in enumerate(vocab)}
+    assert y[0, idx["slot0: small red circle"]] == 1 and y[0, idx["slot1: large blue square"]] == 1
+    assert y[1, idx["slot0: large blue square"]] == 1 and y[1, idx["slot1: small red circle"]] == 1
+    assert y[2, idx["slot0: small red circle"]] == 1 and "slot1: small red circle" in idx
+    assert y[2, idx["slot1: small red circle"]] == 0
+    assert "circle" not in idx  # present in every caption: constant attributes are dropped
+    assert y.dtype == np.float32 and y.shape == (3, len(vocab))
+
+
+def test_world_texts_are_chat_messages_without_image_placeholders(tmp_path):
+    world = generate_world(tmp_path, WorldSpec(seed=0, n_pretrain=4, n_instruct=4, n_text_only=2, n_cvbench=4,
+                                               n_probe=4))
+    convs, plain = world_texts(world.root)
+    assert len(convs) == 4 + 4 + 4 + 2
+    for msgs in convs:
+        assert msgs[0]["role"] == "system" and [m["role"] for m in msgs[1:3]] == ["user", "assistant"]
+        assert all("<image>" not in m["content"] for m in msgs)
+    assert all("<image>" not in t for t in plain)

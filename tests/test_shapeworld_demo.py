@@ -1,0 +1,73 @@
+"""`olavlm demo --quick` end to end (generate -> bootstrap -> PT -> IFT -> eval -> probe -> report),
+then `olavlm eval cvbench` and `olavlm probe` on what it produced."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from olavlm.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "olavlm.cli", "demo", "--quick", "--output-dir", str(out),
+                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc
+
+
+def test_quick_demo_end_to_end(demo_dir):
+    out, proc = demo_dir
+    for k in range(1, 7):
+        assert f"[demo {k}/6]" in proc.stderr  # progress is visible stage by stage
+    for name in ("report.md", "report.json", "loss.png", "probe.png"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    (run,) = report["runs"]
+    assert run["variant"] == "ola" and run["seed"] == 0
+    assert run["pt"]["finished"] and run["ift"]["finished"]
+    cvb = run["cvbench"]
+    assert cvb["n"] == 16 and set(cvb["by_task"]) == {"Count", "Relation", "Depth", "Distance"}
+    assert all(0.0 <= v <= 1.0 for v in cvb["by_task"].values())
+    for task in ("depth", "seg", "gen"):
+        res = run["probe"]["ift"][task]
+        assert sorted(res["layers"]) == ["1", "2", "3", "4"]
+        assert all(-1.0 <= r["centred_cosine"] <= 1.0 for r in res["layers"].values())
+    # the PT run really trained with the three embedding losses (layers set in configs/shapeworld/pt.yaml)
+    metrics = [json.loads(x) for x in (out / "runs/seed0/ola/pt/metrics.jsonl").read_text().splitlines()]
+    for task in ("depth", "seg", "gen"):
+        assert metrics[0][f"loss/{task}"] > 0
+    assert "| Depth |" in (out / "report.md").read_text()
+
+
+def test_cli_eval_and_probe_on_demo_output(demo_dir, tmp_path, capsys):
+    out, _ = demo_dir
+    model = out / "runs/seed0/ola/ift/final"
+    world = out / "world"
+    assert main(["eval", "cvbench", "--model", str(model), "--data", str(world / "cvbench.jsonl"),
+                 "--image-root", str(world), "--output", str(tmp_path / "cvb.json"), "--limit", "4"]) == 0
+    res = json.loads((tmp_path / "cvb.json").read_text())
+    assert res["n"] == 4 and len(res["per_item"]) == 4 and res["settings"]["decoding"] == "greedy"
+    assert main(["probe", "--model", str(model), "--data", str(world / "probe.json"), "--teacher", "depth",
+                 "--layers", "1,4", "--steps", "5", "--output", str(tmp_path / "probe")]) == 0
+    probe = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert sorted(probe["layers"]) == ["1", "4"] and probe["teacher"] == "shapeworld_depth"
+    assert (tmp_path / "probe" / "probe.png").stat().st_size > 0
+    assert "centred cosine" in capsys.readouterr().out
+
+
+def test_bootstrap_is_cached(demo_dir):
+    from olavlm.shapeworld.bootstrap import bootstrap
+    from olavlm.shapeworld.demo import settings_for
+
+    out, _ = demo_dir
+    again = bootstrap(out / "world", out / "bootstrap", settings_for(True, 0).bootstrap)
+    assert again.cached and (again.llm / "config.json").is_file() and (again.vision / "preprocessor_config.json").is_file()
