@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks import models as M
+    from benchmarks.flops import forward_split
     from benchmarks.harness import measure, print_summary, record
 
     M.quiet()
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                           "expanded_length": bc.text_len - 1 + model.tokens_per_image,
                           "plain_expanded_length": bc.text_len - 1 + plain.tokens_per_image},
              "target_shapes": {k: list(s) for k, s in model.target_shapes.items()}}
+    if not args.no_flops:  # forward FLOPs per component (module attribution is exact in forward)
+        parts = {name: f"OlaVLM.{name}" for name in ("llm", "vision", "projector", "predictors")}
+        extra["forward_flops_by_component"] = forward_split(model, {**batch, "targets": targets}, parts,
+                                                            autocast=M.autocast(dev, bf16))
     path = record("pt_vs_ntp", args=args, bc=bc, variants=variants, ratios=ratios, extra=extra)
     print(f"pt_vs_ntp ({'bf16 autocast' if bf16 else 'fp32'}, batch {n}, text {bc.text_len}, device {dev.type})")
     print_summary(variants, ratios)
