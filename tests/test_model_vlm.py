@@ -220,6 +220,8 @@ def test_save_load_gives_identical_outputs(model, batch, tmp_path):
         assert torch.equal(bare(**batch, return_logits=True).logits, a.logits)
     with pytest.raises(ValueError, match="without predictors"):
         OlaVLM.from_pretrained(tmp_path / "ift", with_predictors=True)
+    with pytest.raises(FileNotFoundError, match="not an olavlm model folder"):
+        OlaVLM.from_pretrained(tmp_path / "missing" / "final")  # never mistaken for a hub id
     model.train()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +103,8 @@ def resolve_dir(path: str | Path) -> Path:
     local = Path(path)
     if local.is_dir():
         return local
-    if local.exists() or str(path).startswith((".", "/")):
-        raise FileNotFoundError(f"{path} is not an olavlm model folder")
+    if local.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        raise FileNotFoundError(f"{path} is not an olavlm model folder (nor a hub id like org/name)")
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(path)))
