@@ -228,7 +228,7 @@ class OlaVLM(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        hidden = out[0]
+        hidden = out.last_hidden_state
         if len(blocks) in layers:
             store[len(blocks)] = hidden  # hidden_states[n_layers] is the final-norm output, as in HF
         return hidden, store
