@@ -47,7 +47,8 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def timeit(fn: Callable[[], Any], *, warmup: int = 2, repeat: int = 5, sync: Callable[[], None] | None = None) -> list[float]:
+def timeit(fn: Callable[[], Any], *, warmup: int = 2, repeat: int = 5,
+           sync: Callable[[], None] | None = None) -> list[float]:
     """Wall seconds of ``repeat`` calls after ``warmup`` calls."""
     for _ in range(warmup):
         fn()

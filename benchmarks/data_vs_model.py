@@ -46,14 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     dev, bf16 = M.device(), bc.run.train.bf16
     model, opt, counts = M.build_olavlm(bc, "pt")
     batch = M.to_device(M.synthetic_batch(model, micro, bc.text_len), dev)
-    batch["targets"] = M.to_device(M.random_targets(model.target_shapes, micro, torch.bfloat16 if bf16 else torch.float32),
-                                   dev)
+    target_dtype = torch.bfloat16 if bf16 else torch.float32
+    batch["targets"] = M.to_device(M.random_targets(model.target_shapes, micro, target_dtype), dev)
     step = M.make_step(model, opt, batch, bf16=bf16, max_grad_norm=bc.run.train.max_grad_norm)
     variants = measure({"model_pt_step": step}, args=args, dev=dev)
     step_s = variants["model_pt_step"]
     consume = {"median": micro / step_s["median"], "min": micro / step_s["max"], "max": micro / step_s["min"]}
     ratios = {}
-    for key, label in (("loader", "loader_over_model"), ("loader_with_teacher_images", "loader_teacher_images_over_model")):
+    for key, label in (("loader", "loader_over_model"),
+                       ("loader_with_teacher_images", "loader_teacher_images_over_model")):
         if key in loading:
             rate = float(loading[key]["samples_per_s"])
             r = ratio({"median": rate, "min": rate, "max": rate}, consume, goal=GOAL if key == "loader" else None,

@@ -30,10 +30,20 @@ def count(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
 
 def forward_split(model, inputs: dict, components: dict[str, str], *, autocast) -> dict[str, int]:
     """Forward FLOPs per component: ``components`` maps a label to a module path prefix as the flop
-    counter names them (e.g. ``{"llm": "OlaVLM.llm", "vision": "OlaVLM.vision"}``)."""
-    with torch.no_grad(), autocast:
-        _, per_module = count(lambda: model(**inputs))
-    return {label: per_module.get(prefix, 0) for label, prefix in components.items()}
+    counter names them (e.g. ``{"llm": "OlaVLM.llm", "vision": "OlaVLM.vision"}``). Runs with grad
+    enabled (the counter's module tracker needs graph nodes on parameter views) and drops the graph."""
+    with autocast:
+        _, per_module = count(lambda: model(**inputs).loss.detach())
+    return {label: subtree_flops(per_module, prefix) for label, prefix in components.items()}
+
+
+def subtree_flops(per_module: dict[str, int], prefix: str) -> int:
+    """FLOPs under module path ``prefix``: containers that are never called themselves (a ModuleDict
+    of predictors, an LLM whose decoder is called directly) have no entry, so sum the outermost
+    entries below it."""
+    inside = [k for k in per_module if k == prefix or k.startswith(prefix + ".")]
+    outer = [k for k in inside if not any(k != o and k.startswith(o + ".") for o in inside)]
+    return sum(per_module[k] for k in outer)
 
 
 def teacher_forward(teachers, images: torch.Tensor) -> dict[str, int]:

@@ -40,7 +40,7 @@ def build_llava(ours, bc):
     from benchmarks.models import device, finish_trainable
 
     llm, tower = ours.llm, ours.vision
-    if not type(ours.projector).__name__ == "Sequential" or len(ours.projector) != 3:
+    if not isinstance(ours.projector, torch.nn.Sequential) or len(ours.projector) != 3:
         raise ValueError(f"model.projector: {bc.run.model.projector!r}; the Llava comparison needs mlp2x_gelu")
     if ours.vision.drop_cls is not True:
         raise ValueError("model.vision_drop_cls: the Llava comparison needs a CLIP-style tower with CLS dropped")
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     trainable_llava = sum(p.numel() for p in llava.parameters() if p.requires_grad)
     extra = {"loss_check": check,
-             "trainable": {"olavlm_ift": counts, "olavlm_ift_no_task_tokens": plain_counts, "llava_hf": trainable_llava},
+             "trainable": {"olavlm_ift": counts, "olavlm_ift_no_task_tokens": plain_counts,
+                           "llava_hf": trainable_llava},
              "sequence": {"olavlm_ift": batch["input_ids"].shape[1] - 1 + ours.tokens_per_image,
                           "olavlm_ift_no_task_tokens": batch["input_ids"].shape[1] - 1 + plain.tokens_per_image,
                           "llava_hf": hf_inputs["input_ids"].shape[1]}}

@@ -135,8 +135,9 @@ def render(folder: Path | None = None) -> str:
     dates = sorted(d.get("written", "") for d in results.values() if d.get("written"))
     machine = next((d.get("machine") for d in results.values() if d.get("machine")), {})
     if dates:
+        gpu = f", {machine['cuda']}" if machine.get("cuda") else ""
         lines += ["", f"Measured {dates[0][:10]} – {dates[-1][:10]}, {machine.get('processor', '?')} "
-                      f"({machine.get('cpu_count', '?')} cores{', ' + machine['cuda'] if machine.get('cuda') else ''}), "
+                      f"({machine.get('cpu_count', '?')} cores{gpu}), "
                       f"torch {machine.get('torch', '?')}, transformers {machine.get('transformers', '?')}. "
                       "Ratios come from one process each, variants interleaved; raw timings in "
                       "`benchmarks/results/*.json`. Regenerate with `make bench`."]

@@ -135,3 +135,15 @@ def test_run_and_readme_table(results, tmp_path):
     assert once.startswith("# x\n\ntext\n\n## Performance\n\n<!-- bench:start -->")
     twice = readme_table.replace_between(once, "new table", heading="## Performance")
     assert twice.count("## Performance") == 1 and "new table" in twice and "| 1 |" not in twice
+
+
+def test_subtree_flops_counts_uncalled_containers_once():
+    from benchmarks.flops import subtree_flops
+
+    per_module = {"M": 20, "M.llm.model": 5, "M.llm.model.layers.0": 3, "M.llm.lm_head": 1,
+                  "M.predictors.gen.2": 2, "M.predictors.gen.2.proj_in": 1, "M.predictors.seg.4": 4, "M.vision": 7,
+                  "M.visionx": 100}
+    assert subtree_flops(per_module, "M.llm") == 6  # model + lm_head, not layers.0 twice
+    assert subtree_flops(per_module, "M.predictors") == 6
+    assert subtree_flops(per_module, "M.vision") == 7  # not M.visionx
+    assert subtree_flops(per_module, "M.absent") == 0
