@@ -25,6 +25,24 @@ def tasks_with_rows(cfg: ModelConfig, *, with_predictors: bool) -> list[str]:
     return out
 
 
+class LogitScales(nn.Module):
+    """Learnable log logit scale theta per task (init ``model.logit_scale_init``); state keys = task names."""
+
+    def __init__(self, tasks: list[str] | tuple[str, ...] = (), init: float = 2.0) -> None:
+        super().__init__()
+        for task in tasks:
+            self.register_parameter(task, nn.Parameter(torch.tensor(float(init))))
+
+    def __getitem__(self, task: str) -> nn.Parameter:
+        return self._parameters[task]
+
+    def __len__(self) -> int:
+        return len(self._parameters)
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        return {task: theta * 1.0 for task, theta in self._parameters.items()}  # computed in forward (ZeRO-3)
+
+
 class TaskTokens(nn.Module):
     """ParameterDict of per-task rows plus the K-token pooling used in the sequence."""
 
@@ -49,6 +67,13 @@ class TaskTokens(nn.Module):
         if not self.order:
             return torch.zeros(0, self.hidden_size)
         return torch.cat([self.sequence_tokens(t) for t in self.order], 0)
+
+    def forward(self, query_tasks: list[str] | tuple[str, ...] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(sequence tokens (T*K, d), {task: its rows (R, d)} for predictor queries).
+
+        Everything is computed inside this forward so per-module parameter gathering (DeepSpeed
+        ZeRO-3) sees the rows in use; the returned tensors are new graph nodes, not the parameters."""
+        return self.all_sequence_tokens(), {t: self.rows[t] * 1.0 for t in query_tasks}
 
     @property
     def tokens_per_image(self) -> int:

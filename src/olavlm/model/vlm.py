@@ -23,7 +23,7 @@ from olavlm.model import io
 from olavlm.model.predictor import Predictor
 from olavlm.model.projector import build_projector
 from olavlm.model.sequence import SequenceLayout, assemble_embeddings, build_layout
-from olavlm.model.task_tokens import TaskTokens, tasks_with_rows
+from olavlm.model.task_tokens import LogitScales, TaskTokens, tasks_with_rows
 from olavlm.model.vision import VisionGeometry, VisionTower, vision_geometry
 from olavlm.objectives.embedding import embedding_loss
 from olavlm.objectives.ntp import ntp_loss
@@ -66,7 +66,9 @@ class OlaVLM(nn.Module):
         self.task_tokens = TaskTokens(cfg, hidden_size=d, num_image_tokens=geometry.num_tokens,
                                       with_predictors=with_predictors)
         self.predictors = nn.ModuleDict()
-        self.logit_scales = nn.ParameterDict()
+        self.logit_scales = LogitScales(
+            [n for n, t in cfg.tasks.items() if t.layers] if with_predictors and cfg.use_contrastive else [],
+            init=cfg.logit_scale_init)
         if with_predictors:
             for name, task in cfg.tasks.items():
                 if not task.layers:
@@ -74,8 +76,6 @@ class OlaVLM(nn.Module):
                 p = task.predictor
                 q = p.num_queries or (geometry.num_tokens if p.query_source == "task_tokens" else 1)
                 self.predictors[name] = nn.ModuleDict({str(l): Predictor(d, p, num_queries=q) for l in task.layers})
-                if cfg.use_contrastive:
-                    self.logit_scales[name] = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -197,8 +197,10 @@ class OlaVLM(nn.Module):
                             task_order=self.task_tokens.order, num_task_tokens=self.cfg.num_task_tokens,
                             max_length=max_length or self.max_length, padding_side=padding_side)
 
-    def embed(self, layout: SequenceLayout, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """inputs_embeds (B, L, d) in the LLM's dtype: text embeddings, projected image features, task tokens."""
+    def embed(self, layout: SequenceLayout, pixel_values: torch.Tensor | None,
+              task_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs_embeds (B, L, d) in the LLM's dtype: text embeddings, projected image features, task
+        tokens (``task_tokens`` (T*K, d) = ``self.task_tokens()[0]`` when not given)."""
         n = layout.num_images
         count = 0 if pixel_values is None else pixel_values.shape[0]
         if count != n:
@@ -213,8 +215,9 @@ class OlaVLM(nn.Module):
         if not torch.is_autocast_enabled(w.device.type):
             feats = feats.to(w.dtype)
         image = self.projector(feats)
-        return assemble_embeddings(layout, emb(layout.text_ids), image,
-                                   self.task_tokens.all_sequence_tokens().to(w.device), emb.weight.dtype)
+        if task_tokens is None:
+            task_tokens = self.task_tokens()[0]
+        return assemble_embeddings(layout, emb(layout.text_ids), image, task_tokens.to(w.device), emb.weight.dtype)
 
     def _decode(self, embeds: torch.Tensor, layout: SequenceLayout, layers: list[int]):
         """Final-norm states and {layer: states} captured by forward hooks at ``layers`` only."""
@@ -237,7 +240,15 @@ class OlaVLM(nn.Module):
     def predictor_layers(self) -> list[int]:
         return sorted({int(l) for layers in self.predictors.values() for l in layers})
 
-    def predict(self, states: dict[int, torch.Tensor], layout: SequenceLayout) -> dict[str, dict[int, torch.Tensor]]:
+    def query_tasks(self) -> list[str]:
+        """Tasks whose predictors use their task-token rows as queries."""
+        return [t for t in self.predictors if self.cfg.tasks[t].predictor.query_source == "task_tokens"]
+
+    def predict(self, states: dict[int, torch.Tensor], layout: SequenceLayout,
+                query_rows: dict[str, torch.Tensor] | None = None) -> dict[str, dict[int, torch.Tensor]]:
+        """{task: {layer: (N, *shape)}} from the captured states; ``query_rows`` = ``self.task_tokens(...)[1]``."""
+        if query_rows is None:
+            query_rows = self.task_tokens(self.query_tasks())[1]
         out: dict[str, dict[int, torch.Tensor]] = {}
         for task, by_layer in self.predictors.items():
             tc = self.cfg.tasks[task]
@@ -246,14 +257,17 @@ class OlaVLM(nn.Module):
             for key, predictor in by_layer.items():
                 layer = int(key)
                 if tc.predictor.query_source == "task_tokens":
-                    queries = self.task_tokens.rows[task][None]
+                    queries = query_rows[task][None]
                 else:  # this layer's states of the image's own task tokens (pooled by the predictor)
                     queries = states[layer][layout.image_sample[:, None], layout.task_positions(task)]
                 out[task][layer] = predictor(states[layer], layout.image_sample, mask, queries)
         return out
 
-    def _embedding_losses(self, predictions, targets, target_mask, n: int, metrics) -> torch.Tensor:
+    def _embedding_losses(self, predictions, targets, target_mask, n: int, metrics,
+                          log_scales: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         total = None
+        if log_scales is None:
+            log_scales = self.logit_scales()
         valid = torch.ones(n, dtype=torch.bool, device=self.device) if target_mask is None else target_mask.bool()
         if valid.shape != (n,):
             raise ValueError(f"target_mask must be bool ({n},) (one flag per image), got {tuple(valid.shape)}")
@@ -264,7 +278,7 @@ class OlaVLM(nn.Module):
             expected = (n, *self.target_shapes[task])
             if tuple(target.shape) != expected:
                 raise ValueError(f"targets[{task!r}]: shape {tuple(target.shape)} != expected {expected}")
-            scale = self.logit_scales[task] if self.cfg.use_contrastive else None
+            scale = log_scales[task] if self.cfg.use_contrastive else None
             task_sum = None
             for layer, pred in by_layer.items():
                 e = embedding_loss(pred, target, valid, scale, beta=self.cfg.smooth_l1_beta,
@@ -282,7 +296,8 @@ class OlaVLM(nn.Module):
     def _keepalive(self) -> torch.Tensor:
         """Zero-weighted sum of the trainable extras: every one gets a (zero) gradient, so DDP with
         find_unused_parameters=False works on batches where predictors or task tokens are unused."""
-        params = [p for name, p in self.named_parameters() if p.requires_grad and name.startswith(_EXTRA_PREFIXES)]
+        params = [p for name, p in self.named_parameters()
+                  if p.requires_grad and name.startswith(_EXTRA_PREFIXES) and not hasattr(p, "ds_id")]  # ZeRO-3: no reducer
         return sum((p.sum() for p in params), torch.zeros((), device=self.device)) * 0.0
 
     # -- forward ------------------------------------------------------------------------------
@@ -299,14 +314,15 @@ class OlaVLM(nn.Module):
         if targets is not None and not self.predictors:
             raise ValueError("targets given but the model has no predictors (built with with_predictors=False)")
         run_pred = bool(self.predictors) and (targets is not None if predict is None else predict)
-        embeds = self.embed(layout, pixel_values)
+        seq_tokens, query_rows = self.task_tokens(self.query_tasks() if run_pred else [])
+        embeds = self.embed(layout, pixel_values, seq_tokens)
         hidden, states = self._decode(embeds, layout, self.predictor_layers() if run_pred else [])
         metrics: dict[str, torch.Tensor] = {}
         loss = None
         if labels is not None:
             loss, _ = ntp_loss(hidden, layout.labels, self.llm.get_output_embeddings())
             metrics["loss/ntp"] = loss.detach()
-        predictions = self.predict(states, layout) if run_pred else {}
+        predictions = self.predict(states, layout, query_rows) if run_pred else {}
         if targets is not None:
             emb = self._embedding_losses(predictions, targets, target_mask, layout.num_images, metrics)
             if emb is not None:
