@@ -297,3 +297,24 @@ def test_bad_inputs_raise_clear_errors(model, batch):
         model(**batch, targets={**targets_for(model, 3), "gen": torch.zeros(3, 2, 16)})
     with pytest.raises(SequenceTooLong, match="too_long"):
         model(**batch, max_length=20)
+
+
+def test_no_task_tokens_no_text_no_contrastive_variant(tiny_dir):
+    """Ablation knobs: num_task_tokens=0 (depth/seg rows stay as predictor queries only),
+    pass_text_to_predictors=False, use_contrastive=False (no logit scales)."""
+    base = tiny_model_config(tiny_dir, vision="siglip")
+    tasks = {k: v for k, v in base.tasks.items() if k != "gen"}
+    cfg = tiny_model_config(tiny_dir, vision="siglip", num_task_tokens=0, task_order=[], tasks=tasks,
+                            pass_text_to_predictors=False, use_contrastive=False)
+    m = pt_mode(OlaVLM.from_config(cfg))
+    assert m.tokens_per_image == 16 and len(m.logit_scales) == 0
+    assert set(m.task_tokens.rows) == {"depth", "seg"}
+    b = make_batch(m.tokenizer, [(0, True, "A circle."), (1, True, "A square.")])
+    out = m(**b, pixel_values=torch.randn(2, 3, 64, 64), targets=targets_for(m, 2))
+    out.loss.backward()
+    assert all(out.metrics[f"loss/{t}/layer{l}/contrastive"].item() == 0 for t in ("depth", "seg")
+               for l in cfg.tasks[t].layers)
+    assert m.task_tokens.rows["depth"].grad.abs().sum() > 0  # reached only as predictor queries
+    lay = out.layout
+    km = lay.predictor_key_mask("depth", include_text=False)
+    assert torch.equal(km.sum(1), torch.tensor([16, 16]))  # only the image's own tokens
