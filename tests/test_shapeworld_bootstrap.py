@@ -36,3 +36,17 @@ def test_world_texts_are_chat_messages_without_image_placeholders(tmp_path):
         assert msgs[0]["role"] == "system" and [m["role"] for m in msgs[1:3]] == ["user", "assistant"]
         assert all("<image>" not in m["content"] for m in msgs)
     assert all("<image>" not in t for t in plain)
+
+
+def test_patch_colours_are_row_major_sub_cell_means():
+    import torch
+
+    from olavlm.shapeworld.bootstrap import patch_colours
+
+    x = torch.randn(2, 3, 16, 16)
+    out = patch_colours(x, patch=8, sub=2)  # 2x2 patches, each 2x2 cells of 4x4 pixels
+    assert out.shape == (2, 4, 12)
+    # patch (row 1, col 0) = token 2; its cell (0, 1) covers rows 8..11, cols 4..7
+    want = x[1, :, 8:12, 4:8].mean(dim=(1, 2))
+    got = out[1, 2].view(3, 2, 2)[:, 0, 1]
+    torch.testing.assert_close(got, want)

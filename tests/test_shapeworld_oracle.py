@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -63,14 +64,30 @@ def test_depth_values_independent(world):
 
 
 def test_seg_values_independent(world):
-    t = build_teacher("shapeworld_seg", str(world.root), grid=8, dim=12)
+    t = build_teacher("shapeworld_seg", str(world.root), grid=8, dim=12, bandwidth=5.0)
     out = t.encode(_images(1), KEYS[1:2])[0]  # (12, 8, 8)
     seg = load_maps(world.root, KEYS[1])["seg"]
-    w = t.weight.double().numpy()
+    w, b = t.weight.double().numpy(), t.bias.double().numpy()
     for r, c in [(0, 0), (4, 4), (6, 2)]:
         block = seg[r * 8:(r + 1) * 8, c * 8:(c + 1) * 8]
         hist = np.bincount(block.ravel(), minlength=5) / 64
-        np.testing.assert_allclose(out[:, r, c].numpy(), w @ hist, atol=1e-5)
+        np.testing.assert_allclose(out[:, r, c].numpy(), math.sqrt(2) * np.cos(5.0 * w @ hist + b), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["shapeworld_depth", "shapeworld_seg", "shapeworld_gen"])
+def test_centred_targets_are_raw_minus_world_mean_over_spread(world, name):
+    raw_t = build_teacher(name, str(world.root), grid=8, dim=16)
+    t = build_teacher(name, str(world.root), grid=8, dim=16, centre=True)
+    keys = sorted(json.loads((world.root / "scenes.json").read_text()))
+    raw = raw_t.encode(_images(len(keys)), keys).double()
+    mean = raw.mean(0)
+    spread = (raw - mean).pow(2).mean().sqrt()
+    torch.testing.assert_close(t.encode(_images(len(keys)), keys).double(), (raw - mean) / spread,
+                               atol=1e-5, rtol=1e-4)
+    centred = t.encode(_images(len(keys)), keys)
+    cos = torch.nn.functional.cosine_similarity(centred[0].flatten(), centred[1].flatten(), dim=0)
+    raw_cos = torch.nn.functional.cosine_similarity(raw[0].flatten(), raw[1].flatten(), dim=0)
+    assert abs(float(cos)) < abs(float(raw_cos))  # centring removes the shared component
 
 
 def test_bad_use_is_a_clear_error(world):

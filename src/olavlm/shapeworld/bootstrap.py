@@ -60,6 +60,7 @@ class BootstrapSpec:
     vision_steps: int = 200  # image-caption optimisation steps
     vision_batch: int = 64
     vision_lr: float = 2e-3
+    vision_recon_weight: float = 1.0  # weight of the per-patch colour reconstruction term
     bf16: bool = False  # bf16 autocast; off by default: for these tiny matrices it is ~8x slower on CPU
 
 
@@ -179,8 +180,24 @@ def _pixels(paths: list[Path]) -> torch.Tensor:
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
 
+def patch_colours(x: torch.Tensor, patch: int, sub: int = 2) -> torch.Tensor:
+    """Normalised pixels (N, 3, S, S) -> per patch the mean colour of its sub x sub cells:
+    (N, (S/patch)^2, 3*sub*sub), patches row-major like the tower's tokens."""
+    n, c, side, _ = x.shape
+    cells = torch.nn.functional.avg_pool2d(x, patch // sub)  # (N, 3, g*sub, g*sub)
+    g = side // patch
+    cells = cells.view(n, c, g, sub, g, sub).permute(0, 2, 4, 1, 3, 5)
+    return cells.reshape(n, g * g, c * sub * sub)
+
+
 def train_vision(world_dir: Path, spec: BootstrapSpec, size: int, out: Path) -> dict:
-    """Train a small CLIPVisionModel to predict its image's caption words; save to ``out``."""
+    """Train a small CLIPVisionModel on the world's images; save to ``out``.
+
+    Objective (no depth labels anywhere): from the mean of the patch features at the layer the VLM
+    reads, predict the image's caption attributes (BCE); and from every patch feature, its own
+    patch's coarse colours (MSE), a generic reconstruction term that keeps the layout of the scene
+    (where the horizon and the objects are) in the tokens, as a generic pretrained encoder would.
+    """
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(spec.seed)
@@ -193,7 +210,10 @@ def train_vision(world_dir: Path, spec: BootstrapSpec, size: int, out: Path) -> 
                            patch_size=spec.vision_patch, projection_dim=spec.vision_hidden)
     tower = CLIPVisionModel(cfg)
     head = torch.nn.Sequential(torch.nn.LayerNorm(spec.vision_hidden), torch.nn.Linear(spec.vision_hidden, len(vocab)))
-    params = list(tower.parameters()) + list(head.parameters())
+    colours = patch_colours(x, spec.vision_patch)
+    pix_head = torch.nn.Sequential(torch.nn.LayerNorm(spec.vision_hidden),
+                                   torch.nn.Linear(spec.vision_hidden, colours.shape[-1]))
+    params = list(tower.parameters()) + list(head.parameters()) + list(pix_head.parameters())
     opt = torch.optim.AdamW(params, lr=spec.vision_lr, weight_decay=0.0)
     rng = np.random.default_rng(spec.seed + 1)
     losses = []
@@ -204,7 +224,9 @@ def train_vision(world_dir: Path, spec: BootstrapSpec, size: int, out: Path) -> 
         with _autocast(spec.bf16):
             hs = tower(pixel_values=x[idx], output_hidden_states=True).hidden_states[spec.vision_feature_layer]
             logits = head(hs[:, 1:].mean(dim=1))  # patch tokens only: what the VLM's projector reads
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y_t[idx])
+            recon = pix_head(hs[:, 1:])
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y_t[idx])
+        loss = bce + spec.vision_recon_weight * torch.nn.functional.mse_loss(recon.float(), colours[idx])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -171,8 +171,8 @@ def probe_models(base: Path, world: Path, st: DemoSettings, progress: bool) -> d
             res = train_probes(states, mask, targets[task], teacher.layout, ProbeSpec(steps=st.probe_steps))
             res["layers"] = {str(k): v for k, v in res["layers"].items()}
             out[stage][task] = res
-            log.info("probe %s/%s: %s (mean-target baseline %.3f)", stage, task,
-                     " ".join(f"L{k}={v['cosine']:.3f}" for k, v in res["layers"].items()), res["constant_cosine"])
+            log.info("probe %s/%s centred cosine per layer: %s", stage, task,
+                     " ".join(f"L{k}={v['centred_cosine']:.3f}" for k, v in res["layers"].items()))
     return out
 
 

@@ -2,7 +2,7 @@
 
 Each image shows 1-4 objects (shape x colour x size) standing on a ground plane seen by a pinhole
 camera: an object at depth ``z`` touches the ground at ``y = horizon + K / z`` and is ``f * size / z``
-pixels tall, so farther objects sit higher and look smaller (a monocular depth cue). Objects are
+pixels tall (the horizon row varies a little per image: camera pitch), so farther objects sit higher and look smaller (a monocular depth cue). Objects are
 painted far-to-near, so nearer ones occlude farther ones. Per image the generator also writes the
 ground truth the oracle teachers read: a depth map (world units), a class map (sky, ground, one
 class per shape) and an instance map.
@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw
 
 from olavlm.shapeworld import text
 
-GENERATOR_VERSION = 1  # bump when the bytes produced for a given seed change
+GENERATOR_VERSION = 2  # bump when the bytes produced for a given seed change
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {  # name -> RGB
@@ -54,16 +54,17 @@ SKY_DEPTH = 12.0  # depth written for sky pixels (beyond every object and ground
 class Camera:
     """Pinhole camera over a ground plane, in fractions of the image side so any size works."""
 
-    horizon: float = 0.30  # image row of the horizon / side
+    horizon: float = 0.28  # mean image row of the horizon / side
+    horizon_jitter: float = 0.06  # per-image camera pitch: horizon uniform in horizon +- jitter
     ground_k: float = 0.62  # contact row = side * (horizon + ground_k * z_min / z)
     focal: float = 0.56  # focal length / side (object height in px = focal * side * size / z)
     z_min: float = 1.5  # nearest object depth (world units)
     z_max: float = 4.5  # farthest object depth
     x_max: float = 0.9  # |X| of object centres (world units)
 
-    def row_of(self, z: float, side: int) -> float:
-        """Image row where an object at depth z touches the ground."""
-        return side * (self.horizon + self.ground_k * self.z_min / z)
+    def row_of(self, z: float, side: int, horizon: float | None = None) -> float:
+        """Image row where an object at depth z touches the ground (horizon: this image's, / side)."""
+        return side * ((self.horizon if horizon is None else horizon) + self.ground_k * self.z_min / z)
 
     def col_of(self, x: float, z: float, side: int) -> float:
         """Image column of an object centre at ground position (x, z)."""
@@ -97,6 +98,7 @@ def sample_scene(rng: np.random.Generator, spec: WorldSpec, max_tries: int = 200
     """Objects with unique (colour, shape), distinct depths and columns, each mostly visible."""
     cam = spec.camera
     for _ in range(max_tries):
+        horizon = round(float(rng.uniform(cam.horizon - cam.horizon_jitter, cam.horizon + cam.horizon_jitter)), 3)
         n = int(rng.integers(1, spec.max_objects + 1))
         combos = [(c, s) for c in COLOURS for s in SHAPES]
         picks = rng.choice(len(combos), size=n, replace=False)
@@ -113,11 +115,11 @@ def sample_scene(rng: np.random.Generator, spec: WorldSpec, max_tries: int = 200
         if any(b - a < 0.3 for a, b in zip(zs, zs[1:])):
             continue
         for o in objects:
-            o["bbox"] = _bbox(o, cam, spec.size)
+            o["bbox"] = _bbox(o, cam, spec.size, horizon)
         cols = sorted((o["bbox"][0] + o["bbox"][2]) / 2 for o in objects)
         if any(b - a < 4 for a, b in zip(cols, cols[1:])):
             continue
-        scene = {"objects": objects}
+        scene = {"horizon": horizon, "objects": objects}
         _, _, _, inst = render(scene, spec, noise_rng=None)
         ok = True
         for i, o in enumerate(objects):
@@ -131,9 +133,9 @@ def sample_scene(rng: np.random.Generator, spec: WorldSpec, max_tries: int = 200
     raise RuntimeError("sample_scene: could not place objects without heavy occlusion; check WorldSpec")
 
 
-def _bbox(obj: dict, cam: Camera, side: int) -> list[int]:
+def _bbox(obj: dict, cam: Camera, side: int, horizon: float) -> list[int]:
     h = cam.height_px(SIZES[obj["size"]], obj["Z"], side)
-    base = cam.row_of(obj["Z"], side)
+    base = cam.row_of(obj["Z"], side, horizon)
     cx = cam.col_of(obj["X"], obj["Z"], side)
     return [int(round(cx - h / 2)), int(round(base - h)), int(round(cx + h / 2)), int(round(base))]
 
@@ -157,7 +159,7 @@ def render(scene: dict, spec: WorldSpec, noise_rng: np.random.Generator | None):
     """-> (rgb uint8 (S,S,3), depth float32 (S,S), seg uint8 (S,S), inst uint8 (S,S))."""
     side, cam = spec.size, spec.camera
     rows = np.arange(side, dtype=np.float64) + 0.5
-    horizon = cam.horizon * side
+    horizon = scene.get("horizon", cam.horizon) * side
     ground = rows > horizon  # per row
     ground_z = cam.ground_k * side * cam.z_min / np.maximum(rows - horizon, 1e-6)
     row_depth = np.where(ground, np.minimum(ground_z, SKY_DEPTH), SKY_DEPTH)
