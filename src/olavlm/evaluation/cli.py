@@ -13,8 +13,8 @@ def register(sub) -> None:
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="trained model folder (RUN_DIR/final)")
     p.add_argument("--data", required=True, help="CV-Bench test.jsonl (real layout) or ShapeWorld cvbench.jsonl")
-    p.add_argument("--image-root", default=None, help="folder the records' 'filename' is relative to "
-                                                      "(default: the jsonl's folder)")
+    p.add_argument("--image-root", default=None, help="folder the records' 'filename' is relative to; "
+                                                      "None = the jsonl's folder")
     p.add_argument("--output", default=None, help="write scores + every item's output here (JSON)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="greedy decoding length")
     p.add_argument("--batch-size", type=int, default=8)
@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--template", default=None, help="override the template from olavlm_run.json")
     p.add_argument("--image-geometry", default=None, choices=["pad", "square", "resize"],
                    help="override the image geometry from olavlm_run.json")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None = cuda if available")
     p.set_defaults(func=_cvbench)
 
     pr = sub.add_parser("probe", help="probe each LLM layer for a teacher's targets (held-out cosine per layer)",
@@ -30,10 +30,10 @@ def register(sub) -> None:
     pr.add_argument("--model", required=True, help="trained model folder (RUN_DIR/final)")
     pr.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL with images (e.g. ShapeWorld probe.json)")
     pr.add_argument("--teacher", required=True, help="a task of the model (depth, seg, gen) or a teacher name")
-    pr.add_argument("--teacher-path", default=None, help="teacher weights / ShapeWorld folder (default: the task's)")
-    pr.add_argument("--teacher-kwargs", default=None, help='JSON, e.g. \'{"dim": 32}\' (default: the task\'s)')
+    pr.add_argument("--teacher-path", default=None, help="teacher weights / ShapeWorld folder; None = the task's")
+    pr.add_argument("--teacher-kwargs", default=None, help='JSON, e.g. \'{"dim": 32}\'; None = the task\'s')
     pr.add_argument("--layers", default="all", help="'all' or a comma list of 1-based LLM layers")
-    pr.add_argument("--image-root", default=None, help="folder image paths are relative to (default: data's folder)")
+    pr.add_argument("--image-root", default=None, help="folder image paths are relative to; None = the data file's folder")
     pr.add_argument("--output", default="probe", help="folder for probe.json and probe.png")
     pr.add_argument("--steps", type=int, default=300, help="probe optimisation steps")
     pr.add_argument("--limit", type=int, default=None, help="only the first N images")

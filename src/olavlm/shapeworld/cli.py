@@ -14,9 +14,9 @@ def register(sub) -> None:
     p.add_argument("--compare", action="store_true",
                    help="also train the baseline (embedding losses off) and report both side by side")
     p.add_argument("--seeds", type=int, default=1, help="repeat PT/IFT/eval for seeds seed..seed+N-1 (mean ± std)")
-    p.add_argument("--config-dir", default=None, help="folder with pt.yaml / ift.yaml (default: configs/shapeworld)")
+    p.add_argument("--config-dir", default=None, help="folder with pt.yaml / ift.yaml; None = the repository's configs/shapeworld")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+                   help="torch CPU threads; None = torch's choice (1 is faster on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars for eval/probe (logs only)")
     p.set_defaults(func=_demo)
 

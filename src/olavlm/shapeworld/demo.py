@@ -36,11 +36,11 @@ class DemoSettings:
 
     world: WorldSpec = field(default_factory=WorldSpec)
     bootstrap: BootstrapSpec = field(default_factory=BootstrapSpec)
-    pt_epochs: int = 2  # passes over pretrain.json
+    pt_epochs: int = 4  # passes over pretrain.json
     ift_epochs: int = 2  # passes over instruct.json
     max_steps: int | None = None  # cap per stage (quick mode)
     batch_size: int = 16  # global = micro batch of PT and IFT
-    probe_steps: int = 150  # optimisation steps of each probe set
+    probe_steps: int = 200  # optimisation steps of each probe set
     # which final model is probed for which teacher: the PT model shows what the embedding losses
     # alone changed (its LLM is frozen); the IFT model is the one the paper probes
     probe_plan: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"pt": ("depth",),
@@ -50,7 +50,7 @@ class DemoSettings:
 
 def settings_for(quick: bool, seed: int) -> DemoSettings:
     if not quick:
-        return DemoSettings(world=WorldSpec(seed=seed, n_probe=240), bootstrap=BootstrapSpec(seed=seed))
+        return DemoSettings(world=WorldSpec(seed=seed, n_probe=600), bootstrap=BootstrapSpec(seed=seed))
     return DemoSettings(
         world=WorldSpec(seed=seed, n_pretrain=48, n_instruct=48, n_text_only=8, n_cvbench=16, n_probe=24),
         bootstrap=BootstrapSpec(seed=seed, llm_steps=8, llm_batch=8, vision_steps=8, vision_batch=16),
@@ -142,7 +142,9 @@ def run_variant(out: Path, variant: str, seed: int, st: DemoSettings, boot, worl
                       batch_size=st.eval_batch_size, progress=progress)
     log.info("%s seed %d:\n%s", variant, seed, format_table(cvb))
     probes = probe_models(base, world, st, progress)
-    return {"variant": variant, "seed": seed, "pt": pt, "ift": ift, "cvbench": {k: v for k, v in cvb.items() if k != "per_item"},
+    items = [{"task": p["task"], "prediction": p["prediction"], "correct": p["correct"]} for p in cvb["per_item"]]
+    return {"variant": variant, "seed": seed, "pt": pt, "ift": ift, "cvbench_items": items,
+            "cvbench": {k: v for k, v in cvb.items() if k != "per_item"},
             "probe": probes, "seconds": {"pt": round(t1 - t0, 1), "ift": round(t2 - t1, 1),
                                          "eval": round(time.perf_counter() - t2, 1)},
             "metrics": {"pt": str(base / "pt" / "metrics.jsonl"), "ift": str(base / "ift" / "metrics.jsonl")}}

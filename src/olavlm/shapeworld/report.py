@@ -162,6 +162,15 @@ def markdown(info: dict, agg: dict, runs: list[dict]) -> str:
     metrics = list(next(iter(agg.values()))["cvbench"])
     for m in metrics:
         lines.append(f"| {m} | " + " | ".join(_fmt(agg[v]["cvbench"][m], pct=True) for v in variants) + " |")
+    lines += ["", "Predicted options per task (a constant letter means the model ignores the image for that task):", ""]
+    for r in runs:
+        hist: dict = {}
+        for item in r.get("cvbench_items", []):
+            hist.setdefault(item["task"], {}).setdefault(item["prediction"] or "none", 0)
+            hist[item["task"]][item["prediction"] or "none"] += 1
+        cells = "; ".join(f"{task} " + " ".join(f"{k}:{v}" for k, v in sorted(h.items()))
+                          for task, h in hist.items())
+        lines.append(f"- {r['variant']} seed {r['seed']}: {cells}")
     lines += ["", "## Probes per LLM layer (held-out images)", "",
               "Centred cosine = cosine after subtracting the training-set mean target from prediction and "
               "target: how much of the image-specific part of the teacher's target the layer carries (0 = no "
