@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
                           "expanded_length": bc.text_len - 1 + model.tokens_per_image,
                           "plain_expanded_length": bc.text_len - 1 + plain.tokens_per_image},
              "target_shapes": {k: list(s) for k, s in model.target_shapes.items()}}
-    if not args.no_flops:  # forward FLOPs per component (module attribution is exact in forward)
+    if not args.no_flops:
+        # how much of the time ratio is more work (counted FLOPs) and how much per-kernel overhead
+        extra["flops_ratio_pt_cached_over_ntp"] = (v["pt_cached"]["throughput"]["step_flops"]
+                                                   / v["ntp"]["throughput"]["step_flops"])
+        # forward FLOPs per component (module attribution is exact in forward)
         parts = {name: f"OlaVLM.{name}" for name in ("llm", "vision", "projector", "predictors")}
         extra["forward_flops_by_component"] = forward_split(model, {**batch, "targets": targets}, parts,
                                                             autocast=M.autocast(dev, bf16))

@@ -122,6 +122,16 @@ def render(folder: Path | None = None) -> str:
         goal = f"{row.op} {row.goal:g}" if row.goal is not None else "-"
         lines.append(f"| {row.goal_no} | {row.label} | {shown} | {goal} | {verdict(value, row)} | "
                      f"{setup_of(data) if data else ''} |")
+    notes = []
+    pt = results.get("pt_vs_ntp") or {}
+    if pt.get("flops_ratio_pt_cached_over_ntp") and pt.get("forward_flops_by_component"):
+        fwd = pt["forward_flops_by_component"]
+        notes.append(f"Goal 1: the PT step executes {pt['flops_ratio_pt_cached_over_ntp']:.2f}x the counted FLOPs of "
+                     f"the NTP step here, because in this config the predictors' forward is "
+                     f"{fwd['predictors'] / max(1, fwd['llm']):.0%} of the LLM's; the rest of the time ratio is "
+                     "the per-kernel cost of many small predictor/loss ops on a CPU. See benchmarks/README.md.")
+    if notes:
+        lines += [""] + notes
     scaling = results.get("scaling")
     if scaling and scaling.get("table"):
         lines += ["", f"Goal 7, step time vs sequence and batch (PT step, cached targets; {setup_of(scaling)}; "
