@@ -6,6 +6,7 @@
 2. DDP(find_unused_parameters=False) on the tiny OlaVLM: text-only micro-batches (N = 0 on one
    or both ranks), a PT batch without targets, and an IFT-style model on text-only data all
    train without unused-parameter errors, and gradients stay in sync across ranks.
+3. Ranks agree on the number of LM-head calls of the NTP loss (what ZeRO-3 needs).
 Prints "OK <rank>" at the end; any failure raises (non-zero exit).
 """
 
@@ -107,12 +108,25 @@ def check_ddp_text_only(rank: int, tiny_dir: str) -> None:
     _step(ddp2, opt2, {**text, "pixel_values": None})
 
 
+def check_agreed_ntp_chunks(rank: int) -> None:
+    """Ranks whose batches need 3 and 1 LM-head chunks (2048 tokens each) both make 3 calls (ZeRO-3)."""
+    from olavlm.constants import IGNORE_INDEX
+    from olavlm.model.lockstep import agreed_ntp_chunks
+
+    labels = torch.full((2, 2600), IGNORE_INDEX)
+    labels[:, 1:] = 5 if rank == 0 else IGNORE_INDEX  # rank 0: 5198 supervised tokens -> 3 chunks
+    labels[0, 1:11] = 5
+    assert agreed_ntp_chunks(labels) == 3
+    assert agreed_ntp_chunks(torch.full((1, 4), IGNORE_INDEX)) == 1  # nothing supervised anywhere: still one call
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2, "run with torchrun --nproc_per_node 2"
     check_distributed_infonce(rank, world)
     check_ddp_text_only(rank, sys.argv[1])
+    check_agreed_ntp_chunks(rank)
     dist.barrier()
     print(f"OK {rank}", flush=True)
     dist.destroy_process_group()

@@ -1,5 +1,5 @@
 """torchrun worker for tests/test_train_dist.py: one training run, then every rank dumps its live
-trainable parameters so the test can check that the ranks agree.
+trainable parameters (whole, also under ZeRO-3) so the test can check that the ranks agree.
 
     torchrun --nproc_per_node 2 tests/dist/train_worker.py RECIPE OUT_DIR [--section.key=value ...]
 
@@ -9,6 +9,7 @@ invocation resumes from it (``--resume auto``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -18,6 +19,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+
+def _full(model: torch.nn.Module):
+    """Context in which a ZeRO-3 partitioned model holds its full parameters (no-op otherwise)."""
+    params = list(model.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def main() -> None:
@@ -30,7 +41,8 @@ def main() -> None:
     stop = os.environ.get("OLAVLM_TEST_STOP_AFTER")
     result = train(cfg, resume="auto", stop_after_steps=int(stop) if stop else None)
     rank = dist.get_rank()
-    live = {n: p.detach().float().cpu().clone() for n, p in result.model.named_parameters() if p.requires_grad}
+    with _full(result.model):  # ZeRO-3 leaves each rank a shard: compare whole parameters
+        live = {n: p.detach().float().cpu().clone() for n, p in result.model.named_parameters() if p.requires_grad}
     torch.save({"trainable": live, "summary": result.summary, "world": dist.get_world_size()},
                os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()

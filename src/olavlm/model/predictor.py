@@ -107,9 +107,9 @@ class Predictor(nn.Module):
                 queries: torch.Tensor) -> torch.Tensor:
         """states (B, L, d_llm) of one layer; image_sample long (N,); key_mask bool (N, L);
         queries (N or 1, n, d_llm) -> predictions (N, *output_shape)."""
-        weight = self.proj_in.weight
+        dtype = next(self.proj_in.parameters()).dtype  # metadata only (an attribute read would gather under ZeRO-3)
         if not torch.is_autocast_enabled(states.device.type):
-            states, queries = states.to(weight.dtype), queries.to(weight.dtype)
+            states, queries = states.to(dtype), queries.to(dtype)
         x = self.proj_in(states)[image_sample]  # project once per sample, then one row per image
         q = self.proj_in(adapt_queries(queries, self.num_queries))
         q = q.expand(x.shape[0], -1, -1) if q.shape[0] == 1 else q

@@ -26,12 +26,16 @@ def tasks_with_rows(cfg: ModelConfig, *, with_predictors: bool) -> list[str]:
 
 
 class LogitScales(nn.Module):
-    """Learnable log logit scale theta per task (init ``model.logit_scale_init``); state keys = task names."""
+    """Learnable log logit scale theta per task (init ``model.logit_scale_init``); state keys = task names.
+
+    Each theta is stored with shape (1,): DeepSpeed views every parameter as a flat buffer, which a
+    0-dim tensor cannot give. Checkpoints written with 0-dim thetas still load (reshaped to (1,)).
+    :meth:`forward` hands out 0-dim values, so callers and metrics see scalars."""
 
     def __init__(self, tasks: list[str] | tuple[str, ...] = (), init: float = 2.0) -> None:
         super().__init__()
         for task in tasks:
-            self.register_parameter(task, nn.Parameter(torch.tensor(float(init))))
+            self.register_parameter(task, nn.Parameter(torch.full((1,), float(init))))
 
     def __getitem__(self, task: str) -> nn.Parameter:
         return self._parameters[task]
@@ -40,7 +44,15 @@ class LogitScales(nn.Module):
         return len(self._parameters)
 
     def forward(self) -> dict[str, torch.Tensor]:
-        return {task: theta * 1.0 for task, theta in self._parameters.items()}  # computed in forward (ZeRO-3)
+        """{task: theta as a 0-dim tensor}, computed here so per-module gathering (ZeRO-3) sees the read."""
+        return {task: theta.reshape(()) * 1.0 for task, theta in self._parameters.items()}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for task in self._parameters:
+            value = state_dict.get(prefix + task)
+            if isinstance(value, torch.Tensor) and value.ndim == 0:  # saved before thetas had shape (1,)
+                state_dict[prefix + task] = value.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class TaskTokens(nn.Module):

@@ -22,6 +22,7 @@ from olavlm.data.images import ImageSpec
 from olavlm.model import io
 from olavlm.model.predictor import Predictor
 from olavlm.model.projector import build_projector
+from olavlm.model.lockstep import agreed_ntp_chunks, is_partitioned
 from olavlm.model.sequence import SequenceLayout, assemble_embeddings, build_layout
 from olavlm.model.task_tokens import LogitScales, TaskTokens, tasks_with_rows
 from olavlm.model.vision import VisionGeometry, VisionTower, vision_geometry
@@ -168,7 +169,14 @@ class OlaVLM(nn.Module):
 
     @property
     def projector_weight(self) -> torch.Tensor:
+        """A projector parameter, for its device and dtype only: under DeepSpeed ZeRO-3 it is an empty
+        shard outside the projector's forward (iterating ``parameters()`` does not gather it)."""
         return next(self.projector.parameters())
+
+    @property
+    def lockstep(self) -> bool:
+        """Parameters partitioned across ranks (ZeRO-3): every rank calls every module (see lockstep.py)."""
+        return is_partitioned(self.projector_weight)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"llm": list(self.llm.parameters()), "vision": list(self.vision.parameters()),
@@ -176,18 +184,12 @@ class OlaVLM(nn.Module):
                 "predictors": list(self.predictors.parameters()), "logit_scales": list(self.logit_scales.parameters())}
 
     def gradient_checkpointing_enable(self) -> None:
-        """Non-reentrant checkpointing of the LLM layers (our capture hooks fire outside the checkpoint)."""
-        kwargs = {"use_reentrant": False}
-        if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        """Non-reentrant activation checkpointing of the LLM layers (our capture hooks fire outside the
+        checkpoint); transformers 5 API (``gradient_checkpointing_enable`` is its deprecated alias)."""
+        self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def gradient_checkpointing_disable(self) -> None:
-        if hasattr(self.llm, "activation_checkpointing_disable"):
-            self.llm.activation_checkpointing_disable()
-        else:
-            self.llm.gradient_checkpointing_disable()
+        self.llm.activation_checkpointing_disable()
 
     # -- building the sequence ------------------------------------------------------------------
     def build_layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -210,6 +212,9 @@ class OlaVLM(nn.Module):
         w = self.projector_weight
         if n:
             feats = self.vision(pixel_values.to(self.vision.dtype))
+        elif self.lockstep:  # every rank calls the tower: one blank image, no features kept
+            side = self.image_spec.size
+            feats = self.vision(torch.zeros(1, 3, side, side, device=w.device, dtype=self.vision.dtype))[:0]
         else:  # keeps the projector in the graph (DDP) at no cost
             feats = torch.zeros(0, self.num_image_tokens, self.vision.hidden_size, device=w.device)
         if not torch.is_autocast_enabled(w.device.type):
@@ -217,7 +222,8 @@ class OlaVLM(nn.Module):
         image = self.projector(feats)
         if task_tokens is None:
             task_tokens = self.task_tokens()[0]
-        return assemble_embeddings(layout, emb(layout.text_ids), image, task_tokens.to(w.device), emb.weight.dtype)
+        text = emb(layout.text_ids)  # in the embedding's dtype (read from the output: no bare weight access)
+        return assemble_embeddings(layout, text, image, task_tokens.to(w.device), text.dtype)
 
     def _decode(self, embeds: torch.Tensor, layout: SequenceLayout, layers: list[int]):
         """Final-norm states and {layer: states} captured by forward hooks at ``layers`` only."""
@@ -293,12 +299,27 @@ class OlaVLM(nn.Module):
             total = task_loss if total is None else total + task_loss
         return total
 
-    def _keepalive(self) -> torch.Tensor:
-        """Zero-weighted sum of the trainable extras: every one gets a (zero) gradient, so DDP with
-        find_unused_parameters=False works on batches where predictors or task tokens are unused."""
-        params = [p for name, p in self.named_parameters()
-                  if p.requires_grad and name.startswith(_EXTRA_PREFIXES) and not hasattr(p, "ds_id")]  # ZeRO-3: no reducer
-        return sum((p.sum() for p in params), torch.zeros((), device=self.device)) * 0.0
+    def _keepalive(self, query_rows: dict[str, torch.Tensor], *, predicted: bool, scored: bool) -> torch.Tensor:
+        """A zero that depends on every trainable extra this batch left out of the loss: the predictors
+        (run on zero images) unless ``predicted``, the logit scales unless ``scored``. Only module
+        forwards, no bare parameter reads: DDP (find_unused_parameters=False) sees every parameter
+        used, ZeRO-3 has them gathered. Projector and task tokens are in every forward's graph."""
+        total = torch.zeros((), device=self.device)
+        if not predicted:
+            d = self.llm.config.hidden_size
+            states = torch.zeros(1, 1, d, device=self.device)  # one position of one sample, selected by no image
+            no_image = torch.zeros(0, dtype=torch.long, device=self.device)
+            no_keys = torch.zeros(0, 1, dtype=torch.bool, device=self.device)
+            for task, by_layer in self.predictors.items():
+                for predictor in by_layer.values():
+                    if task in query_rows:
+                        queries = query_rows[task][None]
+                    else:  # the image's own task tokens: none without images
+                        queries = states.new_zeros(0, self.cfg.num_task_tokens, d)
+                    total = total + predictor(states, no_image, no_keys, queries).sum()
+        if not scored and self.cfg.use_contrastive:
+            total = total + sum(self.logit_scales().values(), torch.zeros((), device=self.device))
+        return total * 0.0
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -314,21 +335,24 @@ class OlaVLM(nn.Module):
         if targets is not None and not self.predictors:
             raise ValueError("targets given but the model has no predictors (built with with_predictors=False)")
         run_pred = bool(self.predictors) and (targets is not None if predict is None else predict)
-        seq_tokens, query_rows = self.task_tokens(self.query_tasks() if run_pred else [])
+        keepalive = self.training and torch.is_grad_enabled() and bool(self.predictors)
+        seq_tokens, query_rows = self.task_tokens(self.query_tasks() if run_pred or keepalive else [])
         embeds = self.embed(layout, pixel_values, seq_tokens)
         hidden, states = self._decode(embeds, layout, self.predictor_layers() if run_pred else [])
         metrics: dict[str, torch.Tensor] = {}
         loss = None
         if labels is not None:
-            loss, _ = ntp_loss(hidden, layout.labels, self.llm.get_output_embeddings())
+            loss, _ = ntp_loss(hidden, layout.labels, self.llm.get_output_embeddings(),
+                               num_chunks=agreed_ntp_chunks(layout.labels) if self.lockstep else None)
             metrics["loss/ntp"] = loss.detach()
         predictions = self.predict(states, layout, query_rows) if run_pred else {}
         if targets is not None:
             emb = self._embedding_losses(predictions, targets, target_mask, layout.num_images, metrics)
             if emb is not None:
                 loss = emb if loss is None else loss + emb
-        if loss is not None and self.training and torch.is_grad_enabled() and (not run_pred or layout.num_images == 0):
-            loss = loss + self._keepalive()
+        scored = targets is not None and run_pred
+        if loss is not None and keepalive and not scored:  # a zero-image batch is scored: zero losses keep the graph
+            loss = loss + self._keepalive(query_rows, predicted=run_pred, scored=scored)
         if loss is not None:
             metrics["loss"] = loss.detach()
         logits = self.llm.get_output_embeddings()(hidden).float() if return_logits else None

@@ -5,10 +5,9 @@ One command runs everywhere: plain ``python``/``olavlm train`` (one process), ``
 ``train.fsdp: true`` switch the engine). Batches never pass through Accelerate's dataloader
 wrapper: each rank reads its own slice from our batch sampler.
 
-Tested on CPU (gloo): single process, DDP, DeepSpeed ZeRO-2 (VPT/IFT; PT needs OlaVLM's 0-dim
-logit scales to become shape (1,), see :func:`check_engine_compatible`). ZeRO-3 currently fails
-inside OlaVLM's forward (it reads parameters outside their modules' forward, which ZeRO-3 leaves
-partitioned). FSDP needs GPUs in Accelerate and has not been run (no GPU where this was written).
+Tested on CPU (gloo, two processes): single process, DDP, DeepSpeed ZeRO-2 (VPT/IFT/PT) and
+ZeRO-3 (IFT/PT, parameters partitioned down to the smallest). FSDP needs GPUs in Accelerate and has
+not been run (no GPU where this was written).
 """
 
 from __future__ import annotations
@@ -113,16 +112,24 @@ def _deepspeed_plugin(t: TrainConfig, accum: int):
                            gradient_clipping=t.max_grad_norm if t.max_grad_norm is not None else 0.0)
 
 
-def check_engine_compatible(accelerator, model: torch.nn.Module) -> None:
-    """Refuse, with the parameter names, what the engine would fail on cryptically later:
-    DeepSpeed broadcasts every parameter as a byte view, which 0-dim tensors cannot give."""
-    from accelerate.utils import DistributedType
+@contextlib.contextmanager
+def unpartitioned_loading(accelerator):
+    """Inside, transformers' ``from_pretrained`` builds ordinary modules even under ZeRO-3.
 
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        scalars = [n for n, p in model.named_parameters() if p.ndim == 0]
-        if scalars:
-            raise ValueError(f"DeepSpeed cannot handle 0-dim parameters {scalars[:5]} (it broadcasts each as a "
-                             "byte view); they must have shape (1,), or train without train.deepspeed")
+    Accelerate registers its DeepSpeed config with transformers, which then partitions every model
+    loaded while ZeRO-3 is configured (``deepspeed.zero.Init``). Models that never enter the engine
+    (the frozen teachers) must keep their full weights on every rank; a no-op for other engines."""
+    if not is_deepspeed_zero3(accelerator):
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    plugin = accelerator.state.deepspeed_plugin
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()  # the engine's own later loads (none today) see ZeRO-3 again
 
 
 def uses_engine_state(accelerator) -> bool:

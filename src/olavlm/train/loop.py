@@ -22,7 +22,7 @@ import torch
 from olavlm.config import ConfigError, RunConfig
 from olavlm.infer.chat import RUN_INFO  # written into final/: template + geometry for chat / eval
 from olavlm.train import checkpoint as ckpt
-from olavlm.train.engine import (accumulation_steps, build_accelerator, check_engine_compatible, full_parameters,
+from olavlm.train.engine import (accumulation_steps, build_accelerator, full_parameters, unpartitioned_loading,
                                  uses_engine_state, world_size)
 from olavlm.train.metrics import MetricsLogger, StepAccumulator, check_report_to
 from olavlm.train.stages import configure_trainable, trainable_parameters, uses_predictors
@@ -161,7 +161,8 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
 
     from olavlm.teachers.precompute import teacher_dtype  # the same dtype rule as the target cache
 
-    teachers = build_teachers_if_needed(cfg, model, accelerator.device, teacher_dtype(cfg))
+    with unpartitioned_loading(accelerator):  # teachers stay outside the engine: full weights on every rank
+        teachers = build_teachers_if_needed(cfg, model, accelerator.device, teacher_dtype(cfg))
     dataset, collator = build_data(cfg, model, teachers)
     from olavlm.data.sampler import build_batch_sampler
 
@@ -178,7 +179,6 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
 
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=t.learning_rate, betas=tuple(t.adam_betas),
                                   eps=t.adam_eps, weight_decay=t.weight_decay)
-    check_engine_compatible(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     from transformers import get_scheduler
 
