@@ -1,5 +1,5 @@
 """Two-process training on CPU through torchrun (gloo): DDP, DeepSpeed ZeRO-2 (PT; IFT with resume)
-and ZeRO-3 (PT against ZeRO-2, IFT with the saved model checked)."""
+and ZeRO-3 (PT against ZeRO-2; IFT with resume and the saved model checked)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,13 @@ def test_deepspeed_zero2_two_processes_with_resume(tiny_dir, tmp_path):
     assert (out / "final" / "config.json").is_file()
 
 
+def _assert_saved(out: Path, trainable: dict) -> None:
+    """final/ loads, and holds exactly the trained values (whole, also after ZeRO-3)."""
+    saved = dict(OlaVLM.from_pretrained(out / "final").named_parameters())
+    for name, value in trainable.items():
+        torch.testing.assert_close(saved[name].detach().float(), value, rtol=0, atol=0, msg=name)
+
+
 def _zero3_config(tmp_path: Path) -> Path:
     """configs/deepspeed/zero3.json with every parameter partitioned (the tiny models are far below
     its persistence threshold, which would leave them whole) and no prefetching."""
@@ -111,15 +118,12 @@ def test_deepspeed_zero2_pt_two_processes(zero2_pt):
     s = a["summary"]
     assert (s["world_size"], s["accumulation"], s["steps"], s["samples"], s["finished"]) == (2, 2, 3, 12, True)
     assert {k for k in a["trainable"] if k.startswith("logit_scales.")} == {f"logit_scales.{t}" for t in ("depth", "seg", "gen")}
-    final = OlaVLM.from_pretrained(out / "final")
-    for name, p in final.named_parameters():
-        if name in a["trainable"]:
-            torch.testing.assert_close(p.detach().float(), a["trainable"][name], rtol=0, atol=0)
+    _assert_saved(out, a["trainable"])
 
 
 def test_deepspeed_zero3_pt_matches_zero2(zero2_pt):
     """Every parameter partitioned over the two ranks: same trained extras as ZeRO-2 (same data,
-    same seed), ranks agree on the gathered values."""
+    same seed), ranks agree on the gathered values, final/ holds them."""
     zero2_out, overrides, tmp = zero2_pt
     out = tmp / "zero3"
     _torchrun(PT, out, overrides + [f"--train.deepspeed={_zero3_config(tmp)}"])
@@ -130,21 +134,25 @@ def test_deepspeed_zero3_pt_matches_zero2(zero2_pt):
     assert a["trainable"].keys() == ref.keys()
     for name, value in a["trainable"].items():
         torch.testing.assert_close(value, ref[name], rtol=1e-4, atol=1e-5, msg=name)
+    _assert_saved(out, a["trainable"])
 
 
-def test_deepspeed_zero3_ift_two_processes(tiny_dir, tmp_path):
-    """IFT (LLM + projector train) with every parameter partitioned: ranks agree on the gathered
-    values and final/ holds them (the save gathers the shards)."""
+@pytest.mark.slow
+def test_deepspeed_zero3_ift_two_processes_with_resume(tiny_dir, tmp_path):
+    """IFT (LLM + projector train) with every parameter partitioned: stop after 1 step (engine
+    checkpoint of the shards), resume, finish; ranks agree on the gathered values and final/ holds
+    them (the save gathers the shards)."""
     recipe = Path("configs/llama3_8b_clip336/ift.yaml")
     out = tmp_path / "zero3_ift"
     overrides = smoke_overrides(tiny_dir, recipe, tmp_path) + [
         "--train.init_from=null", "--train.global_batch_size=4", "--train.micro_batch_size=1",
         "--train.max_steps=2", f"--train.deepspeed={_zero3_config(tmp_path)}"]
+    _torchrun(recipe, out, overrides, OLAVLM_TEST_STOP_AFTER="1")
+    first = ckpt.find_resume(out, "auto")
+    assert first.name == "step-00000001" and (first / "engine").is_dir() and not (out / "final").exists()
     _torchrun(recipe, out, overrides)
     a, b = _ranks(out)
     _assert_agree(a, b)
-    assert a["summary"]["finished"] and a["summary"]["trainable"]["llm"] > 0
-    final = OlaVLM.from_pretrained(out / "final")
-    saved = dict(final.named_parameters())
-    for name, value in a["trainable"].items():
-        torch.testing.assert_close(saved[name].detach().float(), value, rtol=0, atol=0, msg=name)
+    s = a["summary"]
+    assert (s["steps"], s["samples"], s["finished"]) == (2, 8, True) and s["trainable"]["llm"] > 0
+    _assert_saved(out, a["trainable"])
