@@ -6,7 +6,10 @@ One command runs everywhere: plain ``python``/``olavlm train`` (one process), ``
 wrapper: each rank reads its own slice from our batch sampler.
 
 Tested on CPU (gloo, two processes): single process, DDP, DeepSpeed ZeRO-2 (VPT/IFT/PT) and
-ZeRO-3 (IFT/PT, parameters partitioned down to the smallest). FSDP needs GPUs in Accelerate and has
+ZeRO-3 (IFT/PT, parameters partitioned down to the smallest; PT equals ZeRO-2; resume). Under ZeRO-3
+the teachers are loaded unpartitioned (:func:`unpartitioned_loading`), OlaVLM keeps its ranks in
+lockstep (``olavlm.model.lockstep``), and ``TrainResult.model`` keeps partitioned parameters
+(``deepspeed.zero.GatheredParameters`` reads them whole). FSDP needs GPUs in Accelerate and has
 not been run (no GPU where this was written).
 """
 
