@@ -1,73 +1,107 @@
 """Goal 5: data loading samples/s (2 workers) / the model's consumption rate on the demo config (>= 3).
 
-The loader side is ``benchmarks/data_loading.py``'s result (``loader.samples_per_s``: dataset +
-collate, 2 workers, 336-px COCO-like JPEGs -- heavier images than the demo's 64-px ShapeWorld ones,
-so the ratio is conservative); run that first (``benchmarks.run`` orders it so). The model side is
-measured here: PT steps with cached targets of a model with the ShapeWorld demo's sizes
-(``--config demo``, read from ``olavlm.shapeworld.bootstrap.BootstrapSpec``) at the loader's micro
-batch; consumption = samples per second of training steps. Both sides use the whole machine, one
-after the other. Result: benchmarks/results/data_vs_model.json.
+Both sides are measured in ONE process, in alternating rounds (loader, model, loader, model, ...),
+so both see the same machine load:
 
-    python -m benchmarks.data_vs_model [--quick] [--config demo|small|RUN.yaml]
+* loader: ``LlavaDataset`` + batch sampler + ``Collator`` in a ``DataLoader`` with ``--workers``
+  workers over COCO-like 640x480 JPEGs, 336-px ``pad`` geometry, llava_llama_3 template -- the
+  pipeline of ``benchmarks/data_loading.py`` (its functions are reused), heavier images than the
+  demo's 64-px ShapeWorld ones, so the ratio is conservative; worker start-up is excluded;
+* model: PT steps with cached targets of a model with the ShapeWorld demo's sizes (``--config
+  demo``, read from ``olavlm.shapeworld.bootstrap.BootstrapSpec``) at the same micro batch;
+  consumption = samples per second of training steps.
+
+Result: benchmarks/results/data_vs_model.json.
+
+    python -m benchmarks.data_vs_model [--quick] [--config demo|small|RUN.yaml] [--workers 2]
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import bench_env, results_dir, step_parser  # noqa: E402
+from benchmarks.common import bench_env, ratio, repeats, step_parser, summarize  # noqa: E402
 
 bench_env()
 
 GOAL = 3.0  # issue 8: the loader delivers at least 3x what the model consumes
 
 
+def write_data(folder: Path, n_images: int) -> tuple[Path, Path]:
+    """Images and a LLaVA-665K-like record list (data_loading's generators)."""
+    import numpy as np
+
+    from benchmarks.data_loading import make_record, write_images
+
+    write_images(folder / "images", n_images)
+    rng = np.random.default_rng(0)
+    data = folder / "data.json"
+    data.write_text(json.dumps([make_record(rng, i, n_images) for i in range(4 * n_images)]))
+    return data, folder / "images"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = step_parser(__doc__.splitlines()[0])
     ap.set_defaults(config="demo")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    ap.add_argument("--loader-batches", type=int, default=None, help="batches per loader round (default 8, quick 3)")
     args = ap.parse_args(argv)
-    source = results_dir() / "data_loading.json"
-    if not source.is_file():
-        print(f"error: {source} not found; run `python benchmarks/data_loading.py` first", file=sys.stderr)
-        return 2
     import torch
 
     from benchmarks import models as M
-    from benchmarks.common import ratio
-    from benchmarks.harness import measure, print_summary, record
-    loading = json.loads(source.read_text())
-    micro = args.batch or int(loading["loader"]["micro_batch"])
+    from benchmarks.data_loading import WORDS, bench_loader
+    from benchmarks.harness import record
+    from olavlm.model.tiny import _CORPUS, train_tokenizer
+
     M.quiet()
-    bc = M.load_bench_config(args.config, quick=args.quick, text_len=args.text_len, micro_batch=micro,
-                             overrides=args.override, bf16=args.bf16)
-    dev, bf16 = M.device(), bc.run.train.bf16
+    bc = M.load_bench_config(args.config, quick=args.quick, text_len=args.text_len,
+                             micro_batch=args.batch or (8 if args.quick else 16), overrides=args.override,
+                             bf16=args.bf16)
+    micro, bf16 = bc.micro_batch, bc.run.train.bf16
+    dev = M.device()
     model, opt, counts = M.build_olavlm(bc, "pt")
     batch = M.to_device(M.synthetic_batch(model, micro, bc.text_len), dev)
     target_dtype = torch.bfloat16 if bf16 else torch.float32
     batch["targets"] = M.to_device(M.random_targets(model.target_shapes, micro, target_dtype), dev)
     step = M.make_step(model, opt, batch, bf16=bf16, max_grad_norm=bc.run.train.max_grad_norm)
-    variants = measure({"model_pt_step": step}, args=args, dev=dev)
-    step_s = variants["model_pt_step"]
-    consume = {"median": micro / step_s["median"], "min": micro / step_s["max"], "max": micro / step_s["min"]}
-    ratios = {}
-    for key, label in (("loader", "loader_over_model"),
-                       ("loader_with_teacher_images", "loader_teacher_images_over_model")):
-        if key in loading:
-            rate = float(loading[key]["samples_per_s"])
-            r = ratio({"median": rate, "min": rate, "max": rate}, consume, goal=GOAL if key == "loader" else None,
-                      better="higher", what=f"data_loading.{key}.samples_per_s / model samples/s")
-            ratios[label] = r
-    extra = {"model_samples_per_s": consume, "loader": {k: loading[k] for k in ("loader", "loader_with_teacher_images")
-                                                        if k in loading},
-             "data_loading_written": loading.get("written"), "trainable": counts,
-             "note": "loader and model measured one after the other, each with the whole machine"}
+    sync = M.sync_fn(dev)
+    warmup, rounds = repeats(args)
+    loader_batches = args.loader_batches or (3 if args.quick else 8)
+    tokenizer = train_tokenizer(_CORPUS + [" ".join(WORDS)])
+    loader_rates, step_times = [], []
+    with tempfile.TemporaryDirectory(prefix="olavlm-dvm-") as tmp:
+        data, images = write_data(Path(tmp), 32 if args.quick else 128)
+        for _ in range(warmup):
+            step()
+        for _ in range(rounds):  # alternate: both sides see the same machine
+            r = bench_loader(data, images, tokenizer, workers=args.workers, batches=loader_batches, micro=micro,
+                             teacher_size=None)
+            loader_rates.append(r["samples_per_s"])
+            t0 = time.perf_counter()
+            step()
+            if sync:
+                sync()
+            step_times.append(time.perf_counter() - t0)
+    model_rates = [micro / t for t in step_times]
+    loader_s, model_s = summarize(loader_rates), summarize(model_rates)
+    ratios = {"loader_over_model": ratio(loader_s, model_s, goal=GOAL, better="higher",
+                                         what=f"loader samples/s ({args.workers} workers) / model samples/s")}
+    variants = {"model_pt_step": {"raw": step_times, **summarize(step_times), "throughput": None}}
+    extra = {"loader_samples_per_s": {"raw": loader_rates, **loader_s},
+             "model_samples_per_s": {"raw": model_rates, **model_s},
+             "loader": {"workers": args.workers, "batches_per_round": loader_batches, "micro_batch": micro,
+                        "images": "640x480 JPEG q90 -> 336 px pad", "template": "llava_llama_3"},
+             "trainable": counts, "note": "loader rounds and model steps alternate in one process"}
     path = record("data_vs_model", args=args, bc=bc, variants=variants, ratios=ratios, extra=extra)
+    r = ratios["loader_over_model"]
     print(f"data_vs_model ({'bf16 autocast' if bf16 else 'fp32'}, micro batch {micro}, config {args.config}): "
-          f"model consumes {consume['median']:.1f} samples/s")
-    print_summary(variants, ratios)
+          f"loader {loader_s['median']:.1f} samples/s, model {model_s['median']:.1f} samples/s, ratio "
+          f"{r['value']:.2f} ({'PASS' if r['pass'] else 'FAIL'}, goal >= {GOAL})")
     print(f"wrote {path}")
     return 0
 
