@@ -114,11 +114,14 @@ def verdict(value: float | None, row: Row) -> str:
 
 def render(folder: Path | None = None) -> str:
     results = load(folder or results_dir())
-    lines = ["| # | comparison | measured | goal | verdict | setup |", "|---|---|---|---|---|---|"]
+    lines = ["| # | comparison | measured (range) | goal | verdict | setup |", "|---|---|---|---|---|---|"]
     for row in ROWS:
         data = results.get(row.result)
         value = dig(data, row.path) if data else None
         shown = f"{value:.2f}" if isinstance(value, (int, float)) else "not run"
+        span = dig(data, (*row.path[:-1], "range")) if data else None
+        if isinstance(value, (int, float)) and isinstance(span, list) and len(span) == 2:
+            shown += f" ({span[0]:.2f}–{span[1]:.2f})"  # ratio of the extremes: how far noise could move it
         goal = f"{row.op} {row.goal:g}" if row.goal is not None else "-"
         lines.append(f"| {row.goal_no} | {row.label} | {shown} | {goal} | {verdict(value, row)} | "
                      f"{setup_of(data) if data else ''} |")
