@@ -1,17 +1,15 @@
 """Typed run configuration: dataclasses, YAML loading, dotted overrides and validation.
 
-A run is described by one YAML file with four sections (``model``, ``data``, ``train``, and the
-optional ``stage`` shortcut). Every field is typed and commented here; unknown keys and wrong
-types fail at load time with an error that names the field (``ConfigError: train.lr: ...``).
-Validation against the loaded LLM (layer indices within depth, ...) lives in
-:func:`validate_against_model`, called before any data is read.
+A run is one YAML file with three sections (``model``, ``data``, ``train``). Every field is typed
+and commented here; unknown keys and wrong types fail at load time with an error that names the
+field (``train.lr: unknown key ...``). Checks that need the loaded LLM (layer within depth, ...)
+are in :func:`validate_against_model`, called while the model is built, before any data is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +17,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message starts with the dotted name of the field."""
-
+from olavlm.config_parsing import ConfigError, coerce, parse_layer_spec, parse_weight_spec  # noqa: F401 (re-exported)
 
 # ----------------------------------------------------------------------------------------------
 # Model
@@ -123,9 +118,7 @@ class ModelConfig:
                 self.tasks[task].weight = weight
 
 
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
+# --- Data --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -146,9 +139,7 @@ class DataConfig:
     cache_miss: str = "error"  # error | online (fall back to the teacher for missing entries)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
+# --- Training ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -217,120 +208,8 @@ def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Compact reference strings (spec §4.3), parsed strictly
-# ----------------------------------------------------------------------------------------------
-
-_LAYER_ITEM = re.compile(r"^([a-zA-Z])(\d+(?:-\d+)*)$")
-_WEIGHT_ITEM = re.compile(r"^([a-zA-Z])(\d+(?:\.\d+)?)$")
-
-
-def parse_layer_spec(spec: str, letters: dict[str, str]) -> dict[str, list[int]]:
-    """``"d18-20_s10-18_g12-20"`` -> ``{"depth": [18, 20], "seg": [10, 18], "gen": [12, 20]}``.
-
-    Each item is a *list* of 1-based layers joined by ``-`` (not a range), any length. Unknown
-    letters, duplicates, zeros and malformed items raise instead of being dropped (fix D9).
-    """
-    out: dict[str, list[int]] = {}
-    for item in spec.split("_"):
-        m = _LAYER_ITEM.match(item)
-        if not m:
-            raise ConfigError(f"model.layer_spec: malformed item {item!r} in {spec!r} (expected e.g. d18-20)")
-        letter, nums = m.group(1).lower(), [int(n) for n in m.group(2).split("-")]
-        if letter not in letters:
-            raise ConfigError(f"model.layer_spec: unknown task letter {letter!r} in {spec!r}")
-        task = letters[letter]
-        if task in out:
-            raise ConfigError(f"model.layer_spec: task {task!r} given twice in {spec!r}")
-        if any(n < 1 for n in nums) or len(set(nums)) != len(nums):
-            raise ConfigError(f"model.layer_spec: layers must be distinct 1-based integers, got {nums}")
-        out[task] = nums
-    return out
-
-
-def parse_weight_spec(spec: str, letters: dict[str, str]) -> dict[str, float]:
-    """``"d0.5_s0.5_g0.5"`` -> per-task weights; integers (``d1``) are accepted, not ignored."""
-    out: dict[str, float] = {}
-    for item in spec.split("_"):
-        m = _WEIGHT_ITEM.match(item)
-        if not m:
-            raise ConfigError(f"model.weight_spec: malformed item {item!r} in {spec!r} (expected e.g. d0.5)")
-        letter = m.group(1).lower()
-        if letter not in letters:
-            raise ConfigError(f"model.weight_spec: unknown task letter {letter!r} in {spec!r}")
-        if letters[letter] in out:
-            raise ConfigError(f"model.weight_spec: task {letters[letter]!r} given twice in {spec!r}")
-        out[letters[letter]] = float(m.group(2))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # Building dataclasses from plain dicts, with field-naming errors
 # ----------------------------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{where}: must not be null")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise errors[0] if len(errors) == 1 else ConfigError(f"{where}: {value!r} does not match {tp}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return from_dict(tp, value, where)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        (arg,) = typing.get_args(tp)
-        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        kt, vt = typing.get_args(tp)
-        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
-    if value is None:
-        raise ConfigError(f"{where}: must not be null")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML reads "1e-3" as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
@@ -342,7 +221,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
     raw_tasks = data.get("tasks") if cls is ModelConfig else None
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items() if k != "tasks" or raw_tasks is None}
+    kwargs = {k: coerce(v, hints[k], f"{prefix}{k}", from_dict) for k, v in data.items() if k != "tasks" or raw_tasks is None}
     if raw_tasks is not None:
         kwargs["tasks"] = _merge_task_defaults(raw_tasks, f"{prefix}tasks")
     try:
@@ -379,10 +258,6 @@ def _deep_update(base: dict, upd: dict) -> dict:
     return base
 
 
-def _parse_override_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
-
-
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config dict."""
     for item in overrides:
@@ -396,7 +271,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {p} is not a section")
-        node[parts[-1]] = _parse_override_value(value)
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""  # values are YAML
     return data
 
 
