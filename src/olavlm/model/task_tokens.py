@@ -2,7 +2,7 @@
 
 Each task owns a parameter of ``rows`` x d_llm (init N(0, 1), no scaling). Its K sequence tokens
 (K = ``model.num_task_tokens``) are the means of K contiguous groups of rows: depth/seg own one row
-per predictor query (default = image tokens, e.g. 576 -> groups of 72), gen owns K rows used as is.
+per predictor query (default = image tokens, e.g. a 24x24 grid -> 8 groups of 72), gen owns K rows used as is.
 For depth/seg the same rows are also the predictor's learnable queries.
 """
 

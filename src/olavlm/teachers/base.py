@@ -6,7 +6,7 @@ model (never inside its state_dict, DDP/DeepSpeed/FSDP wrapping or checkpoints) 
 loaded when ``build_teacher`` is called explicitly.
 
 Target layouts (per image, the predictor's output must match exactly):
-  "tokens" (Q, C)      e.g. depth: (576, 1024)
+  "tokens" (Q, C)      e.g. depth: (24*24, 1024)
   "grid"   (C, h, w)   e.g. seg:   (1536, 24, 24), h * w = number of image tokens
   "vector" (1, C)      e.g. gen:   (1, 1024)
 """

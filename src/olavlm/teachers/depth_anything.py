@@ -2,7 +2,7 @@
 
 Target = mean over the selected backbone blocks of their hidden states after the backbone's final
 LayerNorm, CLS (and register) tokens removed: (grid * grid, hidden) in the "tokens" layout, e.g.
-(576, 1024) for ViT-L/14 at 336 px. Unlike the reference (D11), the encoder sees RGB, normalised
+(24*24, 1024) for ViT-L/14 at 336 px. Unlike the reference (D11), the encoder sees RGB, normalised
 with the checkpoint's own mean/std (ImageNet for DA-v2). Only the backbone is kept in memory; the
 DPT neck and head are dropped after loading.
 """
