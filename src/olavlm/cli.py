@@ -15,6 +15,7 @@ import sys
 # package modules that register subcommands, in help order
 COMMAND_MODULES = [
     "olavlm.train.cli",      # train
+    "olavlm.preflight_cli",  # check
     "olavlm.data.cli",       # data check / show / prepare
     "olavlm.teachers.cli",   # targets precompute
     "olavlm.infer.cli",      # chat

@@ -2,22 +2,36 @@
 
 A run is one YAML file with three sections (``model``, ``data``, ``train``). Every field is typed
 and commented here; unknown keys and wrong types fail at load time with an error that names the
-field (``train.lr: unknown key ...``). Checks that need the loaded LLM (layer within depth, ...)
-are in :func:`validate_against_model`, called while the model is built, before any data is read.
+field (``train.lr: unknown key ...``). Ranges and cross-field rules are in
+:mod:`olavlm.config_checks`; checks against the LLM's and tower's ``config.json`` (layer within
+depth, ...) run in the weight-free pre-flight (:mod:`olavlm.preflight`) before any weights load.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from olavlm.config_parsing import ConfigError, coerce, parse_layer_spec, parse_weight_spec  # noqa: F401 (re-exported)
+
+# The accepted values of every choice field, stated once: loading checks them (olavlm.config_parsing.coerce)
+# and so does validate() for configs built in code; other modules read them with typing.get_args.
+Dtype = Literal["bfloat16", "float16", "float32"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+QuerySource = Literal["task_tokens", "hidden"]
+OutputLayout = Literal["tokens", "grid", "vector"]
+ImageGeometry = Literal["pad", "square", "resize"]
+OnBadSample = Literal["skip", "error"]
+SamplerKind = Literal["random", "modality_length"]
+CacheMiss = Literal["error", "online"]
+Stage = Literal["pt", "vpt", "ift"]
+LrScheduler = Literal["cosine", "linear", "constant"]
+ReportSink = Literal["tensorboard", "wandb", "none"]
 
 # ----------------------------------------------------------------------------------------------
 # Model
@@ -30,9 +44,9 @@ class PredictorConfig:
 
     dim: int | None = None  # internal width D; None = the LLM hidden size
     num_queries: int | None = None  # None = number of image tokens ("task_tokens" source) / 1 ("hidden")
-    query_source: str = "task_tokens"  # "task_tokens": the task's learnable rows; "hidden": the layer's states of the task's sequence tokens, pooled
+    query_source: QuerySource = "task_tokens"  # "task_tokens": the task's learnable rows; "hidden": the layer's states of the task's sequence tokens, pooled
     out_dim: int = 1024  # channels of the predicted embedding (must equal the teacher's)
-    output_layout: str = "tokens"  # "tokens" -> (N, Q, C); "grid" -> (N, C, h, w); "vector" -> (N, 1, C)
+    output_layout: OutputLayout = "tokens"  # "tokens" -> (N, Q, C); "grid" -> (N, C, h, w); "vector" -> (N, 1, C)
     output_mlp: bool = False  # extra Linear-ReLU-Linear on the output (depth, spec §2.4); it is supervised
     depth: int = 1  # number of Perceiver blocks
     heads: int = 4
@@ -89,8 +103,8 @@ class ModelConfig:
     vision_feature_layer: int = -2  # hidden_states index of the tower (−2 = penultimate)
     vision_drop_cls: bool | None = None  # drop the CLS token; None = the tower's default
     projector: str = "mlp2x_gelu"  # "linear" or "mlp<N>x_gelu"
-    dtype: str = "bfloat16"  # dtype of the frozen LLM / vision weights: bfloat16, float16, float32
-    attn_implementation: str = "sdpa"  # sdpa, eager, flash_attention_2
+    dtype: Dtype = "bfloat16"  # dtype of the frozen LLM / vision weights: bfloat16, float16, float32
+    attn_implementation: AttnImplementation = "sdpa"  # sdpa, eager, flash_attention_2
     num_task_tokens: int = 8  # K sequence tokens per task, inserted after every image (0 = none)
     task_order: list[str] = field(default_factory=lambda: ["gen", "depth", "seg"])  # order of task tokens
     tasks: dict[str, TaskConfig] = field(default_factory=default_tasks)
@@ -128,15 +142,15 @@ class DataConfig:
     train_file: str = ""  # LLaVA JSON list or JSONL
     image_folder: str = ""  # root the records' image paths are relative to
     template: str = "llava_llama_3"  # llava_llama_3, llava_phi_3, vicuna_v1, plain, chat_template
-    image_geometry: str = "pad"  # pad | square | resize: how an image becomes the shared square
+    image_geometry: ImageGeometry = "pad"  # pad | square | resize: how an image becomes the shared square
     teacher_image_size: int | None = None  # side of the square carried for online teachers; None = largest teacher input
     max_length: int = 4096  # after image and task-token expansion
     truncate: bool = False  # cut over-long text (never inside an image/task span) instead of rejecting
-    on_bad_sample: str = "skip"  # skip | error
+    on_bad_sample: OnBadSample = "skip"  # skip | error
     num_workers: int = 2
-    sampler: str = "random"  # random | modality_length
+    sampler: SamplerKind = "random"  # random | modality_length
     target_cache: str | None = None  # folder written by `olavlm targets precompute`
-    cache_miss: str = "error"  # error | online (fall back to the teacher for missing entries)
+    cache_miss: CacheMiss = "error"  # error | online (fall back to the teacher for missing entries)
 
 
 # --- Training ----------------------------------------------------------------------------------
@@ -146,7 +160,7 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, engine, checkpointing and logging."""
 
-    stage: str = "pt"  # pt | vpt | ift
+    stage: Stage = "pt"  # pt | vpt | ift
     init_from: str | None = None  # previous stage's output folder (model + tokenizer)
     global_batch_size: int = 256  # samples per optimizer step over all ranks
     micro_batch_size: int = 32  # samples per device per forward
@@ -154,7 +168,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
-    lr_scheduler: str = "cosine"  # cosine | linear | constant
+    lr_scheduler: LrScheduler = "cosine"  # cosine | linear | constant
     warmup_ratio: float = 0.03
     epochs: int = 1
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
@@ -169,7 +183,7 @@ class TrainConfig:
     save_every: int = 200  # optimizer steps between checkpoints (0 = only the final model)
     keep_last: int = 3
     log_every: int = 1
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb
+    report_to: list[ReportSink] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb
     run_name: str | None = None
     deepspeed: str | None = None  # path to a DeepSpeed JSON (configs/deepspeed/*.json)
     fsdp: bool = False
@@ -289,110 +303,22 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     data = apply_overrides(data, overrides or [])
     cfg = from_dict(RunConfig, data)
     validate(cfg)
+    cfg._explicit_fields = frozenset(_dotted_keys(data))  # what the file + overrides set (see explicit_fields)
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------
-# Validation (static, before any model is loaded)
-# ----------------------------------------------------------------------------------------------
-
-_CHOICES = {
-    "model.projector": None,
-    "model.dtype": {"bfloat16", "float16", "float32"},
-    "model.attn_implementation": {"sdpa", "eager", "flash_attention_2"},
-    "data.image_geometry": {"pad", "square", "resize"},
-    "data.on_bad_sample": {"skip", "error"},
-    "data.sampler": {"random", "modality_length"},
-    "data.cache_miss": {"error", "online"},
-    "train.stage": {"pt", "vpt", "ift"},
-    "train.lr_scheduler": {"cosine", "linear", "constant"},
-}
-_PROJECTOR = re.compile(r"^(linear|mlp(\d+)x_gelu)$")
+def _dotted_keys(data: dict[str, Any], prefix: str = ""):
+    for key, value in data.items():
+        yield prefix + str(key)
+        if isinstance(value, dict):
+            yield from _dotted_keys(value, f"{prefix}{key}.")
 
 
-def validate(cfg: RunConfig) -> None:
-    m, d, t = cfg.model, cfg.data, cfg.train
-    for name, choices in _CHOICES.items():
-        section, key = name.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if choices is not None and value not in choices:
-            raise ConfigError(f"{name}: {value!r} is not one of {sorted(choices)}")
-    if not _PROJECTOR.match(m.projector):
-        raise ConfigError(f"model.projector: {m.projector!r} is not 'linear' or 'mlp<N>x_gelu'")
-    if m.num_task_tokens < 0:
-        raise ConfigError("model.num_task_tokens: must be >= 0")
-    if len(set(m.task_order)) != len(m.task_order):
-        raise ConfigError(f"model.task_order: duplicate task in {m.task_order}")
-    for task in m.task_order:
-        if task not in m.tasks:
-            raise ConfigError(f"model.task_order: {task!r} has no entry in model.tasks")
-    for name, task in m.tasks.items():
-        where = f"model.tasks.{name}"
-        p = task.predictor
-        if not task.teacher:
-            raise ConfigError(f"{where}.teacher: required")
-        if any(layer < 1 for layer in task.layers) or len(set(task.layers)) != len(task.layers):
-            raise ConfigError(f"{where}.layers: must be distinct 1-based integers, got {task.layers}")
-        if task.weight < 0:
-            raise ConfigError(f"{where}.weight: must be >= 0")
-        if p.query_source not in ("task_tokens", "hidden"):
-            raise ConfigError(f"{where}.predictor.query_source: {p.query_source!r} is not task_tokens/hidden")
-        if p.output_layout not in ("tokens", "grid", "vector"):
-            raise ConfigError(f"{where}.predictor.output_layout: {p.output_layout!r} is not tokens/grid/vector")
-        for key in ("depth", "heads", "dim_head", "ff_mult", "out_dim"):
-            if getattr(p, key) < 1:
-                raise ConfigError(f"{where}.predictor.{key}: must be >= 1")
-        if p.query_source == "hidden" and m.num_task_tokens == 0:
-            raise ConfigError(f"{where}.predictor.query_source: 'hidden' needs model.num_task_tokens > 0")
-        if p.query_source == "hidden" and name not in m.task_order:
-            raise ConfigError(f"{where}.predictor.query_source: 'hidden' needs {name!r} in model.task_order")
-    if t.micro_batch_size < 1 or t.global_batch_size < 1:
-        raise ConfigError("train.micro_batch_size: batch sizes must be >= 1")
-    if t.global_batch_size % t.micro_batch_size:
-        raise ConfigError(
-            f"train.global_batch_size: {t.global_batch_size} is not divisible by "
-            f"train.micro_batch_size={t.micro_batch_size}")
-    if not 0 <= t.warmup_ratio < 1:
-        raise ConfigError("train.warmup_ratio: must be in [0, 1)")
-    if t.keep_last < 1:
-        raise ConfigError("train.keep_last: must be >= 1")
-    if t.deepspeed and t.fsdp:
-        raise ConfigError("train.fsdp: cannot be combined with train.deepspeed")
-    if d.max_length < 16:
-        raise ConfigError("data.max_length: must be >= 16")
+def explicit_fields(cfg: RunConfig) -> frozenset[str] | None:
+    """Dotted names (``model.projector``, ``model.tasks.depth.token_rows`` ...) that the YAML file or
+    an override of :func:`load_config` set; None for a config built in code (every field counts)."""
+    return getattr(cfg, "_explicit_fields", None)
 
 
-def task_token_rows(cfg: ModelConfig, task: str, num_image_tokens: int) -> int:
-    """Rows of a task's learnable token parameter (spec §2.3)."""
-    tc = cfg.tasks[task]
-    if tc.token_rows is not None:
-        return tc.token_rows
-    if tc.predictor.query_source == "task_tokens":
-        return tc.predictor.num_queries or num_image_tokens
-    return cfg.num_task_tokens
-
-
-def validate_against_model(cfg: ModelConfig, *, num_layers: int, num_image_tokens: int) -> None:
-    """Checks that need the loaded LLM / vision tower: layer range, query and token divisibility."""
-    for name, task in cfg.tasks.items():
-        where = f"model.tasks.{name}"
-        for layer in task.layers:
-            if not 1 <= layer <= num_layers:
-                raise ConfigError(f"{where}.layers: layer {layer} is outside the LLM's 1..{num_layers}")
-        p = task.predictor
-        if p.query_source == "task_tokens":
-            q = p.num_queries or num_image_tokens
-            rows = task_token_rows(cfg, name, num_image_tokens)
-            if rows != q:
-                raise ConfigError(f"{where}.token_rows: {rows} rows cannot serve {q} predictor queries")
-        if name in cfg.task_order and cfg.num_task_tokens:
-            rows = task_token_rows(cfg, name, num_image_tokens)
-            if rows % cfg.num_task_tokens:
-                raise ConfigError(
-                    f"{where}.token_rows: {rows} rows are not divisible by "
-                    f"model.num_task_tokens={cfg.num_task_tokens}")
-        if p.output_layout == "grid":
-            q = p.num_queries or num_image_tokens
-            side = int(round(q ** 0.5))
-            if side * side != q:
-                raise ConfigError(f"{where}.predictor.num_queries: grid layout needs a square count, got {q}")
+# Validation lives in olavlm.config_checks (re-exported here: validate, validate_against_model, task_token_rows)
+from olavlm.config_checks import task_token_rows, validate, validate_against_model  # noqa: E402,F401

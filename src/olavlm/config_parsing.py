@@ -9,8 +9,10 @@ import types
 import typing
 from typing import Any, Callable
 
+from olavlm.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message starts with the dotted name of the field."""
 
 
@@ -90,6 +92,11 @@ def coerce(value: Any, tp: Any, where: str, build: Callable[[type, dict, str], A
             except ConfigError as e:
                 errors.append(str(e))
         raise errors[0] if len(errors) == 1 else ConfigError(f"{where}: {value!r} does not match {tp}")
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, str) and value in choices:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

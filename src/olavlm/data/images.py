@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +39,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from olavlm.config import ImageGeometry
 from olavlm.data.errors import BadSample
 
-GEOMETRIES = ("pad", "square", "resize")
+GEOMETRIES = typing.get_args(ImageGeometry)  # ("pad", "square", "resize")
 MAX_IMAGE_PIXELS = 89_478_485  # decompression-bomb guard: larger images are rejected (PIL's default limit)
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,

@@ -23,11 +23,14 @@ tail of the full order. ``set_epoch(e)`` re-seeds for a new epoch (and clears th
 from __future__ import annotations
 
 import heapq
+import typing
 from typing import Iterator, Sequence
 
 import numpy as np
 
-SAMPLERS = ("random", "modality_length")
+from olavlm.config import SamplerKind
+
+SAMPLERS = typing.get_args(SamplerKind)  # ("random", "modality_length")
 
 
 class DistributedBatchSampler:

@@ -38,6 +38,8 @@ def register(sub) -> None:
     pr.add_argument("--steps", type=int, default=300, help="probe optimisation steps")
     pr.add_argument("--limit", type=int, default=None, help="only the first N images")
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--teacher-image-size", type=int, default=None,
+                    help="side of the square the teacher reads; None = what training used (largest teacher input)")
     pr.add_argument("--device", default=None)
     pr.set_defaults(func=_probe)
 
@@ -58,7 +60,8 @@ def _probe(args) -> int:
     kwargs = json.loads(args.teacher_kwargs) if args.teacher_kwargs else None
     res = run_probe(args.model, args.data, args.teacher, teacher_path=args.teacher_path, teacher_kwargs=kwargs,
                     layers=args.layers, image_root=args.image_root, output=args.output,
-                    spec=ProbeSpec(steps=args.steps, seed=args.seed), limit=args.limit, device=args.device)
+                    spec=ProbeSpec(steps=args.steps, seed=args.seed), limit=args.limit, device=args.device,
+                    teacher_image_size=args.teacher_image_size)
     print(f"probe {res['teacher']} ({res['n_train']} train / {res['n_test']} held-out images); "
           f"mean-target baseline cosine {res['constant_cosine']:.3f}")
     for layer, r in res["layers"].items():

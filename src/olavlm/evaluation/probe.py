@@ -242,29 +242,37 @@ def resolve_teacher(model_cfg, name: str, teacher_path: str | None, teacher_kwar
 
 
 def collect_states(em, records: list[dict], root: Path, layers: list[int], teachers: dict, batch_size: int = 16,
-                   progress: bool = True):
+                   progress: bool = True, teacher_image_size: int | None = None):
     """Frozen hidden states {layer: (N, L, d)}, key mask (N, L) and {name: targets (N, *shape)}
-    for each of ``teachers`` ({name: Teacher}), from one pass over ``records``."""
+    for each of ``teachers`` ({name: Teacher}), from one pass over ``records``.
+
+    The teachers get exactly what training and ``olavlm targets precompute`` give them for the same
+    image (:func:`olavlm.data.images.teacher_image`): the geometry's square cut from the original
+    image at max(tower side, S), resized to S, with S = ``teacher_image_size`` or the largest input
+    of ``teachers``; each teacher then resizes S to its own input."""
     from tqdm.auto import tqdm
 
-    from olavlm.data.images import uint8_tensor
+    from olavlm.data.images import load_image, pixel_values, teacher_image, to_square
     from olavlm.data.tokenize import encode_conversation
-    from olavlm.evaluation.runner import batches, load_squares, pad_right, pixel_batch
+    from olavlm.evaluation.runner import batches, pad_right
 
-    spec = em.model.image_spec
+    spec, geometry = em.model.image_spec, em.image_geometry
+    side = teacher_image_size or max((t.input_size for t in teachers.values()), default=spec.size)
     chunks, masks, targets = {lay: [] for lay in layers}, [], {name: [] for name in teachers}
     bar = tqdm(total=len(records), desc="probe: hidden states", disable=not progress, dynamic_ncols=True)
     for chunk in batches(records, batch_size):
         seqs = [encode_conversation(r["conversations"], em.template, em.tokenizer, num_images=1).input_ids
                 for r in chunk]
         ids, mask = pad_right(seqs, em.tokenizer.pad_token_id)
-        squares = load_squares([root / r["image"] for r in chunk], em.image_geometry, spec)
+        images = [load_image(root / r["image"]) for r in chunk]
+        squares = [to_square(img, geometry, spec) for img in images]  # the tower's input, as in the dataset
+        pixels = torch.stack([pixel_values(sq, spec) for sq in squares])
         with torch.no_grad():
-            states, layout = em.model.layer_states(ids.to(em.device), mask.to(em.device),
-                                                   pixel_batch(squares, spec).to(em.device), layers)
+            states, layout = em.model.layer_states(ids.to(em.device), mask.to(em.device), pixels.to(em.device), layers)
+            if teachers:
+                shared = torch.stack([teacher_image(img, sq, geometry, spec, side) for img, sq in zip(images, squares)])
             for name, teacher in teachers.items():
-                images = torch.stack([uint8_tensor(sq, teacher.input_size) for sq in squares])
-                targets[name].append(teacher.encode(images.to(teacher.device), [r["image"] for r in chunk]).float().cpu())
+                targets[name].append(teacher.encode(shared.to(teacher.device), [r["image"] for r in chunk]).float().cpu())
         for lay in layers:
             chunks[lay].append(states[lay].float().cpu())
         masks.append(layout.attention_mask.bool().cpu())
@@ -279,14 +287,29 @@ def collect_states(em, records: list[dict], root: Path, layers: list[int], teach
     return states, torch.cat([pad(m) for m in masks]), {name: torch.cat(t) for name, t in targets.items()}
 
 
+def training_teacher_side(model_cfg, grid: int) -> int | None:
+    """The square side training gave the model's teachers (largest input of the tasks with
+    predictor layers, read weight-free), or None when unknown (no such task, unreadable teacher)."""
+    from olavlm.teachers.specs import SpecError, teacher_side
+
+    try:
+        return teacher_side(model_cfg, grid)
+    except SpecError as e:
+        log.warning("probe: cannot size the training teachers' square (%s); using the probed teacher's input", e)
+        return None
+
+
 def run_probe(model_dir, data, teacher: str, *, teacher_path: str | None = None, teacher_kwargs: dict | None = None,
               layers="all", image_root=None, output=None, spec: ProbeSpec | None = None, limit: int | None = None,
-              device: str | None = None, progress: bool = True, label: str | None = None) -> dict:
+              device: str | None = None, progress: bool = True, label: str | None = None,
+              teacher_image_size: int | None = None) -> dict:
     """Probe every requested LLM layer of a trained model for ``teacher``'s targets.
 
     ``data``: LLaVA-format JSON/JSONL with images (e.g. ShapeWorld's probe.json); image paths are
     relative to ``image_root`` (default: the data file's folder). Writes ``probe.json`` and
-    ``probe.png`` into ``output`` when given.
+    ``probe.png`` into ``output`` when given. ``teacher_image_size``: side of the square the teacher
+    reads; default = what training used (the largest input of the model's teachers, and of the
+    probed one); pass the run's ``data.teacher_image_size`` if it set one.
     """
     import json
     from pathlib import Path
@@ -307,12 +330,15 @@ def run_probe(model_dir, data, teacher: str, *, teacher_path: str | None = None,
     layer_list = parse_layers(layers, n_layers)
     name, tpath, kwargs = resolve_teacher(em.model.cfg, teacher, teacher_path, teacher_kwargs)
     t = build_teacher(name, tpath, grid=em.model.geometry.grid, **kwargs).to(em.device).eval()
-    states, mask, targets = collect_states(em, records, root, layer_list, {name: t}, progress=progress)
+    side = teacher_image_size or max(training_teacher_side(em.model.cfg, em.model.geometry.grid) or 0, t.input_size)
+    states, mask, targets = collect_states(em, records, root, layer_list, {name: t}, progress=progress,
+                                           teacher_image_size=side)
     log.info("probe: %d images x %d layers, targets %s; training probes for %d steps", len(records),
              len(layer_list), tuple(targets[name].shape[1:]), spec.steps)
     result = train_probes(states, mask, targets[name], t.layout, spec)
     result.update({"model": str(model_dir), "data": str(data), "teacher": name, "teacher_path": str(tpath),
-                   "teacher_kwargs": kwargs, "skipped_text_only": skipped, "n_images": len(records)})
+                   "teacher_kwargs": kwargs, "teacher_image_size": side, "skipped_text_only": skipped,
+                   "n_images": len(records)})
     result["layers"] = {str(k): v for k, v in result["layers"].items()}
     if output is not None:
         out = Path(output)

@@ -139,3 +139,56 @@ def read_json_file(path_or_id: str, filename: str) -> dict[str, Any]:
     from olavlm.model.vision import _read_json
 
     return _read_json(path_or_id, filename)
+
+
+# -- a later stage loading a saved folder (train.init_from) ----------------------------------
+
+# How the saved weights are loaded and run, not what they are: a VPT/IFT recipe that sets them wins.
+RUNTIME_FIELDS = ("dtype", "attn_implementation")
+# What the saved weights are (projector, tower read-out, task-token rows): a recipe may repeat them, not change them.
+ARCHITECTURE_FIELDS = ("vision_type", "vision_feature_layer", "vision_drop_cls", "projector", "num_task_tokens",
+                       "task_order")
+TASK_ARCHITECTURE_FIELDS = ("token_rows", "predictor.query_source", "predictor.num_queries")
+
+
+def _field(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def reconcile_init_from(saved: ModelConfig, recipe: ModelConfig, explicit: frozenset[str] | None,
+                        where: str) -> tuple[dict[str, Any], list[str]]:
+    """Settle a VPT/IFT recipe's ``model:`` section against the folder ``where`` it starts from.
+
+    Runtime fields (:data:`RUNTIME_FIELDS`) the recipe sets are returned as ``from_pretrained``
+    keyword arguments; unset ones keep the saved values. An architecture field the recipe sets to
+    something else than the folder holds raises ConfigError naming both values. ``explicit`` are the
+    dotted fields the recipe set (:func:`olavlm.config.explicit_fields`; None = every field counts).
+    Returns (runtime overrides, one note per applied override and per unused differing source path).
+    """
+    def given(name: str) -> bool:
+        return explicit is None or f"model.{name}" in explicit
+
+    checks = [(name, getattr(recipe, name), getattr(saved, name)) for name in ARCHITECTURE_FIELDS]
+    for task, tc in recipe.tasks.items():
+        if task in saved.tasks:
+            checks += [(f"tasks.{task}.{name}", _field(tc, name), _field(saved.tasks[task], name))
+                       for name in TASK_ARCHITECTURE_FIELDS]
+    for name, want, have in checks:
+        if given(name) and want != have:
+            raise ConfigError(f"model.{name}: the recipe asks for {want!r} but train.init_from ({where}) was "
+                              f"built with {have!r}; the architecture of a saved model cannot change (remove the "
+                              "field or set it to the saved value)")
+    runtime, notes = {}, []
+    for name in RUNTIME_FIELDS:
+        want, have = getattr(recipe, name), getattr(saved, name)
+        if given(name):
+            runtime[name] = want
+            if want != have:
+                notes.append(f"model.{name}: {want!r} from the recipe (train.init_from was saved with {have!r})")
+    unused = [f"model.{name}" for name in ("llm", "tokenizer", "vision_tower")
+              if explicit is not None and f"model.{name}" in explicit and getattr(recipe, name)]
+    if unused:
+        notes.append(f"{', '.join(unused)}: not used; the weights and tokenizer come from train.init_from ({where})")
+    return runtime, notes

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 
-from olavlm.config import ConfigError, RunConfig
+from olavlm.config import ConfigError, RunConfig, explicit_fields
 from olavlm.infer.chat import RUN_INFO  # written into final/: template + geometry for chat / eval
 from olavlm.train import checkpoint as ckpt
 from olavlm.train.engine import (accumulation_steps, build_accelerator, full_parameters, unpartitioned_loading,
                                  uses_engine_state, world_size)
-from olavlm.train.metrics import MetricsLogger, StepAccumulator, check_report_to
+from olavlm.preflight import preflight
+from olavlm.train.metrics import MetricsLogger, StepAccumulator
 from olavlm.train.stages import configure_trainable, trainable_parameters, uses_predictors
 
 log = logging.getLogger(__name__)
@@ -47,24 +48,11 @@ def resolve_init_from(path: str) -> Path:
     raise ConfigError(f"train.init_from: {path} holds no finished model (no final/config.json or config.json)")
 
 
-def check_loop_fields(cfg: RunConfig) -> None:
-    """Ranges of the loop's own fields (beyond olavlm.config.validate)."""
-    t = cfg.train
-    checks = [("train.epochs", t.epochs >= 1, ">= 1"), ("train.max_steps", t.max_steps is None or t.max_steps >= 1,
-              ">= 1 or null"), ("train.save_every", t.save_every >= 0, ">= 0 (0 = only the final model)"),
-              ("train.log_every", t.log_every >= 1, ">= 1"), ("train.learning_rate", t.learning_rate > 0, "> 0"),
-              ("train.adam_betas", len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
-               "two numbers in [0, 1)"), ("train.max_grad_norm", t.max_grad_norm is None or t.max_grad_norm > 0,
-                                          "> 0 or null (no clipping)")]
-    for name, ok, rule in checks:
-        if not ok:
-            raise ConfigError(f"{name}: must be {rule}")
-
-
 def build_model(cfg: RunConfig):
     """PT starts from ``model.llm`` / ``model.vision_tower``; VPT/IFT load ``init_from``'s final
     folder without predictors (spec §5.5). The model checks the config against the loaded LLM and
     tower (layers within depth, token divisibility) while it is built. Returns (model, init_dir)."""
+    from olavlm.model import io
     from olavlm.model.vlm import OlaVLM
 
     t = cfg.train
@@ -74,8 +62,9 @@ def build_model(cfg: RunConfig):
         return OlaVLM.from_config(cfg.model, with_predictors=uses_predictors(t.stage)), None
     if t.stage == "pt":
         raise ConfigError("train.init_from: PT starts from model.llm and model.vision_tower; unset init_from")
-    init_dir = resolve_init_from(t.init_from)
-    return OlaVLM.from_pretrained(init_dir, with_predictors=False), init_dir
+    init_dir = resolve_init_from(t.init_from)  # runtime fields (dtype, attention) from the recipe, architecture checked
+    runtime, _ = io.reconcile_init_from(io.read_config(init_dir)[0], cfg.model, explicit_fields(cfg), str(init_dir))
+    return OlaVLM.from_pretrained(init_dir, with_predictors=False, **runtime), init_dir
 
 
 def open_target_cache(cfg: RunConfig, model):
@@ -132,10 +121,9 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
     many optimizer steps of this invocation, keeping the full schedule (time-sliced jobs)."""
     from accelerate.utils import set_seed
 
+    for note in preflight(cfg):  # every check that needs no weights, before any weights load
+        log.info("pre-flight: %s", note)
     t = cfg.train
-    cfg.validate()
-    check_loop_fields(cfg)
-    check_report_to(t.report_to)
     accum = accumulation_steps(t.global_batch_size, t.micro_batch_size, world_size())
     run_dir = Path(t.output_dir)
     resume_from = ckpt.find_resume(run_dir, resume)

@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import typing
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from olavlm.config import ReportSink
+
 log = logging.getLogger(__name__)
 
-SINKS = ("tensorboard", "wandb")  # accepted values of train.report_to ("none" = only jsonl + bar)
+SINKS = tuple(s for s in typing.get_args(ReportSink) if s != "none")  # ("none" = only jsonl + bar)
 
 
 def check_report_to(report_to: list[str]) -> None:

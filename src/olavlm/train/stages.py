@@ -17,15 +17,16 @@ or logit-scale parameters there is refused instead of silently training dead wei
 from __future__ import annotations
 
 import logging
+import typing
 from typing import Iterable
 
 from torch import nn
 
-from olavlm.config import ConfigError, TrainConfig
+from olavlm.config import ConfigError, Stage, TrainConfig
 
 log = logging.getLogger(__name__)
 
-STAGES = ("pt", "vpt", "ift")
+STAGES = typing.get_args(Stage)  # ("pt", "vpt", "ift")
 GROUPS = ("llm", "vision", "projector", "task_tokens", "predictors", "logit_scales")
 # groups each stage trains by default (before the two overrides)
 _DEFAULT = {
