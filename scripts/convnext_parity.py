@@ -43,11 +43,11 @@ def _timm_model(args):
         state, prefix, _ = read_trunk_tensors(files, args.prefix)
         cfg = convnext_config_from_state(state, prefix)
         model = ConvNeXt(depths=tuple(cfg.depths), dims=tuple(cfg.hidden_sizes), patch_size=cfg.patch_size,
-                         norm_eps=args.norm_eps, num_classes=0)
+                         norm_eps=args.norm_eps or cfg.norm_eps, num_classes=0)
         model.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True)
         return model.eval()
     if args.tiny:
-        model = ConvNeXt(depths=(2, 2, 3, 2), dims=(16, 32, 48, 64), norm_eps=args.norm_eps, num_classes=0)
+        model = ConvNeXt(depths=(2, 2, 3, 2), dims=(16, 32, 48, 64), norm_eps=args.norm_eps or 1e-5, num_classes=0)
     else:
         model = timm.create_model(args.model, pretrained=False, num_classes=0)
     torch.manual_seed(0)
@@ -86,7 +86,10 @@ def compare(args) -> dict:
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     timm_model = _timm_model(args)
-    exact, default, n_keys = _hf_model(timm_model, args.image_size, args.norm_eps)
+    eps = {m.eps for m in timm_model.modules() if isinstance(m, torch.nn.LayerNorm)}
+    if len(eps) != 1:
+        sys.exit(f"convnext_parity: the timm model mixes LayerNorm eps {sorted(eps)}")
+    exact, default, n_keys = _hf_model(timm_model, args.image_size, eps.pop())
     models = {"timm": timm_model, "olavlm": exact, "hf_eps_1e-6": default}
     for m in models.values():
         m.to(args.device, dtype)
@@ -100,7 +103,8 @@ def compare(args) -> dict:
             t_stages.append(h)
         t_feats = timm_model.norm_pre(h)
         t_pooled = timm_model.forward_head(timm_model.forward_features(x), pre_logits=True)
-        report = {"keys": n_keys, "dtype": args.dtype, "device": args.device, "image_size": args.image_size}
+        report = {"keys": n_keys, "dtype": args.dtype, "device": args.device, "image_size": args.image_size,
+                  "norm_eps": exact.config.norm_eps}
         for name in ("olavlm", "hf_eps_1e-6"):
             out = models[name](pixel_values=x, output_hidden_states=True)
             rows = {"stem": _err(out.hidden_states[0], t_stem)}
@@ -119,7 +123,9 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default=None, help="open_clip / OLA-VLM checkpoint (hub id, folder or file)")
     p.add_argument("--prefix", default=None, help="trunk key prefix in --weights (default: detected)")
     p.add_argument("--image-size", type=int, default=768)
-    p.add_argument("--norm-eps", type=float, default=1e-5, help="the timm model's LayerNorm eps")
+    p.add_argument("--norm-eps", type=float, default=None,
+                   help="LayerNorm eps of the timm model built for --weights / --tiny (default: timm's for the "
+                        "shape; --tiny 1e-5); the converted model uses the timm model's own eps")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
@@ -127,7 +133,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     _require_timm()
     report = compare(args)
-    print(f"{report['keys']} tensors converted; {args.dtype} on {args.device}, {args.image_size} px")
+    print(f"{report['keys']} tensors converted; {args.dtype} on {args.device}, {args.image_size} px, "
+          f"LayerNorm eps {report['norm_eps']:g}")
     print(f"{'output':<10} {'olavlm max_abs':>15} {'max_rel':>10} {'eps 1e-6 max_abs':>17} {'max_rel':>10}")
     for row in report["olavlm"]:
         a, b = report["olavlm"][row], report["hf_eps_1e-6"][row]

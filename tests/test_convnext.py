@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from olavlm.cli import main as cli_main
 from olavlm.config import ModelConfig
 from olavlm.model.convnext import (CLIP_MEAN, CLIP_STD, ConvNextKeyError, apply_norm_eps, convnext_config,
-                                   convnext_state_dict_from_open_clip, preprocessor_config)
+                                   convnext_config_from_state, convnext_state_dict_from_open_clip,
+                                   preprocessor_config)
 from olavlm.model.vision import VisionTower, vision_geometry
 
 # -- the trunk in timm / open_clip layout, written out from its published key list ---------------
@@ -124,7 +125,7 @@ def open_clip_dir(tmp_path_factory):
 def converted(open_clip_dir, tmp_path_factory):
     src, _ = open_clip_dir
     dst = tmp_path_factory.mktemp("converted") / "tower"
-    assert cli_main(["convert", "open-clip", str(src), str(dst), "--image-size", "128"]) == 0
+    assert cli_main(["convert", "open-clip", str(src), str(dst), "--image-size", "128", "--norm-eps", "1e-5"]) == 0
     return dst
 
 
@@ -212,7 +213,11 @@ def test_ola_checkpoint_prefix_and_cli_errors(open_clip_dir, tmp_path, capsys):
     save_file({f"model.vision_tower.vision_tower.{k}": v for k, v in trunk.items()}
               | {"model.embed_tokens.weight": torch.zeros(4, 4)}, str(ola / "model.safetensors"))
     assert cli_main(["convert", "open-clip", str(ola), str(tmp_path / "out"), "--image-size", "64"]) == 0
-    assert "under 'model.vision_tower.vision_tower.'" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "under 'model.vision_tower.vision_tower.'" in out and "1 other tensor(s) left out" in out
+    # no --norm-eps: timm's eps for this (non-xxlarge) shape
+    assert "LayerNorm eps 1e-06" in out
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["norm_eps"] == 1e-6
     assert vision_geometry(ModelConfig(vision_tower=str(tmp_path / "out"), vision_type="convnext",
                                        vision_feature_layer=-1)).grid == 2
     assert cli_main(["convert", "open-clip", str(ola), str(tmp_path / "o2"), "--image-size", "100"]) == 2
@@ -240,6 +245,9 @@ def test_xxlarge_geometry_and_shapes_on_meta(tmp_path):
               for k, s in timm_trunk_shapes((3, 4, 30, 3), (384, 768, 1536, 3072)).items()}
     assert len(source) == 378
     assert len(convnext_state_dict_from_open_clip(source, "visual.trunk.")) == 378
+    inferred = convnext_config_from_state(source, "visual.trunk.")
+    assert (inferred.depths, inferred.hidden_sizes, inferred.patch_size) == ([3, 4, 30, 3], [384, 768, 1536, 3072], 4)
+    assert inferred.norm_eps == 1e-5  # timm's convnext_xxlarge, unlike the other sizes
     with torch.device("meta"):
         model = ConvNextModel(convnext_config())
     assert sum(p.numel() for p in model.parameters()) == 843_398_016
@@ -299,7 +307,8 @@ def test_parity_script_against_timm_or_a_clear_message(tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "scripts/convnext_parity.py", "--tiny", "--image-size", "64", "--out", str(tmp_path / "p.json")]
+    cmd = [sys.executable, "scripts/convnext_parity.py", "--tiny", "--image-size", "64",
+           "--out", str(tmp_path / "p.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if importlib.util.find_spec("timm") is None:
         assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
@@ -308,3 +317,22 @@ def test_parity_script_against_timm_or_a_clear_message(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "p.json").read_text())
     assert all(row["max_abs"] < 1e-4 for row in report["olavlm"].values())
+
+
+def test_converted_preprocessor_is_what_the_square_geometry_does(tiny_dir):
+    """The converted folder's CLIPImageProcessor (open_clip's eval transform: bicubic shortest side,
+    centre crop, CLIP mean/std) gives the same pixels as the data layer's ``square`` geometry."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from olavlm.data.images import ImageSpec, pixel_values, to_square
+
+    proc = AutoImageProcessor.from_pretrained(tiny_dir / "vision-convnext")
+    spec = ImageSpec.from_pretrained(tiny_dir / "vision-convnext")
+    assert spec.size == 256 and spec.resample == "bicubic"
+    rng = np.random.default_rng(0)
+    for w, h in [(300, 200), (120, 400), (256, 256)]:
+        img = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+        ref = torch.as_tensor(np.asarray(proc(images=img, return_tensors="pt")["pixel_values"][0]))
+        torch.testing.assert_close(pixel_values(to_square(img, "square", spec), spec), ref, atol=1e-5, rtol=0)

@@ -38,8 +38,9 @@ def register_convert(convert_sub) -> None:
     p.add_argument("--prefix", default=None,
                    help="key prefix of the trunk (default: visual.trunk. or model.vision_tower.vision_tower., "
                         "whichever the checkpoint has)")
-    p.add_argument("--norm-eps", type=float, default=1e-5,
-                   help="eps of every LayerNorm (timm convnext_xxlarge: 1e-5; other sizes 1e-6)")
+    p.add_argument("--norm-eps", type=float, default=None,
+                   help="eps of every LayerNorm (default: timm's for the trunk's shape, 1e-5 for "
+                        "convnext_xxlarge, 1e-6 for the other sizes)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="store the weights in this dtype (default: as in the source)")
     p.set_defaults(func=run_convert_open_clip)
@@ -70,5 +71,6 @@ def run_convert_open_clip(args) -> int:
     print(f"converted {summary['tensors']} tensors ({summary['parameters']:,} parameters) under "
           f"{summary['prefix']!r} of {summary['source']} -> {summary['output']}; {summary['skipped']} other "
           f"tensor(s) left out; depths {summary['depths']}, widths {summary['hidden_sizes']}, "
+          f"LayerNorm eps {summary['norm_eps']:g}, "
           f"{summary['image_size']} px -> {summary['grid']}x{summary['grid']} tokens")
     return 0

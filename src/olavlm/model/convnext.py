@@ -12,6 +12,7 @@ Reusable pieces (no timm / open_clip needed)::
 
     convnext_config(...)                                  # ConvNextConfig, xxlarge by default
     convnext_config_from_state(state, prefix)             # the same, inferred from a trunk's tensors
+    timm_norm_eps(depths, hidden_sizes)                   # the LayerNorm eps timm uses for that shape
     convnext_state_dict_from_open_clip(state, prefix)     # timm/open_clip keys -> ConvNextModel keys
     convnext_state_dict_to_open_clip(state, prefix)       # the inverse
     apply_norm_eps(model, eps)                            # exact LayerNorm eps on a built model
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 XXLARGE_DEPTHS = (3, 4, 30, 3)
 XXLARGE_DIMS = (384, 768, 1536, 3072)
 XXLARGE_NORM_EPS = 1e-5  # timm convnext_xxlarge (the other ConvNeXt sizes use 1e-6)
+TIMM_DEFAULT_NORM_EPS = 1e-6
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # where the trunk lives in the checkpoints we know: open_clip, OLA-VLM
@@ -116,9 +118,17 @@ def _trunk(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return trunk
 
 
+def timm_norm_eps(depths, hidden_sizes) -> float:
+    """LayerNorm eps timm builds a ConvNeXt of this shape with: 1e-5 for ``convnext_xxlarge``
+    (the only entry point that sets it), else timm's default 1e-6."""
+    xxlarge = tuple(depths) == XXLARGE_DEPTHS and tuple(hidden_sizes) == XXLARGE_DIMS
+    return XXLARGE_NORM_EPS if xxlarge else TIMM_DEFAULT_NORM_EPS
+
+
 def convnext_config_from_state(state: dict[str, Tensor], prefix: str = "visual.trunk.", *,
-                               image_size: int = 768, norm_eps: float = XXLARGE_NORM_EPS):
-    """The :func:`convnext_config` whose depths / widths / patch size the trunk's tensors show."""
+                               image_size: int = 768, norm_eps: float | None = None):
+    """The :func:`convnext_config` whose depths / widths / patch size the trunk's tensors show
+    (``norm_eps`` None = :func:`timm_norm_eps` of that shape)."""
     trunk = _trunk(state, prefix)
     if "stem.0.weight" not in trunk:
         raise ConvNextKeyError(f"{prefix}stem.0.weight missing: not a timm ConvNeXt trunk")
@@ -137,7 +147,8 @@ def convnext_config_from_state(state: dict[str, Tensor], prefix: str = "visual.t
             raise ConvNextKeyError(f"{prefix}stages.{s}.blocks.0.conv_dw.weight missing")
         depths.append(max(blocks[s]) + 1)
         widths.append(int(dw.shape[0]))
-    return convnext_config(depths, widths, image_size=image_size, norm_eps=norm_eps, patch_size=patch)
+    eps = timm_norm_eps(depths, widths) if norm_eps is None else norm_eps
+    return convnext_config(depths, widths, image_size=image_size, norm_eps=eps, patch_size=patch)
 
 
 def _expected_shapes(config) -> dict[str, torch.Size]:
@@ -307,10 +318,11 @@ def _check_open_clip_config(src: str, open_cfg: dict[str, Any] | None) -> None:
 
 
 def convert_open_clip(src: str, dst: str | Path, *, prefix: str | None = None, image_size: int = 768,
-                      norm_eps: float = XXLARGE_NORM_EPS, dtype: str | None = None) -> dict[str, Any]:
+                      norm_eps: float | None = None, dtype: str | None = None) -> dict[str, Any]:
     """Write an ordinary HF ``ConvNextModel`` folder (config.json with ``norm_eps``, model.safetensors,
     preprocessor_config.json: resize shortest side + centre crop, bicubic, CLIP mean/std) from an
-    open_clip / timm / OLA-VLM checkpoint. Returns a summary dict."""
+    open_clip / timm / OLA-VLM checkpoint. ``norm_eps`` None = what timm uses for the trunk's shape
+    (:func:`timm_norm_eps`). Returns a summary dict."""
     from safetensors.torch import save_file
 
     files, open_cfg = _source_files(src)
@@ -333,7 +345,8 @@ def convert_open_clip(src: str, dst: str | Path, *, prefix: str | None = None, i
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(image_size, mean, std), indent=2))
     return {"source": src, "prefix": prefix, "tensors": len(hf), "skipped": skipped,
             "parameters": sum(v.numel() for v in hf.values()), "depths": list(config.depths),
-            "hidden_sizes": list(config.hidden_sizes), "image_size": image_size, "grid": image_size // stride,
+            "hidden_sizes": list(config.hidden_sizes), "norm_eps": config.norm_eps, "image_size": image_size,
+            "grid": image_size // stride,
             "output": str(out)}
 
 

@@ -161,7 +161,7 @@ def make_tiny_convnext(out: Path, *, dims=(8, 16, 32, 64), depths=(1, 1, 2, 1), 
                                                                  "image_size": image_size}},
                 "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}}
     (src / "open_clip_config.json").write_text(json.dumps(open_cfg, indent=2))
-    convert_open_clip(str(src), out / "vision-convnext", image_size=image_size)
+    convert_open_clip(str(src), out / "vision-convnext", image_size=image_size, norm_eps=1e-5)  # as xxlarge
     return {"vision-convnext-openclip": src, "vision-convnext": out / "vision-convnext"}
 
 
