@@ -283,6 +283,7 @@ def test_convnext_recipe_runs_pt_then_ift(tiny_dir, tmp_path):
     torch.testing.assert_close(model.vision(x), _tower(tiny_dir / "vision-convnext")(x))  # tower kept as is
 
 
+@pytest.mark.slow  # two Python start-ups in a subprocess (~10-20 s)
 def test_train_script_tiny_mode_picks_the_convnext_recipe(tiny_dir, tmp_path):
     import os
     import subprocess
