@@ -1,7 +1,7 @@
 # Shared launcher of scripts/train/*.sh (sourced, not run). Inputs, set by the calling script or the
 # environment:
 #   LLM       llama3_8b | phi3_mini          (recipe folder configs/${LLM}_${ENCODER}/)
-#   ENCODER   clip336
+#   ENCODER   clip336 | convnext                (convnext: CLIP-ConvNeXt-XXL @ 768, see README)
 #   STAGE     pt | vpt | ift | vpt_ift        (recipe file ${STAGE}.yaml)
 #   NGPU      GPUs of this node (default: detected with nvidia-smi, else torch; 0 = CPU)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node torchrun rendezvous (defaults: one node)

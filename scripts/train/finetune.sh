@@ -5,6 +5,6 @@
 #   TINY=runs/tiny bash scripts/train/finetune.sh                  # CPU smoke run (olavlm make-tiny --output runs/tiny)
 # Recipe: configs/${LLM}_${ENCODER}/ift.yaml; launcher options in scripts/train/common.sh.
 LLM=${LLM:-llama3_8b}        # base LLM: llama3_8b (Meta-Llama-3-8B-Instruct) | phi3_mini (Phi-3-mini-4k-instruct)
-ENCODER=${ENCODER:-clip336}  # base vision encoder: clip336 (openai/clip-vit-large-patch14-336)
+ENCODER=${ENCODER:-clip336}  # base vision encoder: clip336 (openai/clip-vit-large-patch14-336) | convnext (CLIP-ConvNeXt-XXL @ 768)
 STAGE=ift
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

@@ -99,7 +99,7 @@ class ModelConfig:
     llm: str = ""  # hub id or local folder of an AutoModelForCausalLM
     tokenizer: str | None = None  # hub id or folder; None = same as llm
     vision_tower: str = ""  # hub id or local folder of the vision encoder
-    vision_type: str = "clip"  # vision registry key: "clip", "siglip"
+    vision_type: str = "clip"  # vision registry key: "clip", "siglip", "convnext" (olavlm.model.vision.TOWERS)
     vision_feature_layer: int = -2  # hidden_states index of the tower (−2 = penultimate)
     vision_drop_cls: bool | None = None  # drop the CLS token; None = the tower's default
     projector: str = "mlp2x_gelu"  # "linear" or "mlp<N>x_gelu"

@@ -11,11 +11,17 @@ Layout of DIR::
     llm-qwen2/          Qwen2ForCausalLM   (+ tokenizer files)
     vision-clip/        CLIPVisionModel    (+ CLIPImageProcessor config), 64 px, patch 8 -> 8x8 tokens
     vision-siglip/      SiglipVisionModel  (+ SiglipImageProcessor config), 64 px, patch 16 -> 4x4 tokens
+    vision-convnext-openclip/  an open_clip-layout checkpoint (``visual.trunk.*`` timm ConvNeXt keys,
+                        ``visual.head.proj``, a few text-tower tensors, open_clip_config.json) ...
+    vision-convnext/    ... converted by ``olavlm convert open-clip`` into ConvNextModel
+                        (+ CLIPImageProcessor config): 4 stages like convnext_xxlarge, 256 px,
+                        stride 32 -> 8x8 tokens of width 64, LayerNorm eps 1e-5
     teachers/...        tiny teachers, when the teachers package provides them
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -127,6 +133,38 @@ def make_tiny_vision(out: Path, *, hidden: int = 64, layers: int = 3, image_size
     return {"vision-clip": out / "vision-clip", "vision-siglip": out / "vision-siglip"}
 
 
+def make_tiny_convnext(out: Path, *, dims=(8, 16, 32, 64), depths=(1, 1, 2, 1), image_size: int = 256,
+                       seed: int = 0) -> dict[str, Path]:
+    """A random open_clip-layout ConvNeXt CLIP checkpoint and its conversion (the real command path)."""
+    from safetensors.torch import save_file
+    from transformers import ConvNextModel
+
+    from olavlm.model.convnext import (CLIP_MEAN, CLIP_STD, convert_open_clip, convnext_config,
+                                       convnext_state_dict_to_open_clip)
+
+    torch.manual_seed(seed)
+    trunk = ConvNextModel(convnext_config(depths, dims, image_size=image_size))
+    with torch.no_grad():  # layer scale well above its 1e-6 init, so every block shapes the features
+        for name, p in trunk.named_parameters():
+            if name.endswith("layer_scale_parameter"):
+                p.uniform_(0.2, 1.0)
+    state = convnext_state_dict_to_open_clip(trunk.state_dict(), "visual.trunk.")
+    embed = 16
+    state.update({"visual.head.proj.weight": torch.randn(embed, dims[-1]) * 0.02,
+                  "token_embedding.weight": torch.randn(64, embed) * 0.02,
+                  "positional_embedding": torch.randn(8, embed) * 0.01, "logit_scale": torch.tensor(4.6052)})
+    src = out / "vision-convnext-openclip"
+    src.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(src / "open_clip_model.safetensors"))
+    open_cfg = {"model_cfg": {"embed_dim": embed, "vision_cfg": {"timm_model_name": "convnext_tiny_olavlm",
+                                                                 "timm_pool": "", "timm_proj": "linear",
+                                                                 "image_size": image_size}},
+                "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}}
+    (src / "open_clip_config.json").write_text(json.dumps(open_cfg, indent=2))
+    convert_open_clip(str(src), out / "vision-convnext", image_size=image_size, norm_eps=1e-5)  # as xxlarge
+    return {"vision-convnext-openclip": src, "vision-convnext": out / "vision-convnext"}
+
+
 def make_tiny(output: str | Path, *, seed: int = 0, with_teachers: bool = True) -> dict[str, Path]:
     """Write every tiny checkpoint into ``output``; returns {name: folder}."""
     out = Path(output)
@@ -136,6 +174,7 @@ def make_tiny(output: str | Path, *, seed: int = 0, with_teachers: bool = True) 
     written = {"tokenizer": out / "tokenizer"}
     written.update(make_tiny_llms(out, tokenizer, seed=seed))
     written.update(make_tiny_vision(out, seed=seed))
+    written.update(make_tiny_convnext(out, seed=seed))
     if with_teachers:
         try:
             from olavlm.teachers.tiny import make_tiny_teachers
@@ -151,7 +190,7 @@ def tiny_model_config(tiny_dir: str | Path, *, llm: str = "llama", vision: str =
 
     Layers fit the 4-layer tiny LLMs and include the last one (final-norm states): gen [2, 4],
     depth [1, 3], seg [2, 4]; 2 task tokens per task; output dims 16/24/16. ``overrides`` are
-    ModelConfig fields.
+    ModelConfig fields. ``vision``: "clip", "siglip" or "convnext".
     """
     from olavlm.config import ModelConfig, PredictorConfig, default_tasks
 
@@ -163,5 +202,7 @@ def tiny_model_config(tiny_dir: str | Path, *, llm: str = "llama", vision: str =
     tasks["seg"].predictor = PredictorConfig(dim=32, out_dim=16, output_layout="grid")
     fields = dict(llm=str(Path(tiny_dir) / f"llm-{llm}"), vision_tower=str(Path(tiny_dir) / f"vision-{vision}"),
                   vision_type=vision, dtype="float32", num_task_tokens=2, tasks=tasks)
+    if vision == "convnext":
+        fields["vision_feature_layer"] = -1  # a ConvNeXt tower gives its last stage only
     fields.update(overrides)
     return ModelConfig(**fields)

@@ -1,8 +1,11 @@
 """Vision towers (frozen base encoders) and the weight-free geometry helper.
 
 A tower is one :class:`TowerType` entry in :data:`TOWERS` (the HF class, how to find its vision
-config, whether it has a CLS token); adding an encoder is one class + one entry. The tower returns
-``hidden_states[model_cfg.vision_feature_layer]`` with the CLS token dropped when configured.
+config, whether it has a CLS token, its family); adding an encoder is one class + one entry. A ViT
+tower returns ``hidden_states[model_cfg.vision_feature_layer]`` with the CLS token dropped when
+configured; a ConvNeXt tower returns its raw last-stage map (no final norm), flattened row-major to
+(N, H*W, C) (token n = row n // W, column n % W), with the exact LayerNorm eps of its config
+(``olavlm.model.convnext``).
 
 :func:`vision_geometry` reads only ``config.json`` and ``preprocessor_config.json`` (no weights),
 so the data layer, the teachers and the training code can size things before any model is built.
@@ -21,6 +24,7 @@ from torch import nn
 
 from olavlm.config import ConfigError, ModelConfig
 from olavlm.data.images import ImageSpec
+from olavlm.model import convnext
 
 # PIL resampling codes as written by HF image processors (PIL.Image.Resampling values).
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -32,13 +36,16 @@ class TowerType:
 
     model_class: str  # transformers class name, e.g. "CLIPVisionModel"
     model_type: str  # config.model_type of the vision config (e.g. "clip_vision_model")
-    parent_model_type: str  # model_type of a full (image+text) checkpoint holding `vision_config`
+    parent_model_type: str | None  # model_type of a full (image+text) checkpoint holding `vision_config`
     has_cls: bool  # the tower prepends a CLS token to the patch tokens
+    family: str = "vit"  # "vit": hidden_states[layer] (N, P, C); "convnext": last stage (N, C, H, W), flattened
 
 
 TOWERS: dict[str, TowerType] = {
     "clip": TowerType("CLIPVisionModel", "clip_vision_model", "clip", has_cls=True),
     "siglip": TowerType("SiglipVisionModel", "siglip_vision_model", "siglip", has_cls=False),
+    # CLIP-ConvNeXt (open_clip) converted by `olavlm convert open-clip` into a ConvNextModel folder
+    "convnext": TowerType("ConvNextModel", "convnext", None, has_cls=False, family="convnext"),
 }
 
 
@@ -74,7 +81,10 @@ def _read_json(path_or_id: str, filename: str) -> dict[str, Any]:
     if local.is_dir():
         file = local / filename
         if not file.is_file():
-            raise FileNotFoundError(f"{file} not found (model.vision_tower={path_or_id!r})")
+            hint = ""
+            if (local / "open_clip_config.json").is_file():
+                hint = "; it is an open_clip checkpoint: convert it with `olavlm convert open-clip SRC DST`"
+            raise FileNotFoundError(f"{file} not found (model.vision_tower={path_or_id!r}){hint}")
     else:
         from huggingface_hub import hf_hub_download
 
@@ -85,12 +95,16 @@ def _read_json(path_or_id: str, filename: str) -> dict[str, Any]:
 def _vision_config_dict(model_cfg: ModelConfig) -> dict[str, Any]:
     tt = tower_type(model_cfg)
     cfg = _read_json(model_cfg.vision_tower, "config.json")
-    if cfg.get("model_type") == tt.parent_model_type and "vision_config" in cfg:
+    if tt.parent_model_type and cfg.get("model_type") == tt.parent_model_type and "vision_config" in cfg:
         cfg = cfg["vision_config"]
     elif cfg.get("model_type") != tt.model_type:
+        hint = ""
+        if tt.family == "convnext" and "model_type" not in cfg:
+            hint = " (an open_clip checkpoint? convert it: olavlm convert open-clip SRC DST)"
+        expected = " or ".join(repr(t) for t in (tt.model_type, tt.parent_model_type) if t)
         raise ConfigError(
             f"model.vision_type: {model_cfg.vision_tower!r} has model_type {cfg.get('model_type')!r}, "
-            f"expected {tt.model_type!r} or {tt.parent_model_type!r} for vision_type={model_cfg.vision_type!r}")
+            f"expected {expected} for vision_type={model_cfg.vision_type!r}{hint}")
     return cfg
 
 
@@ -108,21 +122,34 @@ def _image_spec(model_cfg: ModelConfig, image_size: int) -> ImageSpec:
     return ImageSpec(size=image_size, mean=mean, std=std, resample=_RESAMPLE[resample])  # type: ignore[arg-type]
 
 
+def _grid_and_width(model_cfg: ModelConfig, vc) -> tuple[int, int, int]:
+    """(input side, tokens per side, feature width) of a vision config, by tower family."""
+    image_size = int(vc.image_size if isinstance(vc.image_size, int) else vc.image_size[0])
+    if tower_type(model_cfg).family == "convnext":
+        n = int(vc.num_stages)
+        if model_cfg.vision_feature_layer not in (-1, n):
+            raise ConfigError(f"model.vision_feature_layer: {model_cfg.vision_feature_layer} is not available: "
+                              f"a convnext tower gives its last stage only (set -1)")
+        stride, width = convnext.convnext_stride(vc), convnext.convnext_width(vc)
+    else:
+        stride, width = int(vc.patch_size), int(vc.hidden_size)
+    if image_size % stride:
+        raise ConfigError(f"model.vision_tower: image_size {image_size} is not a multiple of the tower's "
+                          f"stride {stride}")
+    return image_size, image_size // stride, width
+
+
 def vision_geometry(model_cfg: ModelConfig) -> VisionGeometry:
     """Token count, grid and input spec of the configured tower, from its JSON files only."""
     from transformers import CONFIG_MAPPING
 
     raw = _vision_config_dict(model_cfg)
     vc = CONFIG_MAPPING[tower_type(model_cfg).model_type].from_dict(raw)  # fills the class defaults
-    image_size, patch = int(vc.image_size), int(vc.patch_size)
-    if image_size % patch:
-        raise ConfigError(f"model.vision_tower: image_size {image_size} is not a multiple of patch_size {patch}")
-    grid = image_size // patch
+    image_size, grid, width = _grid_and_width(model_cfg, vc)
     dropped = drop_cls(model_cfg)  # validates the field even for towers without CLS
     keep_cls = tower_type(model_cfg).has_cls and not dropped
     tokens = grid * grid + (1 if keep_cls else 0)
-    return VisionGeometry(num_tokens=tokens, grid=grid, spec=_image_spec(model_cfg, image_size),
-                          hidden_size=int(vc.hidden_size))
+    return VisionGeometry(num_tokens=tokens, grid=grid, spec=_image_spec(model_cfg, image_size), hidden_size=width)
 
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -135,17 +162,26 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 class VisionTower(nn.Module):
-    """Frozen HF vision encoder returning the selected layer's patch features (N, P, C)."""
+    """Frozen HF vision encoder returning patch features (N, P, C): the selected hidden layer of a ViT
+    (CLS dropped when configured), or the flattened last-stage map of a ConvNeXt."""
 
-    def __init__(self, model: nn.Module, *, feature_layer: int, drop_cls: bool) -> None:
+    def __init__(self, model: nn.Module, *, feature_layer: int, drop_cls: bool, family: str = "vit") -> None:
         super().__init__()
         self.model = model
         self.feature_layer = feature_layer  # index into hidden_states (embeddings output is 0)
         self.drop_cls = drop_cls
+        self.family = family
         self.requires_grad_(False)
         self.model.eval()
         n = model.config.num_hidden_layers
-        if not -(n + 1) <= feature_layer <= n:
+        if family == "convnext":
+            if feature_layer not in (-1, n):
+                raise ConfigError(f"model.vision_feature_layer: {feature_layer} is not available: a convnext "
+                                  "tower gives its last stage only (set -1)")
+            eps = getattr(model.config, "norm_eps", None)  # transformers hard-codes 1e-6 in its norms
+            if eps is not None:
+                convnext.apply_norm_eps(model, eps)
+        elif not -(n + 1) <= feature_layer <= n:
             raise ConfigError(f"model.vision_feature_layer: {feature_layer} is outside -{n + 1}..{n} for this tower")
 
     @classmethod
@@ -154,10 +190,18 @@ class VisionTower(nn.Module):
 
         tt = tower_type(model_cfg)
         hf_cls = getattr(transformers, tt.model_class)
-        model = hf_cls.from_pretrained(path or model_cfg.vision_tower, dtype=torch_dtype(model_cfg.dtype),
-                                       attn_implementation=model_cfg.attn_implementation
-                                       if model_cfg.attn_implementation != "flash_attention_2" else "sdpa")
-        return cls(model, feature_layer=model_cfg.vision_feature_layer, drop_cls=drop_cls(model_cfg))
+        source = path or model_cfg.vision_tower
+        kwargs: dict[str, Any] = {"dtype": torch_dtype(model_cfg.dtype)}
+        if tt.family == "vit":
+            kwargs["attn_implementation"] = (model_cfg.attn_implementation
+                                             if model_cfg.attn_implementation != "flash_attention_2" else "sdpa")
+        model, info = hf_cls.from_pretrained(source, output_loading_info=True, **kwargs)
+        if tt.family == "convnext" and info["missing_keys"]:  # never train on a half-random tower
+            missing = sorted(info["missing_keys"])
+            raise ConfigError(f"model.vision_tower: {source} lacks {len(missing)} {tt.model_class} weight(s), "
+                              f"e.g. {missing[:3]}")
+        return cls(model, feature_layer=model_cfg.vision_feature_layer, drop_cls=drop_cls(model_cfg),
+                   family=tt.family)
 
     def train(self, mode: bool = True) -> "VisionTower":
         super().train(mode)
@@ -167,6 +211,8 @@ class VisionTower(nn.Module):
 
     @property
     def hidden_size(self) -> int:
+        if self.family == "convnext":
+            return convnext.convnext_width(self.model.config)
         return self.model.config.hidden_size
 
     @property
@@ -176,6 +222,9 @@ class VisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         trainable = any(p.requires_grad for p in self.parameters())
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            if self.family == "convnext":  # raw last stage (no final norm), (N, C, H, W) -> (N, H*W, C)
+                last = self.model(pixel_values=pixel_values.to(self.dtype)).last_hidden_state
+                return last.flatten(2).transpose(1, 2)
             out = self.model(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)
             feats = out.hidden_states[self.feature_layer]
         return feats[:, 1:] if self.drop_cls else feats

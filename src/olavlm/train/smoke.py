@@ -4,9 +4,10 @@
 
 ``python -m olavlm.train.smoke --tiny runs/tiny --recipe configs/llama3_8b_clip336/pt.yaml``
 prints (one per line) the ``--section.key=value`` overrides that point the recipe at the tiny
-checkpoints, shrink batch sizes and layers to them, train in fp32 (``--keep-precision`` keeps
-bf16) and stop after 2 optimizer steps; the
-``scripts/train/*.sh`` wrappers use it when ``TINY`` is set. Everything else in the recipe (stage,
+checkpoints (the tiny LLM of its template, the tiny tower of its ``model.vision_type``: CLIP,
+SigLIP or ConvNeXt), shrink batch sizes and layers to them, train in fp32 (``--keep-precision``
+keeps bf16) and stop after 2 optimizer steps; the ``scripts/train/*.sh`` wrappers use it when
+``TINY`` is set. Everything else in the recipe (stage,
 template, geometry, sampler, schedule, freezing, gradient checkpointing) is exercised as written.
 """
 
@@ -20,6 +21,8 @@ import numpy as np
 
 # tiny LLM folder of `olavlm make-tiny` standing in for each template's real LLM
 TINY_LLM = {"llava_llama_3": "llm-llama", "llava_phi_3": "llm-phi3"}
+# tiny vision tower of `olavlm make-tiny` standing in for each vision registry entry
+TINY_VISION = {"clip": "vision-clip", "siglip": "vision-siglip", "convnext": "vision-convnext"}
 # tiny teacher folder of `olavlm make-tiny` per teacher registry name
 TINY_TEACHER = {"depth_anything": "teacher-depth", "oneformer": "teacher-seg", "unclip": "teacher-gen"}
 
@@ -68,7 +71,7 @@ def smoke_overrides(tiny: str | Path, recipe: str | Path, out: str | Path = "run
 
     ``fp32``: train in float32 without autocast (CPUs without native bf16 run bf16 autocast ~10x
     slower than fp32 at these sizes); False keeps the recipe's precision."""
-    from olavlm.config import load_config
+    from olavlm.config import ConfigError, load_config
     from olavlm.model.vision import vision_geometry
     from olavlm.teachers import build_teacher
 
@@ -76,10 +79,14 @@ def smoke_overrides(tiny: str | Path, recipe: str | Path, out: str | Path = "run
     cfg = load_config(recipe)
     llm = tiny / TINY_LLM.get(cfg.data.template, "llm-llama")
     layers = json.loads((llm / "config.json").read_text())["num_hidden_layers"]
+    vision_type = cfg.model.vision_type
+    if vision_type not in TINY_VISION:
+        raise ConfigError(f"model.vision_type: no tiny stand-in for {vision_type!r} (have {sorted(TINY_VISION)})")
+    vision = tiny / TINY_VISION[vision_type]
     data_json = out / "data" / "train.json"
     if not data_json.is_file():
         write_smoke_dataset(out / "data")
-    o = [f"--model.llm={llm}", f"--model.vision_tower={tiny / 'vision-clip'}", "--model.vision_type=clip",
+    o = [f"--model.llm={llm}", f"--model.vision_tower={vision}", f"--model.vision_type={vision_type}",
          "--model.tokenizer=null", "--model.layer_spec=null", "--model.weight_spec=null",
          f"--data.train_file={data_json}", f"--data.image_folder={out / 'data' / 'images'}",
          "--data.num_workers=0", "--data.teacher_image_size=null", "--data.target_cache=null",
@@ -90,7 +97,7 @@ def smoke_overrides(tiny: str | Path, recipe: str | Path, out: str | Path = "run
         o += ["--model.dtype=float32", "--train.bf16=false"]
     if cfg.train.init_from:
         o.append(f"--train.init_from={_remap(cfg.train.init_from, out)}")
-    cfg.model.vision_tower, cfg.model.vision_type = str(tiny / "vision-clip"), "clip"
+    cfg.model.vision_tower, cfg.model.vision_type = str(vision), vision_type
     grid = vision_geometry(cfg.model).grid
     spread = {0: [max(1, layers // 2), layers], 1: [max(1, layers // 2), layers - 1], 2: [1, layers]}
     for i, (name, task) in enumerate(sorted(cfg.model.tasks.items())):
