@@ -436,7 +436,8 @@ def test_deep_verify_rehashes_and_cli(damaged, capsys):
     capsys.readouterr()
     assert main(["targets", "verify", str(damaged), "--deep"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("olavlm: error: ") and "shard-00000.safetensors: sha256 differs" in err
+    assert err.count("\n") == 1 and err.startswith("olavlm: error: ")
+    assert "shard-00000.safetensors: sha256 differs" in err
     assert main(["targets", "verify", str(damaged.parent / "nowhere")]) == 2
     assert "not a target cache" in capsys.readouterr().err
 

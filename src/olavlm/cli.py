@@ -6,7 +6,7 @@ collects them. Imports are per package so ``olavlm --help`` stays fast.
 User errors (:class:`olavlm.errors.UserError` and its subclasses: config, data, cache, checkpoint
 problems; a missing or unreadable file the user named) end the command with ONE line on stderr,
 ``olavlm: error: <what> (<field or file>)``, and exit status 2. ``--debug`` (anywhere on the
-command line) or ``OLAVLM_DEBUG=1`` shows the traceback instead. See ``docs/errors.md``.
+command line) or ``OLAVLM_DEBUG=1`` shows the traceback instead (README "Errors").
 """
 
 from __future__ import annotations

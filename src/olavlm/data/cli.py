@@ -126,7 +126,7 @@ def cmd_check(args) -> int:
                                      progress=not args.no_progress, image_geometry=args.image_geometry,
                                      limits=limits)
     except (RecordFileError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"olavlm: error: {e}", file=sys.stderr)
         return 2
     print(format_report(report, messages))
     if args.report:

@@ -12,7 +12,7 @@ from olavlm.errors import UserError
 REASONS = (
     "missing_image",         # the referenced image file does not exist
     "unreadable_image",      # the file exists but cannot be decoded (zero bytes, truncated, bomb, ...)
-    "bad_image_size",        # aspect ratio or size after the geometry beyond data.max_image_aspect / max_geometry_pixels
+    "bad_image_size",        # aspect ratio / size after the geometry over data.max_image_aspect / max_geometry_pixels
     "bad_conversation",      # not a list, no turns, wrong role order, empty or non-string value
     "image_token_mismatch",  # number of <image> placeholders != number of images of the record
     "too_long",              # longer than max_length after image and task-token expansion

@@ -222,8 +222,8 @@ def _decode(path: Path, data: bytes | None, limits: ImageLimits, geometry: str |
         raise BadSample("unreadable_image", f"{path}: {e}") from None
     except UnidentifiedImageError:
         empty = (len(data) if data is not None else path.stat().st_size) == 0
-        raise BadSample("unreadable_image", f"{path}: {'zero-byte file' if empty else 'not a recognised image format'}") \
-            from None
+        kind = "zero-byte file" if empty else "not a recognised image format"
+        raise BadSample("unreadable_image", f"{path}: {kind}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated / corrupt data
         raise BadSample("unreadable_image", f"{path}: {type(e).__name__}: {e}") from None
 

@@ -61,7 +61,8 @@ def run_verify(args) -> int:
     cache = TargetCache.open(path, check=False)
     stats = cache.check_files(deep=args.deep)
     what = "sizes, headers and sha256" if args.deep else "sizes and headers (add --deep to re-hash the shards)"
-    state = "complete" if cache.complete else f"INCOMPLETE ({cache.index.get('present_shards')}/{len(cache.shards)} shards)"
+    present = cache.index.get("present_shards")
+    state = "complete" if cache.complete else f"INCOMPLETE ({present}/{len(cache.shards)} shards)"
     print(f"target cache {path}: OK, {stats['entries']} images in {stats['shards']} shard(s), {state}; checked {what}")
     return 0
 
