@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from olavlm.data import BadSample
-from olavlm.data.images import ImageSpec, load_image, pixel_values, to_square, uint8_tensor
+from olavlm.data.images import ImageLimits, ImageSpec, load_image, pixel_values, to_square, uint8_tensor
 
 CLIP_SPEC = ImageSpec(size=64, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
 
@@ -87,7 +87,7 @@ def test_bad_files_raise_reasons(tmp_path):
     assert e.value.reason == "unreadable_image"
     big = _write(Image.new("L", (200, 200)), tmp_path / "big.png", "PNG")
     with pytest.raises(BadSample) as e:
-        load_image(big, max_pixels=100 * 100)
+        load_image(big, limits=ImageLimits(max_pixels=100 * 100))
     assert e.value.reason == "unreadable_image" and "decompression" in str(e.value)
     with pytest.raises(BadSample):
         load_image(tmp_path)  # a directory is not an image file

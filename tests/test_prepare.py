@@ -34,7 +34,9 @@ class Server:
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
-        self.faults: dict[str, list[str]] = {}  # path -> faults for the next GETs ("drop", "corrupt", "500")
+        # path -> faults for the next GETs ("drop", "corrupt", "500", "nolength")
+        self.faults: dict[str, list[str]] = {}
+        self.redirects: dict[str, str] = {}  # path -> Location of a 302 answer (HEAD and GET)
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self.lock = threading.Lock()
         server = self
@@ -49,6 +51,12 @@ class Server:
                 with server.lock:
                     server.log.append((self.command, path, rng))
                     fault = server.faults[path].pop(0) if (not head and server.faults.get(path)) else None
+                if path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = server.files.get(path)
                 if body is None or fault == "404":
                     self.send_response(404)
@@ -70,7 +78,8 @@ class Server:
                 self.send_response(206 if rng else 200)
                 if rng:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                self.send_header("Content-Length", str(len(body) - start))
+                if fault != "nolength":  # without it, HTTP/1.0 ends the body when the connection closes
+                    self.send_header("Content-Length", str(len(body) - start))
                 self.send_header("Accept-Ranges", "bytes")
                 if path.startswith("/datasets/"):
                     self.send_header("X-Repo-Commit", COMMIT)
@@ -484,3 +493,163 @@ def test_allava_assemble_drops_unsafe_paths_and_flags_foreign_folders(tmp_path):
     (tmp_path / "p.json").write_text('[{"id": 1,')
     with pytest.raises(ValueError, match="line 1"):
         assemble(spec, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# hostile sources
+# ------------------------------------------------------------------------------------------------
+
+
+def test_redirect_only_to_the_same_host_or_an_allow_listed_cdn(server, tmp_path):
+    from olavlm.data.prepare.download import DownloadError, RedirectRefused, host_allowed, http_size
+
+    port = server.httpd.server_address[1]
+    server.files["/real.bin"] = data = b"r" * 1000
+    server.redirects["/same.bin"] = "/real.bin"  # relative: same host
+    server.redirects["/other.bin"] = f"http://localhost:{port}/real.bin"  # another host name
+    server.redirects["/file.bin"] = "file:///etc/passwd"
+    download_http(server.base + "/same.bin", tmp_path / "same.bin", size=1000, backoff=0.01, progress=False)
+    assert (tmp_path / "same.bin").read_bytes() == data
+    before = len(server.gets("/real.bin"))
+    with pytest.raises(RedirectRefused, match="redirect to http://localhost:.* refused"):
+        download_http(server.base + "/other.bin", tmp_path / "other.bin", backoff=0.01, progress=False)
+    assert len(server.gets("/real.bin")) == before and len(server.gets("/other.bin")) == 1  # refused, not retried
+    with pytest.raises(DownloadError):
+        download_http(server.base + "/file.bin", tmp_path / "file.bin", backoff=0.01, progress=False)
+    with pytest.raises(RedirectRefused):
+        http_size(server.base + "/other.bin")
+    # the source's allow-listed CDN is followed
+    download_http(server.base + "/other.bin", tmp_path / "cdn.bin", backoff=0.01, progress=False,
+                  allowed_hosts=("localhost",))
+    assert (tmp_path / "cdn.bin").read_bytes() == data and http_size(server.base + "/other.bin",
+                                                                        allowed_hosts=("localhost",)) == 1000
+    assert host_allowed("img.cdn.example.org", "example.org", (".cdn.example.org",))
+    assert not host_allowed("evilcdn.example.org", "example.org", (".cdn.example.org",))
+    assert not host_allowed("cdn.example.org.evil", "example.org", ("cdn.example.org",))
+
+
+def test_byte_cap_from_the_registry_without_content_length(server, tmp_path):
+    from olavlm.data.prepare.download import DownloadError
+
+    server.files["/big.bin"] = b"b" * (3 << 20)
+    server.faults["/big.bin"] = ["nolength"]
+    with pytest.raises(DownloadError, match="sent more than the 1000 bytes the registry expects"):
+        download_http(server.base + "/big.bin", tmp_path / "big.bin", size=1000, backoff=0.01, progress=False)
+    assert not (tmp_path / "big.bin").exists() and not (tmp_path / "big.bin.part").exists()
+    server.files["/ok.bin"] = b"o" * 5000
+    server.faults["/ok.bin"] = ["nolength"]
+    download_http(server.base + "/ok.bin", tmp_path / "ok.bin", size=5000, backoff=0.01, progress=False)
+    assert (tmp_path / "ok.bin").read_bytes() == server.files["/ok.bin"]
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A valid PNG signature + IHDR of w x h and a tiny IDAT: a decompression bomb by its header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_ocr_vqa_hostile_names_bombs_and_undecodable_images(server, tmp_path, monkeypatch):
+    from olavlm.data.prepare import ocr_vqa
+
+    server.files["/i/ok.jpg"] = jpeg()
+    server.files["/i/bomb.png"] = _png_header_only(100_000, 100_000)
+    server.files["/i/big.png"] = _png_header_only(10_000, 10_000)  # 1e8 pixels: over the guard, under PIL's error
+    server.files["/i/text.jpg"] = b"<html>not an image</html>"
+    server.files["/i/huge.jpg"] = jpeg() + b"\0" * 4096
+    server.faults["/i/huge.jpg"] = ["nolength"]
+    monkeypatch.setattr(ocr_vqa, "MAX_IMAGE_BYTES", 2048)
+    port = server.httpd.server_address[1]
+    server.redirects["/i/moved.jpg"] = f"http://localhost:{port}/i/ok.jpg"
+    (tmp_path / "ocr_vqa").mkdir()
+    url = server.base + "/i/"
+    (tmp_path / "ocr_vqa/dataset.json").write_text(json.dumps({
+        "ok": {"imageURL": url + "ok.jpg"}, "bomb": {"imageURL": url + "bomb.png"},
+        "big": {"imageURL": url + "big.png"},
+        "text": {"imageURL": url + "text.jpg"}, "huge": {"imageURL": url + "huge.jpg"},
+        "moved": {"imageURL": url + "moved.jpg"}, "local": {"imageURL": "file:///etc/passwd"},
+        "../../escape": {"imageURL": url + "ok.jpg"}, "up": {"imageURL": url + "ok.jpg"}}))
+    recs = [{"id": f"r{k}", "image": f"ocr_vqa/images/{k}.jpg", "conversations": conv(0)}
+            for k in ("ok", "bomb", "big", "text", "huge", "moved", "local", "../../escape", "sub/../../up")]
+    (tmp_path / "llava.json").write_text(json.dumps(recs))
+    spec = sources.OcrVqaSpec(dataset_json="ocr_vqa/dataset.json", image_dir="ocr_vqa/images",
+                              referenced_by="llava.json", image_prefix="ocr_vqa/images/")
+    rep = fetch_ocr_vqa(spec, tmp_path, workers=2, retries=0, backoff=0.01, progress=False)
+    assert rep["fetched"] == 1 and sorted(p.name for p in (tmp_path / "ocr_vqa/images").iterdir()) == ["ok.jpg"]
+    assert set(rep["unsafe_names"]) == {"../../escape.jpg", "sub/../../up.jpg"}
+    assert not (tmp_path / "escape.jpg").exists() and not (tmp_path / "up.jpg").exists()
+    assert not any(tmp_path.glob("**/escape.jpg")) and not any(tmp_path.glob("**/up.jpg"))
+    assert set(rep["bad_images"]) == {"bomb.jpg", "big.jpg", "text.jpg", "huge.jpg"}
+    assert all("decompression bomb" in rep["bad_images"][n] for n in ("bomb.jpg", "big.jpg"))
+    assert "not a decodable image" in rep["bad_images"]["text.jpg"] and "2048 bytes" in rep["bad_images"]["huge.jpg"]
+    assert "refused" in rep["dead"]["moved.jpg"] and "not an http(s) URL" in rep["dead"]["local.jpg"]
+    assert sorted(rep["missing_samples"]) == sorted(f"r{k}" for k in ("bomb", "big", "text", "huge", "moved", "local",
+                                                                       "../../escape", "sub/../../up"))
+    saved = json.loads((tmp_path / spec.report).read_text())
+    assert saved["bad_images"] == rep["bad_images"] and saved["unsafe_names"] == rep["unsafe_names"]
+    # a second run does not fetch bad images again (like dead links), unless asked
+    n = len(server.gets("/i/bomb.png"))
+    again = fetch_ocr_vqa(spec, tmp_path, workers=2, retries=0, backoff=0.01, progress=False)
+    assert again["bad_images"] == rep["bad_images"] and len(server.gets("/i/bomb.png")) == n
+    # the CDN of the source: allow-listed redirects are followed
+    cdn = dataclasses.replace(spec, redirect_hosts=("localhost",))
+    assert fetch_ocr_vqa(cdn, tmp_path, workers=2, retries=0, backoff=0.01, progress=False,
+                         retry_dead=True)["fetched"] == 1  # moved.jpg
+
+
+def test_unpack_size_limit_zip_and_tar(tmp_path):
+    import tarfile
+
+    from olavlm.data.prepare.archive import UNPACK_RATIO, UNPACK_SLACK, unpack_limit
+
+    assert unpack_limit(1 << 20) == UNPACK_RATIO * (1 << 20) + UNPACK_SLACK < 1 << 30  # "1 MiB zip -> 1 GiB" refused
+    zeros = b"\0" * (4 << 20)
+    z = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.bin", zeros)
+        zf.writestr("b.bin", zeros)
+    assert z.stat().st_size < 64 << 10
+    with pytest.raises(UnsafeArchive, match="unpack to 8.0 MiB, more than the limit of 1.0 MiB"):
+        safe_extract(z, tmp_path / "o", progress=False, max_bytes=1 << 20)
+    assert not (tmp_path / "o" / "a.bin").exists()
+    assert safe_extract(z, tmp_path / "o", progress=False) == 2  # 8 MiB is within the default's slack
+    t = tmp_path / "bomb.tar.gz"
+    with tarfile.open(t, "w:gz") as tf:
+        info = tarfile.TarInfo("z.bin")
+        info.size = len(zeros)
+        tf.addfile(info, io.BytesIO(zeros))
+    with pytest.raises(UnsafeArchive, match="more than the limit"):
+        safe_extract(t, tmp_path / "t", progress=False, max_bytes=1 << 20)
+    assert not any((tmp_path / "t").iterdir())
+
+
+def test_unpack_name_clashes_are_reported(tmp_path):
+    import warnings
+
+    from olavlm.data.prepare.archive import ArchiveError
+
+    z = tmp_path / "dup.zip"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
+        with zipfile.ZipFile(z, "w") as zf:
+            zf.writestr("img/1.jpg", b"first")
+            zf.writestr("img/1.jpg", b"second")
+    with pytest.raises(ArchiveError, match="'img/1.jpg' and 'img/1.jpg' are the same path"):
+        safe_extract(z, tmp_path / "o", progress=False)
+    z.write_bytes(make_zip({"a": b"file", "a/b.jpg": b"x"}))
+    with pytest.raises(ArchiveError, match="'a' is a file but 'a/b.jpg' needs it as a folder"):
+        safe_extract(z, tmp_path / "o", progress=False)
+    first, second = tmp_path / "one.zip", tmp_path / "two.zip"
+    first.write_bytes(make_zip({"x/1.jpg": b"from one"}))
+    second.write_bytes(make_zip({"y/1.jpg": b"from archive two"}))
+    assert safe_extract(first, tmp_path / "flat", flatten=True, progress=False) == 1
+    assert safe_extract(first, tmp_path / "flat", flatten=True, progress=False) == 1  # a re-run is fine
+    with pytest.raises(ArchiveError, match="would overwrite .*1.jpg, a different file of 8 bytes"):
+        safe_extract(second, tmp_path / "flat", flatten=True, progress=False)
+    assert (tmp_path / "flat" / "1.jpg").read_bytes() == b"from one"
+    assert not list((tmp_path / "flat").glob("*.part"))

@@ -336,3 +336,135 @@ def test_torchrun_two_ranks_share_the_shards(built, tiny_dir, dataset, tmp_path)
     for key, value in all_targets(reference).items():
         for task, target in value.items():  # other batch composition: equal up to bf16 rounding
             torch.testing.assert_close(cache.get(key)[task].float(), target.float(), rtol=2 ** -7, atol=2e-2)
+
+
+# ------------------------------------------------------------------------------------------ integrity
+
+
+@pytest.fixture
+def damaged(built, tmp_path):
+    """A private copy of the reference cache to damage."""
+    import shutil
+
+    shutil.copytree(built[0].data.target_cache, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+def _edit_index(root, fn):
+    index = json.loads((root / "index.json").read_text())
+    fn(index)
+    (root / "index.json").write_text(json.dumps(index))
+
+
+def test_index_records_shard_sizes_and_sha256(built):
+    root = built[2].root
+    files = built[2].index["shard_files"]
+    assert sorted(files) == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    for name, info in files.items():
+        data = (root / name).read_bytes()
+        assert info == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert built[2].check_files(deep=True) == {"shards": 3, "entries": N_GOOD, "hashed": 3}
+
+
+def test_edited_index_is_refused_at_open(damaged):
+    entries = TargetCache.open(damaged, check=False).entries
+    a, b = [k for k, v in entries.items() if v[0] == 0][:2]
+
+    def swap(index):
+        ea, eb = index["entries"][a], index["entries"][b]
+        ea[1], eb[1] = eb[1], ea[1]
+
+    _edit_index(damaged, swap)
+    with pytest.raises(CacheError, match=f"entry '{a}' points at row .* which holds '{b}'"):
+        TargetCache.open(damaged)
+    _edit_index(damaged, swap)  # back to intact
+    TargetCache.open(damaged)
+    _edit_index(damaged, lambda index: index["entries"][a].__setitem__(1, 99))
+    with pytest.raises(CacheError, match="points at row 99 of shard-00000.safetensors, which has 4 rows"):
+        TargetCache.open(damaged)
+    _edit_index(damaged, lambda index: index["entries"][a].__setitem__(0, 7))
+    with pytest.raises(CacheError, match="is not \\[shard, row, sha1\\] within the 3 shard"):
+        TargetCache.open(damaged)
+
+
+def test_truncated_shard_is_refused_at_open(damaged):
+    shard = damaged / "shard-00001.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CacheError, match="shard-00001.safetensors: .* bytes, the index recorded"):
+        TargetCache.open(damaged)
+    _edit_index(damaged, lambda index: index.pop("shard_files"))  # an index without sizes: the header check
+    with pytest.raises(CacheError, match="not a readable target shard"):
+        TargetCache.open(damaged)
+    shard.unlink()
+    with pytest.raises(CacheError, match="shard used by 3 cache entries is missing"):
+        TargetCache.open(damaged)
+
+
+def test_same_named_shard_of_another_cache(damaged, tiny_dir, dataset, teachers, tmp_path):
+    """A cache of the same configuration over the images in another order: same run digest, other rows."""
+    import shutil
+
+    records = json.loads((dataset / "data.json").read_text())[::-1]
+    other_data = tmp_path / "other"
+    other_data.mkdir()
+    (other_data / "data.json").write_text(json.dumps(records))
+    shutil.copytree(dataset / "images", other_data / "images")
+    other = make_cfg(tiny_dir, other_data, tmp_path / "other-cache")
+    precompute(other, batch_size=4, shard_size=4, teachers=teachers, progress=False, device="cpu")
+    foreign = tmp_path / "other-cache" / "shard-00000.safetensors"
+    shutil.copyfile(foreign, damaged / "shard-00000.safetensors")
+    with pytest.raises(CacheError, match="shard-00000.safetensors"):
+        TargetCache.open(damaged)
+    size = foreign.stat().st_size  # even with a doctored size, the rows give it away
+    _edit_index(damaged, lambda index: index["shard_files"]["shard-00000.safetensors"].__setitem__("size", size))
+    with pytest.raises(CacheError, match="holds|rows"):
+        TargetCache.open(damaged)
+
+
+def test_deep_verify_rehashes_and_cli(damaged, capsys):
+    from olavlm.cli import main
+
+    assert main(["targets", "verify", str(damaged), "--deep"]) == 0
+    assert "OK, 7 images in 3 shard(s), complete; checked sizes, headers and sha256" in capsys.readouterr().out
+    shard = damaged / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # one flipped bit in the tensor data: same size, readable header
+    shard.write_bytes(bytes(data))
+    TargetCache.open(damaged)  # the fast check cannot see it
+    assert main(["targets", "verify", str(damaged)]) == 0
+    capsys.readouterr()
+    assert main(["targets", "verify", str(damaged), "--deep"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("olavlm: error: ")
+    assert "shard-00000.safetensors: sha256 differs" in err
+    assert main(["targets", "verify", str(damaged.parent / "nowhere")]) == 2
+    assert "not a target cache" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["online", "error"])
+def test_image_edited_after_precompute(built, teachers, dataset, tmp_path, mode):
+    """The dataset passes the sha1 of the bytes it read: an edited image is a miss (online) or an error."""
+    import dataclasses
+    import shutil
+
+    from olavlm.data.dataset import LlavaDataset
+    from olavlm.model.io import load_tokenizer
+    from olavlm.model.vision import vision_geometry
+
+    cfg, _, cache = built
+    shutil.copytree(dataset / "images", tmp_path / "images")
+    Image.fromarray(np.zeros((30, 30, 3), dtype=np.uint8)).save(tmp_path / "images" / "sub/1.jpg")  # edited
+    data = dataclasses.replace(cfg.data, image_folder=str(tmp_path / "images"), cache_miss=mode)
+    geo = vision_geometry(cfg.model)
+    ds = LlavaDataset(data, load_tokenizer(cfg.model), image_spec=geo.spec, tokens_per_image=geo.num_tokens + 24,
+                      teacher_image_size=teacher_image_size(cfg, teachers), target_lookup=cache.get)
+    assert ds[0]["targets"][0] is not None  # an unchanged image still hits the cache
+    torch.testing.assert_close(ds[0]["targets"][0]["depth"], cache.get("0.png")["depth"], rtol=0, atol=0)
+    if mode == "online":
+        assert ds[1]["image_keys"] == ["sub/1.jpg"] and ds[1]["targets"] == [None]
+    else:
+        with pytest.raises(CacheError, match="image 'sub/1.jpg' changed after its targets were cached"):
+            ds[1]
+    with pytest.raises(KeyError, match="changed"):
+        cache.get("sub/1.jpg", sha1="0" * 40)

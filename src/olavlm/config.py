@@ -147,6 +147,9 @@ class DataConfig:
     max_length: int = 4096  # after image and task-token expansion
     truncate: bool = False  # cut over-long text (never inside an image/task span) instead of rejecting
     on_bad_sample: OnBadSample = "skip"  # skip | error
+    max_image_aspect: float = 20.0  # long / short side; beyond = bad_image_size (checked from the file header)
+    max_image_pixels: int = 89_478_485  # decoded width x height; beyond = unreadable_image (decompression bomb)
+    max_geometry_pixels: int = 67_108_864  # largest image the geometry builds (pad canvas max(w,h)^2); 8192^2
     num_workers: int = 2
     sampler: SamplerKind = "random"  # random | modality_length
     target_cache: str | None = None  # folder written by `olavlm targets precompute`

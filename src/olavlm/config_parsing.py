@@ -83,15 +83,18 @@ def coerce(value: Any, tp: Any, where: str, build: Callable[[type, dict, str], A
             if type(None) in args:
                 return None
             raise ConfigError(f"{where}: must not be null")
-        errors = []
+        errors: list[ConfigError] = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return coerce(value, arg, where, build)
             except ConfigError as e:
-                errors.append(str(e))
-        raise errors[0] if len(errors) == 1 else ConfigError(f"{where}: {value!r} does not match {tp}")
+                errors.append(e)
+        if len(errors) == 1:  # e.g. `int | None`: the one real type's message names the field
+            raise errors[0]
+        names = " or ".join(_type_name(a) for a in args if a is not type(None))
+        raise ConfigError(f"{where}: {value!r} is not {names}")
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if isinstance(value, str) and value in choices:

@@ -2,8 +2,9 @@
 
 Every record is examined in the order the dataset uses (conversation -> tokenization and
 expanded length -> images) and gets at most ONE reason from :data:`olavlm.data.REASONS`; every
-referenced image is fully decoded (in parallel threads, each path once). Without a tokenizer
-only the records' structure and the images are checked.
+referenced image is fully decoded (in parallel threads, each path once) behind the same size guard
+training uses (``image_geometry`` + ``limits``, :class:`olavlm.data.images.ImageLimits`). Without a
+tokenizer only the records' structure and the images are checked.
 
 Report: ``{"total": n, "ok": n, "problems": {reason: count}, "examples": {reason: [ids]}}``.
 """
@@ -16,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from olavlm.data.errors import REASONS, BadSample
-from olavlm.data.images import load_image
+from olavlm.data.images import DEFAULT_LIMITS, ImageLimits, load_image
 from olavlm.data.records import RecordIndex, record_images
 from olavlm.data.templates import get_template, normalize_conversation
 from olavlm.data.tokenize import encode_conversation
@@ -27,8 +28,9 @@ _BLOCK = 64  # records per thread-pool task
 
 class _Checker:
     def __init__(self, index: RecordIndex, image_folder: str | Path, tokenizer, template, max_length,
-                 tokens_per_image) -> None:
+                 tokens_per_image, image_opts: dict | None = None) -> None:
         self.index = index
+        self.image_opts = image_opts or {}  # limits / geometry / side of the size guard
         self.folder = Path(image_folder)
         self.tokenizer = tokenizer
         self.template = template
@@ -44,7 +46,7 @@ class _Checker:
             problem = self._images.get(key)
         if not known:
             try:
-                load_image(self.folder / key)
+                load_image(self.folder / key, **self.image_opts)
                 problem = None
             except BadSample as e:
                 problem = e
@@ -83,7 +85,8 @@ class _Checker:
 
 def run_check(data_file, image_folder, *, tokenizer=None, template: str | None = None, max_length: int | None = None,
               tokens_per_image: int | None = None, workers: int = 4, progress: bool = True,
-              max_examples: int = MAX_EXAMPLES) -> tuple[dict, dict[str, str]]:
+              max_examples: int = MAX_EXAMPLES, image_geometry: str | None = "pad",
+              image_side: int | None = None, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[dict, dict[str, str]]:
     """:func:`check_dataset` plus the first message per reason (for the CLI table)."""
     if tokenizer is not None:
         if template is None:
@@ -92,7 +95,8 @@ def run_check(data_file, image_folder, *, tokenizer=None, template: str | None =
         if max_length is not None and tokens_per_image is None:
             raise ValueError("check_dataset: max_length needs tokens_per_image (positions per image after expansion)")
     index = RecordIndex.build(data_file)
-    checker = _Checker(index, image_folder, tokenizer, template, max_length, tokens_per_image)
+    checker = _Checker(index, image_folder, tokenizer, template, max_length, tokens_per_image,
+                       {"limits": limits, "geometry": image_geometry, "side": image_side})
     problems: Counter = Counter()
     examples: dict[str, list[str]] = {}
     messages: dict[str, str] = {}
@@ -122,13 +126,15 @@ def run_check(data_file, image_folder, *, tokenizer=None, template: str | None =
 
 def check_dataset(data_file, image_folder, *, tokenizer=None, template: str | None = None,
                   max_length: int | None = None, tokens_per_image: int | None = None, workers: int = 4,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, image_geometry: str | None = "pad", image_side: int | None = None,
+                  limits: ImageLimits = DEFAULT_LIMITS) -> dict:
     """Check every record and image of ``data_file``; returns the report dict (module docstring).
 
     Raises :class:`~olavlm.data.records.RecordFileError` when the file itself is malformed.
     """
     report, _ = run_check(data_file, image_folder, tokenizer=tokenizer, template=template, max_length=max_length,
-                          tokens_per_image=tokens_per_image, workers=workers, progress=progress)
+                          tokens_per_image=tokens_per_image, workers=workers, progress=progress,
+                          image_geometry=image_geometry, image_side=image_side, limits=limits)
     return report
 
 

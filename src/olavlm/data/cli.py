@@ -39,6 +39,10 @@ def register(sub) -> None:
     check.add_argument("--image-folder", required=True, help="folder the records' image paths are relative to")
     _add_sequence_args(check)
     check.add_argument("--workers", type=int, default=4, help="threads decoding images (default 4)")
+    check.add_argument("--image-geometry", choices=["pad", "square", "resize"], default="pad",
+                       help="data.image_geometry of the run, for the image size guard (default pad)")
+    check.add_argument("--max-image-aspect", type=float, default=None,
+                       help="data.max_image_aspect of the run (default 20): longer strips are bad_image_size")
     check.add_argument("--report", default=None, help="write the JSON report here")
     check.add_argument("--max-bad-fraction", type=float, default=0.0,
                        help="tolerated fraction of bad records before exiting non-zero (default 0)")
@@ -108,12 +112,21 @@ def cmd_check(args) -> int:
         print("note: no --tokenizer: checking records and images only", file=sys.stderr)
     elif max_length is None:
         print("note: no --num-image-tokens / --vision-tower: expanded length not checked", file=sys.stderr)
+    from olavlm.data.images import DEFAULT_LIMITS
+
+    limits = DEFAULT_LIMITS
+    if args.max_image_aspect is not None:
+        import dataclasses
+        if not args.max_image_aspect > 0:
+            args.parser.error("--max-image-aspect must be > 0")
+        limits = dataclasses.replace(DEFAULT_LIMITS, max_aspect=args.max_image_aspect)
     try:
         report, messages = run_check(args.data, args.image_folder, tokenizer=tokenizer, template=args.template,
                                      max_length=max_length, tokens_per_image=tpi, workers=args.workers,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, image_geometry=args.image_geometry,
+                                     limits=limits)
     except (RecordFileError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"olavlm: error: {e}", file=sys.stderr)
         return 2
     print(format_report(report, messages))
     if args.report:

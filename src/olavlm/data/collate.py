@@ -5,7 +5,8 @@ Keys: ``input_ids`` long (B, T) right-padded with ``pad_token_id``; ``labels`` l
 IGNORE_INDEX on padding; ``attention_mask`` bool (B, T); ``pixel_values`` float (N, 3, H, W)
 sample-major in placeholder order; ``images`` uint8 (N, 3, S, S) when the samples carry them;
 ``image_keys`` list[str] (N); ``num_images`` long (B,); ``sample_ids`` list[str] (B);
-``skipped`` {reason: count}; and, when the samples carry targets, ``targets`` {task: (N, *shape)}
+``skipped`` {reason: count} (bad records replaced), ``replacements`` {"attempts", "cross_modality": count}
+(how the replacements were found); and, when the samples carry targets, ``targets`` {task: (N, *shape)}
 plus ``target_mask`` bool (N,) (False where the target cache had no entry; those rows are zeros).
 """
 
@@ -42,8 +43,10 @@ class Collator:
             labels[b, :n] = s["labels"]
             attention_mask[b, :n] = True
         skipped: Counter = Counter()
+        replacements: Counter = Counter()
         for s in samples:
             skipped.update(s.get("skipped", {}))
+            replacements.update(s.get("replacements", {}))
         batch = {
             "input_ids": input_ids,
             "labels": labels,
@@ -53,6 +56,7 @@ class Collator:
             "num_images": torch.tensor([len(s["image_keys"]) for s in samples], dtype=torch.long),
             "sample_ids": [s["id"] for s in samples],
             "skipped": dict(skipped),
+            "replacements": dict(replacements),
         }
         has_images = ["images" in s for s in samples]
         if any(has_images):

@@ -15,34 +15,46 @@ Sample dict (input of :class:`olavlm.data.collate.Collator`)::
     image_keys    list[str] (n)        image paths relative to the image folder
     targets       list[dict | None]    per image {task: tensor} from target_lookup (None = missing);
                                        absent without target_lookup
-    skipped       dict[reason, int]    bad records replaced to produce this sample
+    skipped       dict[reason, int]    {reason: 1} when the requested record was bad and replaced, else {}
+    replacements  dict[str, int]       "attempts": records tried for the replacement (bad ones included),
+                                       "cross_modality": 1 when it came from the other modality
 
 Bad-input policy (``data_cfg.on_bad_sample``): ``error`` raises :class:`BadSample` naming the
-record; ``skip`` replaces the record by a seeded walk over records of the SAME modality
-(deterministic in (seed, index), so batch shapes and modality grouping are kept) and counts the
-reasons. Order of checks: conversation -> tokenization/length -> images (cheapest first).
+record; ``skip`` replaces the record by a seeded walk (deterministic in (seed, index)): random
+records of the SAME modality first (keeps modality grouping), then every record of that modality,
+then every record of the other one (counted in ``replacements``). Only a data set without a single
+valid record raises (:class:`~olavlm.data.errors.NoValidRecord`). ``skipped`` counts the requested
+record only, so over an epoch it sums to the number of distinct bad records drawn, however many
+bad records the replacement walks met (those are in ``replacements["attempts"]``).
+Order of checks: conversation -> tokenization/length -> image headers (size guard) -> decoding.
+
+Target lookup: ``target_lookup(key)``, or ``target_lookup(key, sha1=...)`` when it accepts a
+``sha1`` keyword (``TargetCache.get``): the sha1 of the image bytes just read, so a cache entry
+made from other bytes (image edited after precompute) is a miss, never a wrong target.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from olavlm.data.errors import BadSample
-from olavlm.data.images import GEOMETRIES, ImageSpec, load_image, pixel_values, teacher_image, to_square
+from olavlm.config_parsing import ConfigError
+from olavlm.data.errors import BadSample, NoValidRecord
+from olavlm.data.images import (GEOMETRIES, ImageLimits, ImageSpec, load_image, pixel_values, read_image,
+                                teacher_image, to_square)
 from olavlm.data.records import RecordIndex, record_images
 from olavlm.data.templates import get_template
 from olavlm.data.tokenize import Encoded, encode_conversation, truncate
 
 log = logging.getLogger(__name__)
 
-MAX_REPLACEMENTS = 64  # attempts to find a valid replacement for a bad record before giving up
+RANDOM_REPLACEMENTS = 64  # random same-modality draws before the walk scans every record in turn
 
 
 class LlavaDataset(Dataset):
@@ -54,9 +66,9 @@ class LlavaDataset(Dataset):
                  seed: int = 0, add_bos: bool | None = None) -> None:
         get_template(data_cfg.template)  # unknown template -> ValueError now, not in a worker
         if data_cfg.image_geometry not in GEOMETRIES:
-            raise ValueError(f"data.image_geometry: {data_cfg.image_geometry!r} is not one of {GEOMETRIES}")
+            raise ConfigError(f"data.image_geometry: {data_cfg.image_geometry!r} is not one of {GEOMETRIES}")
         if data_cfg.on_bad_sample not in ("skip", "error"):
-            raise ValueError(f"data.on_bad_sample: {data_cfg.on_bad_sample!r} is not 'skip' or 'error'")
+            raise ConfigError(f"data.on_bad_sample: {data_cfg.on_bad_sample!r} is not 'skip' or 'error'")
         if tokens_per_image < 1:
             raise ValueError(f"tokens_per_image must be >= 1, got {tokens_per_image}")
         if teacher_image_size is not None and teacher_image_size < 1:
@@ -70,11 +82,16 @@ class LlavaDataset(Dataset):
         self.seed = seed
         self.add_bos = add_bos  # None = as the tokenizer does (see olavlm.data.tokenize)
         self.image_folder = Path(data_cfg.image_folder) if data_cfg.image_folder else None
+        self.limits = ImageLimits.from_config(data_cfg)
+        # largest square side an image is cut at: the size-after-geometry guard runs on the header
+        self.max_side = max(image_spec.size, teacher_image_size or 0)
+        self._lookup_sha1 = target_lookup is not None and _accepts_sha1(target_lookup)
         self.index = RecordIndex.build(data_cfg.train_file)
         if len(self.index) == 0:
-            raise ValueError(f"data.train_file: {data_cfg.train_file} contains no records")
+            raise ConfigError(f"data.train_file: {data_cfg.train_file} contains no records")
         self._pools: dict[bool, np.ndarray] = {}
         self._bad: dict[int, BadSample] = {}  # per process: records already known to be bad
+        self._warned_cross = False
 
     # -- metadata used by samplers --------------------------------------------------------------
     def __len__(self) -> int:
@@ -116,13 +133,19 @@ class LlavaDataset(Dataset):
         """Build sample ``i`` or raise BadSample (message names the record)."""
         record = self.index[i]
         sid = str(record.get("id", f"#{i}")) if isinstance(record, dict) else f"#{i}"
+        spec, geometry, limits = self.image_spec, self.cfg.image_geometry, self.limits
         try:
             enc, keys = self.encode(record)
-            images = [load_image(self.image_path(k)) for k in keys]
+            images, digests = self._images(keys)
+            squares = [to_square(img, geometry, spec, limits=limits) for img in images]  # the tower's processor input
+            teacher = None
+            if self.teacher_image_size is not None:
+                side = self.teacher_image_size
+                teacher = (torch.stack([teacher_image(img, sq, geometry, spec, side, limits=limits)
+                                        for img, sq in zip(images, squares)]) if squares
+                           else torch.zeros((0, 3, side, side), dtype=torch.uint8))
         except BadSample as e:
             raise BadSample(e.reason, f"record {i} (id {sid}): {e.msg}") from None
-        spec, geometry = self.image_spec, self.cfg.image_geometry
-        squares = [to_square(img, geometry, spec) for img in images]  # exactly the tower's processor input
         sample = {
             "id": sid,
             "index": i,
@@ -132,51 +155,97 @@ class LlavaDataset(Dataset):
                              else torch.zeros((0, 3, spec.size, spec.size))),
             "image_keys": keys,
         }
-        if self.teacher_image_size is not None:
-            side = self.teacher_image_size
-            sample["images"] = (torch.stack([teacher_image(img, sq, geometry, spec, side)
-                                             for img, sq in zip(images, squares)]) if squares
-                                else torch.zeros((0, 3, side, side), dtype=torch.uint8))
+        if teacher is not None:
+            sample["images"] = teacher
         if self.target_lookup is not None:
-            targets = []
-            for k in keys:
-                try:
-                    targets.append(self.target_lookup(k))
-                except KeyError:
-                    targets.append(None)
-            sample["targets"] = targets
+            sample["targets"] = [self._target(k, d) for k, d in zip(keys, digests)]
         return sample
 
+    def _images(self, keys: list[str]) -> tuple[list, list[str | None]]:
+        """Decoded images (size guard on the header first) and, for a hash-checking lookup, their sha1."""
+        opts = {"limits": self.limits, "geometry": self.cfg.image_geometry, "side": self.max_side}
+        if not self._lookup_sha1:
+            return [load_image(self.image_path(k), **opts) for k in keys], [None] * len(keys)
+        pairs = [read_image(self.image_path(k), **opts) for k in keys]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def _target(self, key: str, sha1: str | None) -> dict | None:
+        """Cached targets of one image; None = a miss (filled online, or masked out of the loss)."""
+        from olavlm.teachers.cache import CacheError, StaleTarget
+
+        try:
+            return self.target_lookup(key, sha1=sha1) if self._lookup_sha1 else self.target_lookup(key)
+        except StaleTarget as e:
+            if self.cfg.cache_miss == "online":
+                return None  # the online teachers compute this image's targets live
+            raise CacheError(f"{e.args[0]}; re-run `olavlm targets precompute` or set data.cache_miss=online") \
+                from None
+        except KeyError:
+            return None
+
     # -- with the bad-input policy --------------------------------------------------------------
-    def _replacement(self, i: int, rng: np.random.Generator) -> int:
-        """A random record of the same modality as ``i`` (the seeded walk)."""
-        modality = bool(self.index.lengths[i] > 0)
+    def _pool(self, modality: bool) -> np.ndarray:
         if modality not in self._pools:
             self._pools[modality] = np.flatnonzero((self.index.lengths > 0) == modality)
-        pool = self._pools[modality]
-        return int(pool[rng.integers(len(pool))])
+        return self._pools[modality]
+
+    def _candidates(self, i: int) -> Iterator[tuple[int, bool]]:
+        """(record, from the other modality) in the order the seeded replacement walk tries them."""
+        rng = np.random.default_rng([self.seed, i])
+        modality = bool(self.index.lengths[i] > 0)
+        same, other = self._pool(modality), self._pool(not modality)
+        if len(same) > 1:
+            for _ in range(RANDOM_REPLACEMENTS):
+                yield int(same[rng.integers(len(same))]), False
+        for pool, cross in ((same, False), (other, True)):  # then every record, so only "none valid" fails
+            if len(pool):
+                for j in np.roll(pool, -int(rng.integers(len(pool)))):
+                    yield int(j), cross
+
+    def _try(self, j: int) -> dict:
+        if j in self._bad:
+            raise self._bad[j]
+        try:
+            return self.load(j)
+        except BadSample as e:
+            self._bad[j] = e
+            raise
 
     def __getitem__(self, i: int) -> dict:
         i = int(i)
-        skipped: Counter = Counter()
-        rng = None
-        j = i
-        for _ in range(MAX_REPLACEMENTS + 1):
+        try:
+            sample = self._try(i)
+            sample["skipped"], sample["replacements"] = {}, {}
+            return sample
+        except BadSample as e:
+            if self.cfg.on_bad_sample == "error":
+                raise
+            first = e
+        log.debug("skipping bad record: %s", first)
+        attempts = 0
+        for j, cross in self._candidates(i):
+            attempts += 1
             try:
-                if j in self._bad:
-                    raise self._bad[j]
-                sample = self.load(j)
-                sample["skipped"] = dict(skipped)
-                return sample
-            except BadSample as e:
-                if self.cfg.on_bad_sample == "error":
-                    raise
-                self._bad[j] = e
-                skipped[e.reason] += 1
-                log.debug("skipping bad record: %s", e)
-                if rng is None:
-                    rng = np.random.default_rng([self.seed, i])
-                j = self._replacement(i, rng)
-        raise RuntimeError(f"{self.cfg.train_file}: no valid record found for index {i} after {MAX_REPLACEMENTS} "
-                           f"replacements (skipped: {dict(skipped)}); run `olavlm data check` on the data")
+                sample = self._try(j)
+            except BadSample:
+                continue
+            if cross and not self._warned_cross:
+                self._warned_cross = True
+                log.warning("record %d is bad (%s) and no valid record of its modality was found: replaced by "
+                            "record %d of the other modality (counted in replacements/cross_modality)", i,
+                            first.reason, j)
+            sample["skipped"] = {first.reason: 1}
+            sample["replacements"] = {"attempts": attempts, "cross_modality": int(cross)}
+            return sample
+        reasons: dict[str, int] = {}
+        for bad in self._bad.values():
+            reasons[bad.reason] = reasons.get(bad.reason, 0) + 1
+        raise NoValidRecord(f"data.train_file: {self.cfg.train_file} has no valid record in {len(self)} "
+                            f"(reasons: {reasons}); run `olavlm data check` on the data")
 
+
+def _accepts_sha1(fn) -> bool:
+    try:
+        return "sha1" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False

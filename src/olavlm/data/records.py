@@ -23,12 +23,14 @@ from typing import Iterator
 
 import numpy as np
 
+from olavlm.errors import UserError
+
 _CHUNK = 8 << 20  # bytes read per step of the JSON-list scan
 _MAX_RECORD_CHARS = 256 << 20  # a single record larger than this is treated as a syntax error
 _WS = " \t\r\n"
 
 
-class RecordFileError(ValueError):
+class RecordFileError(UserError, ValueError):
     """The data file itself is malformed (not JSON / not a list / bad line)."""
 
 

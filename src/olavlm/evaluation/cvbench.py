@@ -21,12 +21,14 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from olavlm.errors import UserError
+
 SUFFIX = "\nOnly answer the option as the output. For example, if your answer is the option A, answer (A)."
 _PAREN = re.compile(r"\(([A-Za-z])\)")
 _ANSWER = re.compile(r"^\(([A-Z])\)$")
 
 
-class CVBenchFormatError(ValueError):
+class CVBenchFormatError(UserError, ValueError):
     """A CV-Bench file or record that cannot be evaluated; the message names the line and field."""
 
 

@@ -38,7 +38,7 @@ def load_squares(paths: list[Path], geometry: str, spec) -> list:
     """Decode images and bring each to the shared square the vision tower sees."""
     from olavlm.data.images import load_image, to_square
 
-    return [to_square(load_image(p), geometry, spec, spec.size) for p in paths]
+    return [to_square(load_image(p, geometry=geometry, side=spec.size), geometry, spec, spec.size) for p in paths]
 
 
 def pixel_batch(squares: list, spec) -> torch.Tensor:

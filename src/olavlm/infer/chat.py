@@ -55,8 +55,9 @@ class ChatSession:
         if path is None:
             self.pixel_values = None
             return
-        spec = self.model.image_spec
-        square = to_square(load_image(path), self.image_geometry, spec, spec.size)
+        spec = self.model.image_spec  # the size guard runs on the header, before anything is decoded
+        square = to_square(load_image(path, geometry=self.image_geometry, side=spec.size), self.image_geometry,
+                           spec, spec.size)
         self.pixel_values = pixel_values(square, spec)[None].to(self.device)
 
     def reset(self) -> None:

@@ -45,6 +45,11 @@ def run(args) -> int:
             session.reset()
             continue
         if text.startswith("/image "):
-            session.set_image(text.split(" ", 1)[1].strip())
+            from olavlm.data.errors import BadSample
+
+            try:
+                session.set_image(text.split(" ", 1)[1].strip())
+            except BadSample as e:  # a bad image ends this conversation, not the chat
+                print(f"error: {e}")
             continue
         print(f"assistant> {session.ask(text, **kwargs)}")

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from olavlm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2 / Depth-Anything / Swin normalisation
@@ -200,7 +202,7 @@ def build_teacher(name: str, path: str | None = None, *, grid: int, **kwargs) ->
     return cls.from_pretrained(grid=grid, **kwargs) if path is None else cls.from_pretrained(path, grid=grid, **kwargs)
 
 
-class TeacherShapeError(ValueError):
+class TeacherShapeError(UserError, ValueError):
     """A teacher's target shape does not match what the model's predictor produces."""
 
 

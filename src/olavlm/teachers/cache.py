@@ -3,10 +3,21 @@
 Layout of a cache folder (written by ``olavlm targets precompute``, see ``precompute.py``)::
 
     index.json                 format, dtype, per-task shape + fingerprint, image geometry,
-                               shard list, entries {image key: [shard, row, sha1]}, unreadable images
+                               shard list, shard_files {name: {size, sha256}},
+                               entries {image key: [shard, row, sha1]}, unreadable images
     shard-00000.safetensors    one tensor per task, (rows, *target_shape); its metadata repeats the
     shard-00001.safetensors    keys, sha1s and unreadable images of the shard (the index is rebuilt
     ...                        from these headers, so a shard is self-describing)
+    shard-00000.safetensors.sha256   size + sha256 of the shard, written by the rank that wrote it
+
+Integrity: :meth:`TargetCache.open` checks, before any training step, every shard the entries use:
+file present, size as recorded, safetensors header readable (a truncated file fails here), written
+by the same precompute run (``run_digest``), rows and shapes as the index says, and for every entry
+that the header's key and sha1 at its row are the entry's (swapped or out-of-range rows, a
+same-named shard of another cache). ``olavlm targets verify --deep`` also re-hashes every shard
+(sha256). :meth:`TargetCache.get` with ``sha1=`` (the dataset passes the hash of the bytes it just
+read) raises :class:`StaleTarget` (a ``KeyError``: a cache miss) when the image changed after the
+precompute; the dataset then computes it online (``data.cache_miss: online``) or stops (``error``).
 
 An image is keyed by its path relative to the image folder (``batch["image_keys"]``) and by the
 sha1 of its file bytes (:meth:`TargetCache.get_by_hash`). Reads are memory-mapped
@@ -20,6 +31,7 @@ weights loaded) or against loaded teachers (``TeacherSet.fingerprints()``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -27,14 +39,29 @@ from typing import Any, Iterable
 
 import torch
 
+from olavlm.errors import UserError
+
 INDEX = "index.json"
 FORMAT = "olavlm-target-cache"
 VERSION = 1
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DIGEST_SUFFIX = ".sha256"  # sidecar of a shard: {"size": bytes, "sha256": hex}
 
 
-class CacheError(ValueError):
-    """The target cache is missing, malformed, incomplete or built for something else."""
+class CacheError(UserError, ValueError):
+    """The target cache is missing, malformed, damaged, incomplete or built for something else."""
+
+
+class StaleTarget(KeyError):
+    """The cached entry was computed from other image bytes (sha1 differs): a cache miss, not a target."""
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -99,7 +126,8 @@ class TargetCache:
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "TargetCache":
+    def open(cls, path: str | os.PathLike, *, check: bool = True) -> "TargetCache":
+        """Open a cache folder; ``check`` runs the fast integrity check (:meth:`check_files`)."""
         root = Path(path)
         file = root / INDEX
         if not file.is_file():
@@ -113,7 +141,84 @@ class TargetCache:
                              f"{FORMAT!r} v{VERSION}")
         if index.get("dtype") not in _DTYPES:
             raise CacheError(f"{file}: unknown dtype {index.get('dtype')!r}")
-        return cls(root, index)
+        for key, kind in (("tasks", dict), ("shards", list), ("entries", dict)):
+            if not isinstance(index.get(key), kind):
+                raise CacheError(f"{file}: field {key!r} is missing or not a {kind.__name__}")
+        cache = cls(root, index)
+        if check:
+            cache.check_files()
+        return cache
+
+    # -- integrity -------------------------------------------------------------------------------
+    def check_files(self, *, deep: bool = False) -> dict[str, int]:
+        """Raise :class:`CacheError` (one line, naming the file) at the first damage found: see the
+        module docstring. ``deep`` also re-hashes every used shard against its recorded sha256.
+        Returns ``{"shards": checked, "entries": checked, "hashed": shards re-hashed}``."""
+        rows_of = self._entry_rows()
+        recorded = self.index.get("shard_files") or {}
+        hashed = 0
+        listed = {i for i, name in enumerate(self.shards) if name in recorded}
+        for shard in sorted(set(rows_of) | listed):
+            path = self.root / self.shards[shard]
+            if not path.is_file():
+                raise CacheError(f"{path}: shard used by {len(rows_of.get(shard, {}))} cache entries is missing")
+            info = recorded.get(self.shards[shard])
+            size = path.stat().st_size
+            if info is not None and size != info.get("size"):
+                raise CacheError(f"{path}: {size} bytes, the index recorded {info.get('size')} (truncated or "
+                                 "replaced shard); rebuild it with `olavlm targets precompute`")
+            self._check_header(shard, path, rows_of.get(shard, {}))
+            if deep:
+                if info is None or not info.get("sha256"):
+                    raise CacheError(f"{path}: no sha256 recorded in {INDEX} (cache written by an older olavlm); "
+                                     "rebuild the index with `olavlm targets precompute`")
+                if file_sha256(path) != info["sha256"]:
+                    raise CacheError(f"{path}: sha256 differs from the one recorded in {INDEX} (damaged or "
+                                     "replaced shard); rebuild it with `olavlm targets precompute`")
+                hashed += 1
+        return {"shards": len(set(rows_of) | listed), "entries": len(self.entries), "hashed": hashed}
+
+    def _entry_rows(self) -> dict[int, dict[int, tuple[str, str]]]:
+        """{shard: {row: (key, sha1)}} from the entries, with their form and range checked."""
+        rows_of: dict[int, dict[int, tuple[str, str]]] = {}
+        for key, entry in self.entries.items():
+            ok = (isinstance(entry, list) and len(entry) == 3 and all(isinstance(v, int) for v in entry[:2])
+                  and isinstance(entry[2], str))
+            if not ok or not 0 <= entry[0] < len(self.shards) or entry[1] < 0:
+                raise CacheError(f"{self.root / INDEX}: entry {key!r} = {entry!r} is not [shard, row, sha1] within "
+                                 f"the {len(self.shards)} shard(s) (edited or damaged index)")
+            shard, row, digest = entry
+            if row in rows_of.setdefault(shard, {}):
+                raise CacheError(f"{self.root / INDEX}: entries {rows_of[shard][row][0]!r} and {key!r} both point "
+                                 f"at row {row} of {self.shards[shard]} (edited or damaged index)")
+            rows_of[shard][row] = (key, digest)
+        return rows_of
+
+    def _check_header(self, shard: int, path: Path, rows: dict[int, tuple[str, str]]) -> None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                shapes = {t: list(f.get_slice(t).get_shape()) for t in f.keys()}
+            keys, digests = json.loads(meta["keys"]), json.loads(meta["sha1"])
+        except Exception as e:  # noqa: BLE001 - any unreadable header is the same damage to report
+            raise CacheError(f"{path}: not a readable target shard ({type(e).__name__}: {str(e)[:120]}); "
+                             "truncated or damaged: rebuild it with `olavlm targets precompute`") from None
+        run_digest = self.index.get("run_digest")
+        if run_digest is not None and meta.get("run_digest") != run_digest:
+            raise CacheError(f"{path}: written by another precompute run than {INDEX} (a shard of another cache?)")
+        for task, info in self.index["tasks"].items():
+            want = [len(keys), *info["shape"]]
+            if shapes.get(task) != want:
+                raise CacheError(f"{path}: tensor {task!r} has shape {shapes.get(task)}, expected {want}")
+        for row, (key, digest) in rows.items():
+            if row >= len(keys):
+                raise CacheError(f"{self.root / INDEX}: entry {key!r} points at row {row} of {path.name}, which has "
+                                 f"{len(keys)} rows (edited or damaged index)")
+            if keys[row] != key or digests[row] != digest:
+                raise CacheError(f"{self.root / INDEX}: entry {key!r} points at row {row} of {path.name}, which holds "
+                                 f"{keys[row]!r} (edited index or a shard of another cache)")
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -158,14 +263,18 @@ class TargetCache:
     def sha1(self, key: str) -> str:
         return self.entries[key][2]
 
-    def get(self, key: str, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    def get(self, key: str, tasks: Iterable[str] | None = None, *, sha1: str | None = None) -> dict[str, torch.Tensor]:
         """``{task: (*target_shape)}`` for one image key (its path relative to the image folder);
-        KeyError when the image is not in the cache."""
+        KeyError when the image is not in the cache, :class:`StaleTarget` (a KeyError) when ``sha1``
+        (of the image bytes now) differs from the one the targets were computed from."""
         try:
-            shard, row, _ = self.entries[key]
+            shard, row, digest = self.entries[key]
         except KeyError:
             why = f" (unreadable when the cache was built: {self.unreadable[key]})" if key in self.unreadable else ""
             raise KeyError(f"{key!r} is not in the target cache {self.root}{why}") from None
+        if sha1 is not None and sha1 != digest:
+            raise StaleTarget(f"image {key!r} changed after its targets were cached in {self.root} "
+                              f"(sha1 {sha1[:12]}..., cached from {digest[:12]}...)")
         handle = self._shard(shard)
         return {t: handle.get_slice(t)[row:row + 1][0] for t in (self.tasks if tasks is None else tasks)}
 

@@ -1,5 +1,5 @@
 """`olavlm targets precompute CONFIG.yaml [--batch-size N] [--dtype bf16|fp16|fp32] [--workers N]
-[--shard-size N] [--no-progress] [section.key=value ...]`.
+[--shard-size N] [--no-progress] [section.key=value ...]` and `olavlm targets verify CACHE|CONFIG [--deep]`.
 
 Multi-GPU: ``torchrun --nproc_per_node 8 -m olavlm.cli targets precompute CONFIG.yaml`` (or
 ``accelerate launch -m olavlm.cli ...``): each rank encodes a disjoint share of the shards.
@@ -35,6 +35,36 @@ def register(sub) -> None:
     _add_flags(pre)
     pre.add_argument("overrides", nargs=argparse.REMAINDER, help="section.key=value ...")
     pre.set_defaults(func=run)
+    ver = tsub.add_parser(
+        "verify", help="check a target cache's index and shards (sizes, headers; --deep: sha256 of every shard)",
+        description="Check a target cache folder: every shard its index uses is present with the recorded size, "
+                    "a readable header from the same precompute run, and the rows the index says. --deep also "
+                    "re-hashes every shard (sha256). Exit 0 when intact, 2 with one line naming the damage.")
+    ver.add_argument("cache", help="target cache folder, or a run recipe YAML (its data.target_cache)")
+    ver.add_argument("--deep", action="store_true", help="also re-hash every shard (reads the whole cache)")
+    ver.set_defaults(func=run_verify)
+
+
+def run_verify(args) -> int:
+    from pathlib import Path
+
+    from olavlm.teachers.cache import CacheError, TargetCache
+
+    path = Path(args.cache)
+    if path.is_file():
+        from olavlm.config import load_config
+
+        folder = load_config(path).data.target_cache
+        if not folder:
+            raise CacheError(f"{path}: data.target_cache is not set")
+        path = Path(folder)
+    cache = TargetCache.open(path, check=False)
+    stats = cache.check_files(deep=args.deep)
+    what = "sizes, headers and sha256" if args.deep else "sizes and headers (add --deep to re-hash the shards)"
+    present = cache.index.get("present_shards")
+    state = "complete" if cache.complete else f"INCOMPLETE ({present}/{len(cache.shards)} shards)"
+    print(f"target cache {path}: OK, {stats['entries']} images in {stats['shards']} shard(s), {state}; checked {what}")
+    return 0
 
 
 def run(args) -> int:

@@ -7,8 +7,11 @@ online teachers (``olavlm.data.images.teacher_image``: ``load_image`` -> ``to_sq
 -> ``uint8_tensor(teacher side)``), is sha1-hashed, and the teachers encode batches of them in the
 training teacher dtype. A finished shard is written atomically (tmp file + rename) with its keys,
 hashes, unreadable images and the run digest in the safetensors header, so an interrupted run
-resumes by skipping shards whose header matches the plan. Rank 0 finally rebuilds ``index.json``
-from the shard headers. Unreadable / missing images are counted and listed, never fatal.
+resumes by skipping shards whose header matches the plan; the writing rank also records the shard's
+size and sha256 in a ``.sha256`` sidecar. Rank 0 finally rebuilds ``index.json`` from the shard
+headers and sidecars (``shard_files``: size + sha256 per shard, checked by ``TargetCache.open`` and
+``olavlm targets verify --deep``). Unreadable / missing / oversized images are counted and listed,
+never fatal.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from olavlm.teachers.cache import (FORMAT, INDEX, VERSION, CacheError, TargetCache, config_fingerprints, dtype_name,
-                                   geometry_fingerprint, shard_name)
+from olavlm.teachers.cache import (DIGEST_SUFFIX, FORMAT, INDEX, VERSION, CacheError, TargetCache, config_fingerprints,
+                                   dtype_name, file_sha256, geometry_fingerprint, shard_name)
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +64,28 @@ def _digest(obj) -> str:
 class _ImageReader(Dataset):
     """(shard, key) -> (shard, key, sha1 | None, uint8 (3, T, T) | None, error | None); runs in workers."""
 
-    def __init__(self, items: list[tuple[int, str]], folder: str, geometry: str, spec, side: int) -> None:
+    def __init__(self, items: list[tuple[int, str]], folder: str, geometry: str, spec, side: int, limits=None) -> None:
+        from olavlm.data.images import DEFAULT_LIMITS
+
         self.items, self.folder, self.geometry, self.spec, self.side = items, folder, geometry, spec, side
+        self.limits = limits or DEFAULT_LIMITS  # the training run's image size guard (data.max_image_*)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
         from olavlm.data.errors import BadSample
-        from olavlm.data.images import load_image, teacher_image
+        from olavlm.data.images import read_image, teacher_image
 
         shard, key = self.items[i]
         path = Path(self.folder) / key if self.folder else Path(key)
+        side = max(self.spec.size, self.side)
         try:
-            sha1 = hashlib.sha1(path.read_bytes()).hexdigest()
-        except OSError as e:
-            return shard, key, None, None, f"missing_image: {path}: {e.strerror or e}"
-        try:
-            return shard, key, sha1, teacher_image(load_image(path), None, self.geometry, self.spec, self.side), None
+            img, sha1 = read_image(path, limits=self.limits, geometry=self.geometry, side=side)
+            return shard, key, sha1, teacher_image(img, None, self.geometry, self.spec, self.side,
+                                                   limits=self.limits), None
         except BadSample as e:
-            return shard, key, sha1, None, str(e)
+            return shard, key, None, None, str(e)
 
 
 def _collate(items):
@@ -123,21 +128,42 @@ def _write_shard(path: Path, buf: dict, tasks: list[str], meta: dict[str, str]) 
             "unreadable": json.dumps(buf["unreadable"])}
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     save_file({t: v.contiguous() for t, v in tensors.items()}, str(tmp), metadata=meta)
+    digest = {"size": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+    sidecar = path.with_name(path.name + DIGEST_SUFFIX)
+    sidecar.unlink(missing_ok=True)  # never leave an old shard's digest beside the new shard
     os.replace(tmp, path)
+    sidecar_tmp = sidecar.with_name(sidecar.name + f".tmp{os.getpid()}")
+    sidecar_tmp.write_text(json.dumps(digest))
+    os.replace(sidecar_tmp, sidecar)
+
+
+def _shard_digest(path: Path) -> dict[str, Any]:
+    """{size, sha256} of a shard: from its sidecar when that matches the file's size, else hashed now."""
+    sidecar = path.with_name(path.name + DIGEST_SUFFIX)
+    size = path.stat().st_size
+    try:
+        digest = json.loads(sidecar.read_text())
+        if digest.get("size") == size and isinstance(digest.get("sha256"), str):
+            return {"size": size, "sha256": digest["sha256"]}
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {"size": size, "sha256": file_sha256(path)}
 
 
 def write_index(root: Path, header: dict[str, Any], num_shards: int) -> dict[str, Any]:
     """Rebuild ``index.json`` from the shard headers; returns the index (``complete`` = all shards there)."""
-    entries, unreadable, present = {}, {}, []
+    entries, unreadable, present, files = {}, {}, [], {}
     for i in range(num_shards):
         meta = _shard_header(root / shard_name(i)) if (root / shard_name(i)).is_file() else None
         if meta is None or meta.get("run_digest") != header["run_digest"]:
             continue
         present.append(i)
+        files[shard_name(i)] = _shard_digest(root / shard_name(i))
         for row, (key, digest) in enumerate(zip(json.loads(meta["keys"]), json.loads(meta["sha1"]))):
             entries[key] = [i, row, digest]
         unreadable.update(json.loads(meta["unreadable"]))
-    index = {**header, "shards": [shard_name(i) for i in range(num_shards)], "present_shards": len(present),
+    index = {**header, "shards": [shard_name(i) for i in range(num_shards)], "shard_files": files,
+             "present_shards": len(present),
              "complete": len(present) == num_shards, "entries": entries, "unreadable": unreadable}
     tmp = root / (INDEX + ".tmp")
     tmp.write_text(json.dumps(index))
@@ -212,7 +238,11 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
     items = [(i, k) for i in todo for k in shards[i]]
     if items:
         workers = data.num_workers if workers is None else workers
-        loader = DataLoader(_ImageReader(items, data.image_folder, data.image_geometry, geo.spec, side),
+        from olavlm.data.images import ImageLimits
+
+        reader = _ImageReader(items, data.image_folder, data.image_geometry, geo.spec, side,
+                              ImageLimits.from_config(data))
+        loader = DataLoader(reader,
                             batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                             persistent_workers=False, prefetch_factor=4 if workers else None)
         bar = None

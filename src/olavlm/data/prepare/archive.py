@@ -3,12 +3,19 @@
 Every member is checked BEFORE anything is written: absolute paths, drive letters, ``..``
 components, symbolic/hard links and device files make the whole archive refused
 (:class:`UnsafeArchive`), so a hostile or broken archive cannot write outside its target folder.
-Whether an archive was already unpacked is the caller's business (done-markers in ``state.py``).
+The members' total unpacked size is bounded (:func:`unpack_limit`, default ``UNPACK_RATIO`` x the
+archive + ``UNPACK_SLACK``; the registry can set another) before anything is written and again
+while copying, so a decompression bomb is refused instead of filling the disk. Name clashes are
+refused with both names: a member given twice, a path that is a file and a folder, two members
+flattened to one name, or a member that would overwrite a different existing file (another
+archive's). Each member is written to ``<name>.part`` and renamed, so a file left by an interrupted
+unpack is always complete. Whether an archive was already unpacked is the caller's business
+(done-markers in ``state.py``).
 """
 
 from __future__ import annotations
 
-import shutil
+import os
 import stat
 import tarfile
 import zipfile
@@ -22,7 +29,22 @@ class UnsafeArchive(ValueError):
 
 
 class ArchiveError(RuntimeError):
-    """The archive cannot be read (truncated, unknown format) or collides when flattened."""
+    """The archive cannot be read (truncated, unknown format) or has clashing member names."""
+
+
+UNPACK_RATIO = 4  # unpacked bytes allowed per archive byte: the registry's archives hold compressed images
+UNPACK_SLACK = 64 << 20  # plus this much, for small archives of text
+
+
+def unpack_limit(archive_size: int) -> int:
+    """Default bound on the total unpacked size of an archive of ``archive_size`` bytes."""
+    return UNPACK_RATIO * archive_size + UNPACK_SLACK
+
+
+def _human(n: int) -> str:
+    from olavlm.data.prepare.download import human
+
+    return human(n)
 
 
 def _safe_name(name: str, archive: Path) -> PurePosixPath:
@@ -79,46 +101,68 @@ def list_members(archive: Path) -> list[str]:
     raise ArchiveError(f"{archive}: not a zip or tar archive")
 
 
-def safe_extract(archive: Path, dest: Path, *, flatten: bool = False, progress: bool = True) -> int:
+def safe_extract(archive: Path, dest: Path, *, flatten: bool = False, progress: bool = True,
+                 max_bytes: int | None = None) -> int:
     """Unpack `archive` into `dest` and return the number of files written.
 
     ``flatten=True`` drops member folders (like ``unzip -j``); two members with the same file name
-    then raise ArchiveError instead of silently overwriting each other.
+    then raise ArchiveError instead of silently overwriting each other. ``max_bytes`` bounds the
+    total unpacked size (default :func:`unpack_limit` of the archive's size).
     """
     archive, dest = Path(archive), Path(dest)
+    limit = unpack_limit(archive.stat().st_size) if max_bytes is None else int(max_bytes)
     dest.mkdir(parents=True, exist_ok=True)
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                members = _zip_members(zf, archive)
-                plan = _plan(members, dest, flatten, lambda i: i.is_dir(), archive)
-                bar = tqdm(total=len(plan), unit="file", desc=f"unpack {archive.name}", leave=False,
-                           disable=not progress, position=1)
-                with bar:
-                    for info, target in plan:
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        with zf.open(info) as src, open(target, "wb") as dst:
-                            shutil.copyfileobj(src, dst, 1 << 20)
-                        bar.update(1)
-                return len(plan)
+                plan = _plan(_zip_members(zf, archive), dest, flatten, lambda i: i.is_dir(), archive)
+                sizes = [info.file_size for info, _ in plan]
+                return _unpack(archive, plan, sizes, limit, zf.open, progress)
         if tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
-                members = _tar_members(tf, archive)
-                plan = _plan(members, dest, flatten, lambda i: i.isdir(), archive)
-                bar = tqdm(total=len(plan), unit="file", desc=f"unpack {archive.name}", leave=False,
-                           disable=not progress, position=1)
-                with bar:
-                    for info, target in plan:
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        src = tf.extractfile(info)
-                        assert src is not None  # regular file, checked above
-                        with src, open(target, "wb") as dst:
-                            shutil.copyfileobj(src, dst, 1 << 20)
-                        bar.update(1)
-                return len(plan)
+                plan = _plan(_tar_members(tf, archive), dest, flatten, lambda i: i.isdir(), archive)
+                sizes = [info.size for info, _ in plan]
+                return _unpack(archive, plan, sizes, limit, tf.extractfile, progress)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
         raise ArchiveError(f"{archive}: cannot be read ({e}); delete it to download it again") from None
     raise ArchiveError(f"{archive}: not a zip or tar archive; delete it to download it again")
+
+
+def _unpack(archive: Path, plan: list, sizes: list[int], limit: int, open_member, progress: bool) -> int:
+    """Copy every planned member (size limit checked on the declared sizes first, then on the bytes)."""
+    declared = sum(sizes)
+    if declared > limit:
+        raise UnsafeArchive(f"{archive.name}: its members unpack to {_human(declared)}, more than the limit of "
+                            f"{_human(limit)} for a {_human(archive.stat().st_size)} archive; refusing to unpack "
+                            "(decompression bomb?)")
+    for (info, target), size in zip(plan, sizes):  # clash with a file already there (another archive's)
+        if target.is_file() and target.stat().st_size != size:
+            raise ArchiveError(f"{archive.name}: member {info_name(info)!r} would overwrite {target}, a different "
+                               f"file of {target.stat().st_size} bytes (two archives with the same file name?)")
+    written = 0
+    bar = tqdm(total=len(plan), unit="file", desc=f"unpack {archive.name}", leave=False, disable=not progress,
+               position=1)
+    with bar:
+        for info, target in plan:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part = target.with_name(target.name + ".part")
+            src = open_member(info)
+            with src, open(part, "wb") as dst:
+                while block := src.read(1 << 20):
+                    written += len(block)
+                    if written > limit:
+                        dst.close()
+                        part.unlink()
+                        raise UnsafeArchive(f"{archive.name}: unpacked more than the limit of {_human(limit)} "
+                                            f"(at member {info_name(info)!r}); refusing to go on")
+                    dst.write(block)
+            os.replace(part, target)
+            bar.update(1)
+    return len(plan)
+
+
+def info_name(info) -> str:
+    return info.filename if isinstance(info, zipfile.ZipInfo) else info.name
 
 
 def _plan(members, dest: Path, flatten: bool, is_dir, archive: Path) -> list:
@@ -128,9 +172,15 @@ def _plan(members, dest: Path, flatten: bool, is_dir, archive: Path) -> list:
         if is_dir(info) or not rel.parts:
             continue
         target = _target(dest, rel, flatten)
-        if flatten and target in seen:
-            raise ArchiveError(
-                f"{archive.name}: members {seen[target]!r} and {str(rel)!r} both flatten to {target.name!r}")
+        if target in seen:
+            how = f"both flatten to {target.name!r}" if flatten else "are the same path (a member given twice)"
+            raise ArchiveError(f"{archive.name}: members {seen[target]!r} and {str(rel)!r} {how}; refusing to "
+                               "overwrite one with the other")
         seen[target] = str(rel)
         plan.append((info, target))
+    for target, name in seen.items():  # "a" as a file and "a/b" needs "a" as a folder
+        for parent in target.relative_to(dest).parents:
+            if parent != Path(".") and dest / parent in seen:
+                raise ArchiveError(f"{archive.name}: {seen[dest / parent]!r} is a file but {name!r} needs it as a "
+                                   "folder; refusing to unpack")
     return plan

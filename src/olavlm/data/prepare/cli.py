@@ -125,7 +125,9 @@ def format_report(spec: DatasetSpec, report, root: Path) -> str:
             lines.append(f"    missing/bad: {reason}: {_n(n)}" + (f" (e.g. {ex})" if ex else ""))
     if report.ocr_vqa is not None:
         r = report.ocr_vqa
-        lines.append(f"  ocr_vqa: {len(r['dead'])} dead links, {len(r['failed'])} failed fetches -> "
+        lines.append(f"  ocr_vqa: {len(r['dead'])} dead links, {len(r.get('bad_images', {}))} bad images "
+                     f"(undecodable / bomb / oversized), {len(r.get('unsafe_names', {}))} unsafe file names refused, "
+                     f"{len(r['failed'])} failed fetches -> "
                      f"{len(r['missing_samples'])} records without image (listed in the report); "
                      f"re-encoded to JPEG: {r['reencoded_to_jpeg'] or 'none'}")
     if report.assembled is not None:

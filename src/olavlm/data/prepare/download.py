@@ -5,6 +5,12 @@ checksum (when the registry knows one) match, so a file at ``dest`` is always co
 interrupted transfer resumes from the bytes already in ``.part`` (``Range: bytes=N-``); a server that
 ignores Range (answers 200) restarts the file. A checksum mismatch deletes the partial file, is
 logged, and the file is fetched again, up to ``retries`` times. 404/403/410 are permanent: no retry.
+
+Every request goes through :func:`open_url`: a redirect is followed only to the URL's own host or to
+a host the registry allow-lists for that source (``redirect_hosts``; ``.example.com`` = any
+subdomain), over http(s); anything else is :class:`RedirectRefused`. The body is capped at the
+registry size (or the announced Content-Length): a server that sends more is refused, so a missing
+Content-Length cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -17,11 +23,14 @@ import shutil
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from tqdm.auto import tqdm
+
+from olavlm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +44,45 @@ class DownloadError(RuntimeError):
     """A file could not be downloaded (permanent HTTP error, or retries exhausted)."""
 
 
-class InsufficientDisk(RuntimeError):
+class RedirectRefused(DownloadError):
+    """The server redirected to a host that is neither the URL's own nor allow-listed for the source."""
+
+
+class InsufficientDisk(UserError, RuntimeError):
     """Not enough free space under the dataset root for what is left to fetch and unpack."""
+
+
+def host_allowed(host: str | None, origin: str, allowed: Iterable[str] = ()) -> bool:
+    """``host`` is the URL's own host ``origin`` or matches an entry of ``allowed`` (".x.org" = subdomains)."""
+    host = (host or "").lower()
+    if host and host == origin.lower():
+        return True
+    for entry in allowed:
+        entry = entry.lower()
+        if host == entry.lstrip(".") or (entry.startswith(".") and host.endswith(entry)):
+            return True
+    return False
+
+
+class _RedirectGuard(urllib.request.HTTPRedirectHandler):
+    def __init__(self, origin: str, allowed: Iterable[str]) -> None:
+        self.origin, self.allowed = origin, tuple(allowed)
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = urllib.parse.urlparse(newurl)
+        if target.scheme not in ("http", "https") or not host_allowed(target.hostname, self.origin, self.allowed):
+            fp.close()
+            hosts = ", ".join((self.origin, *self.allowed))
+            raise RedirectRefused(f"{req.full_url}: HTTP {code} redirect to {newurl} refused (allowed hosts: {hosts}; "
+                                  "add the host to the source's redirect_hosts in olavlm/data/prepare/sources.py "
+                                  "if it is a CDN of that source)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def open_url(req: urllib.request.Request, timeout: float, allowed_hosts: Iterable[str] = ()):
+    """``urlopen`` that follows redirects only to the request's own host or ``allowed_hosts``."""
+    origin = urllib.parse.urlparse(req.full_url).hostname or ""
+    return urllib.request.build_opener(_RedirectGuard(origin, allowed_hosts)).open(req, timeout=timeout)
 
 
 def parse_checksum(checksum: str) -> tuple[str, str]:
@@ -68,11 +114,11 @@ def verify_file(path: Path, size: int | None, checksum: str | None) -> str | Non
     return None
 
 
-def http_size(url: str, timeout: float = 30.0) -> int | None:
+def http_size(url: str, timeout: float = 30.0, allowed_hosts: Iterable[str] = ()) -> int | None:
     """Content-Length of `url` from a HEAD request (None when the server does not say)."""
     req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": USER_AGENT})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with open_url(req, timeout, allowed_hosts) as resp:
             length = resp.headers.get("Content-Length")
     except urllib.error.HTTPError as e:
         raise DownloadError(f"HEAD {url}: HTTP {e.code} {e.reason}") from None
@@ -117,7 +163,8 @@ def _content_total(resp, start: int) -> int | None:
     return None
 
 
-def _fetch_once(url: str, part: Path, size: int | None, timeout: float, bar, on_bytes) -> None:
+def _fetch_once(url: str, part: Path, size: int | None, timeout: float, bar, on_bytes,
+                allowed_hosts: Iterable[str] = ()) -> None:
     """One GET (resuming from part's length); returns when the body was read in full."""
     start = part.stat().st_size if part.exists() else 0
     if size is not None and start > size:  # longer than the file can be: garbage
@@ -130,7 +177,7 @@ def _fetch_once(url: str, part: Path, size: int | None, timeout: float, bar, on_
         headers["Range"] = f"bytes={start}-"
     req = urllib.request.Request(url, headers=headers)
     try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
+        resp = open_url(req, timeout, allowed_hosts)
     except urllib.error.HTTPError as e:
         if e.code == 416 and start:  # nothing left to send: the part is complete (verified by the caller)
             return
@@ -152,11 +199,17 @@ def _fetch_once(url: str, part: Path, size: int | None, timeout: float, bar, on_
             bar.total = total
             bar.refresh()
         received = start
+        cap = size if size is not None else total  # never more bytes than the registry / server said
         with open(part, "ab" if start else "wb") as f:
             while True:
                 block = resp.read(CHUNK)
                 if not block:
                     break
+                if cap is not None and received + len(block) > cap:
+                    f.close()
+                    part.unlink()
+                    raise DownloadError(f"GET {url}: the server sent more than the {cap} bytes "
+                                        f"{'the registry expects' if size is not None else 'it announced'}; refused")
                 f.write(block)
                 received += len(block)
                 if bar is not None:
@@ -178,6 +231,7 @@ def download_http(
     timeout: float = 60.0,
     progress: bool = True,
     on_bytes: Callable[[int], None] | None = None,
+    allowed_hosts: Iterable[str] = (),
 ) -> None:
     """Download `url` to `dest` (resume, retry, verify). Raises DownloadError when it cannot."""
     dest = Path(dest)
@@ -194,7 +248,7 @@ def download_http(
                 log.warning("%s: %s; retry %d/%d in %.1fs", dest.name, last, attempt, retries, delay)
                 time.sleep(delay)
             try:
-                _fetch_once(url, part, size, timeout, bar, on_bytes)
+                _fetch_once(url, part, size, timeout, bar, on_bytes, allowed_hosts)
             except DownloadError:
                 raise
             except TRANSIENT as e:  # dropped connection, timeout, 5xx: resume on the next attempt

@@ -101,7 +101,7 @@ def _remote_size(f: Fetch, opts: Options) -> int | None:
         return r.size
     if isinstance(r, HubFile):
         return hub_metadata(r, opts.hub_endpoint)[0]
-    return http_size(r.url, timeout=opts.timeout) if r.url else None
+    return http_size(r.url, timeout=opts.timeout, allowed_hosts=r.redirect_hosts) if r.url else None
 
 
 def _describe(r) -> str:
@@ -185,12 +185,14 @@ def _run_fetch(src: Source, f: Fetch, root: Path, opts: Options, on_bytes) -> St
                              backoff=opts.backoff, progress=opts.progress, on_bytes=on_bytes)
             else:
                 download_http(r.url, path, size=r.size, checksum=r.checksum, retries=opts.retries,
-                              backoff=opts.backoff, timeout=opts.timeout, progress=opts.progress, on_bytes=on_bytes)
+                              backoff=opts.backoff, timeout=opts.timeout, progress=opts.progress, on_bytes=on_bytes,
+                              allowed_hosts=r.redirect_hosts)
             state.write_marker(root, "download", f.save_as,
                                {"size": path.stat().st_size, "from": _describe(r), "time": time.time()})
         if f.unpack_to is None:
             return Step(src.name, f.save_as, "done")
-        n = safe_extract(path, root / f.unpack_to, flatten=f.flatten, progress=opts.progress)
+        n = safe_extract(path, root / f.unpack_to, flatten=f.flatten, progress=opts.progress,
+                         max_bytes=f.max_unpacked_bytes)
         missing = [p for p in f.expect if not (root / p).exists()]
         if missing:
             top = sorted({p.name for p in (root / f.unpack_to).iterdir()})[:10]
@@ -220,6 +222,7 @@ def _run_ocr_vqa(src: Source, root: Path, opts: Options, report: Report) -> Step
     status = "done" if rep["attempted"] else "verified"
     return Step(src.name, spec.image_dir, status,
                 f"{rep['fetched']} fetched, {rep['already_present']} present, {len(rep['dead'])} dead links, "
+                f"{len(rep['bad_images'])} bad images, {len(rep['unsafe_names'])} unsafe names, "
                 f"{len(rep['failed'])} failed (report: {spec.report})")
 
 

@@ -34,6 +34,7 @@ class HttpFile:
     size: int | None = None  # expected size in bytes; None = learned from the server's Content-Length
     checksum: str | None = None  # "md5:<hex>" or "sha256:<hex>"; None = size check only
     note: str = ""  # provenance, or how to obtain the file by hand when `url` is None
+    redirect_hosts: tuple[str, ...] = ()  # CDN hosts a redirect may lead to besides the URL's own (".x.org" = subdomains)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Fetch:
     expect: tuple[str, ...] = ()  # folders/files (relative to root) that must exist after unpacking
     flatten: bool = False  # unpack every member into `unpack_to` directly, dropping its folders (`unzip -j`)
     expected_files: int | None = None  # number of files the archive holds, when published (informational)
+    max_unpacked_bytes: int | None = None  # bound on the unpacked total; None = archive.unpack_limit(archive size)
 
     def __post_init__(self) -> None:
         if isinstance(self.remote, HubFile):
@@ -88,6 +90,7 @@ class OcrVqaSpec:
     referenced_by: str | None  # LLaVA json (relative to root) whose image paths select the images to fetch; None = all
     image_prefix: str  # prefix of those paths, e.g. "ocr_vqa/images/"; the rest is the file name
     url_field: str = "imageURL"  # field of a dataset.json record that holds the image URL
+    redirect_hosts: tuple[str, ...] = ()  # hosts an image URL may redirect to besides its own (".x.org" = subdomains)
     report: str = "ocr_vqa/download_report.json"  # dead links and the samples they affect (relative to root)
 
 
@@ -258,7 +261,9 @@ LLAVA_665K = DatasetSpec(
                       save_as="ocr_vqa/dataset.json"),
             ),
             ocr_vqa=OcrVqaSpec(dataset_json="ocr_vqa/dataset.json", image_dir="ocr_vqa/images",
-                               referenced_by="llava_v1_5_mix665k.json", image_prefix="ocr_vqa/images/"),
+                               referenced_by="llava_v1_5_mix665k.json", image_prefix="ocr_vqa/images/",
+                               # dataset.json points at Amazon's image hosts, which move images between them
+                               redirect_hosts=(".images-amazon.com", ".ssl-images-amazon.com", ".media-amazon.com")),
         ),
         Source(
             name="ocr_vqa_mirror",
