@@ -128,6 +128,7 @@ class DataConfig:
     train_file: str = ""  # LLaVA JSON list or JSONL
     image_folder: str = ""  # root the records' image paths are relative to
     template: str = "llava_llama_3"  # llava_llama_3, llava_phi_3, vicuna_v1, plain, chat_template
+    add_bos: bool | str = "auto"  # BOS first in every sequence: auto (as the tokenizer does) | true | false
     image_geometry: str = "pad"  # pad | square | resize: how an image becomes the shared square
     teacher_image_size: int | None = None  # side of the square carried for online teachers; None = largest teacher input
     max_length: int = 4096  # after image and task-token expansion
@@ -317,6 +318,8 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(getattr(cfg, section), key)
         if choices is not None and value not in choices:
             raise ConfigError(f"{name}: {value!r} is not one of {sorted(choices)}")
+    if d.add_bos not in (True, False, "auto"):
+        raise ConfigError(f"data.add_bos: {d.add_bos!r} is not auto, true or false")
     if not _PROJECTOR.match(m.projector):
         raise ConfigError(f"model.projector: {m.projector!r} is not 'linear' or 'mlp<N>x_gelu'")
     if m.num_task_tokens < 0:
