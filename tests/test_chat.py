@@ -77,3 +77,21 @@ def test_chat_cli_prompt_and_missing_run_info(trained, capsys, tmp_path):
         assert ChatSession(final, template="llava_phi_3", image_geometry="pad", device="cpu").template == "llava_phi_3"
     finally:
         (tmp_path / "moved.json").rename(final / "olavlm_run.json")
+
+
+def test_chat_uses_the_recorded_bos_policy(trained):
+    """`olavlm train` records the BOS policy; chat builds its prompts with it, not with a fresh guess."""
+    import json
+
+    final, _ = trained
+    info_file = final / "olavlm_run.json"
+    info = json.loads(info_file.read_text())
+    assert info["add_bos"] is True  # data.add_bos auto + a tokenizer that adds BOS
+    session = ChatSession(final, device="cpu")
+    with_bos = session.prompt_ids("Hi")
+    assert with_bos[0] == session.tokenizer.bos_token_id
+    info_file.write_text(json.dumps({**info, "add_bos": False}))
+    try:
+        assert ChatSession(final, device="cpu").prompt_ids("Hi") == with_bos[1:]
+    finally:
+        info_file.write_text(json.dumps(info))

@@ -1,4 +1,5 @@
-"""Templates render byte-identical to spec §6; segment tokenization gives exact label masks."""
+"""Templates render byte-identical to the reference strings; whole-prompt tokenization gives exact label
+masks (tiny byte-level BPE here; the real Llama-3 / Phi-3 tokenizers in test_tokenize_real.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 
 from olavlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from olavlm.data import BadSample
-from olavlm.data.templates import normalize_conversation, render_segments, render_text
+from olavlm.data.templates import normalize_conversation, render, render_text
 from olavlm.data.tokenize import encode_conversation, encode_prompt, stop_token_ids, truncate
 
 SYS = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -27,7 +28,7 @@ def tok(tiny_dir):
 
 
 GOLDEN = {
-    # (template, conversation, n_images): exact string, spec §6 (rendered by the reference conversation.py)
+    # (template, conversation, n_images): exact string (rendered by the reference conversation.py)
     ("llava_llama_3", "one", 1): f"{L3_SYS}<|eot_id|>{L3_U}<image>\nWhat is this?<|eot_id|>{L3_A}A red circle.<|eot_id|>",
     ("llava_llama_3", "two", 1): (f"{L3_SYS}<|eot_id|>{L3_U}<image>\nWhat is this?<|eot_id|>{L3_A}A red circle.<|eot_id|>"
                                   f"{L3_U}Where?<|eot_id|>{L3_A}On the left.<|eot_id|>"),
@@ -60,7 +61,7 @@ def test_golden_strings(tok, key):
 
 
 def test_open_turn_matches_spec(tok):
-    """Spec §6 examples: image turn, answer, open second turn."""
+    """Reference examples: image turn, answer, open second turn."""
     conv = [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}, {"from": "human", "value": "Q2"}]
     m = normalize_conversation(conv, 1, open_turn=True)
     assert render_text(m, "llava_llama_3", open_turn=True) == (
@@ -99,7 +100,7 @@ def test_bad_conversations(bad, reason):
 @pytest.mark.parametrize("conv", ["one", "two", "text"])
 def test_label_round_trip(tok, template, conv):
     """Decoding the supervised positions gives exactly the replies + terminators; every other
-    position is IGNORE; the image is one IMAGE_TOKEN_INDEX; the ids concatenate the segments."""
+    position is IGNORE; the image is one IMAGE_TOKEN_INDEX; the ids decode back to the prompt."""
     if template == "plain" and conv == "two":
         with pytest.raises(BadSample):
             encode_conversation(CONVS[conv], template, tok, num_images=1)
@@ -108,8 +109,8 @@ def test_label_round_trip(tok, template, conv):
     enc = encode_conversation(CONVS[conv], template, tok, num_images=n)
     assert len(enc.input_ids) == len(enc.labels)
     assert enc.input_ids.count(IMAGE_TOKEN_INDEX) == n
-    segments = render_segments(normalize_conversation(CONVS[conv], n), template, tok)
-    replies = [s.text for s in segments if s.supervised]
+    rendered = render(normalize_conversation(CONVS[conv], n), template, tok)
+    replies = rendered.replies()
     # independent expectation: one reply per gpt turn, ending with the template's terminator
     term = {"llava_llama_3": "<|eot_id|>", "llava_phi_3": "<|end|>", "vicuna_v1": "</s>", "plain": "<|eot_id|>",
             "chat_template": "<|eot_id|>"}[template]
@@ -129,7 +130,7 @@ def test_label_round_trip(tok, template, conv):
     spans += [cur] if cur else []
     assert [tok.decode(s) for s in spans] == replies
     # the full id sequence decodes back to BOS + the rendered text (image placeholder as text)
-    text = "".join(s.text for s in segments)
+    text = rendered.text
     decoded = "".join("<image>" if i == IMAGE_TOKEN_INDEX else tok.decode([i]) for i in enc.input_ids)
     assert decoded == (text if text.startswith("<|begin_of_text|>") else "<|begin_of_text|>" + text)
     assert enc.input_ids.count(tok.bos_token_id) == 1 and enc.input_ids[0] == tok.bos_token_id
@@ -179,9 +180,9 @@ def test_unknown_template(tok):
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
-def test_segments_tokenize_like_the_whole_prompt(tok, template):
-    """Independent check: for a byte-level BPE tokenizer, segment boundaries fall on special tokens
-    or word starts, so the segment ids equal the tokenizer's own ids of the full rendered string."""
+def test_ids_are_the_whole_prompt_ids(tok, template):
+    """Independent check: the ids equal the tokenizer's own ids of the full rendered string, split only
+    at the image placeholder (for byte-level BPE splitting there changes nothing)."""
     for conv in (TEXT, TWO):
         if template == "plain" and conv is TWO:
             continue
@@ -203,3 +204,101 @@ def test_chat_template_matches_apply_chat_template(tok):
     gen = tok.apply_chat_template(msgs[:1], tokenize=True, add_generation_prompt=True)
     gen = gen["input_ids"] if isinstance(gen, dict) or hasattr(gen, "keys") else gen
     assert encode_prompt(TEXT[:1], "chat_template", tok) == list(gen)
+
+
+PHI3_CHAT = ("{% for message in messages %}{{'<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n'}}"
+             "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _with_template(tok, template):
+    import copy
+
+    other = copy.deepcopy(tok)
+    other.chat_template = template
+    return other
+
+
+@pytest.mark.parametrize("chat,eot,tail", [(PHI3_CHAT, "<|end|>", "\n<|eot_id|>"), (CHATML, "<|im_end|>", "\n")])
+def test_chat_template_end_of_turn(tok, chat, eot, tail):
+    """A template that writes EOS only at the end of a conversation (Phi-3) or a newline after the end
+    token (ChatML): supervised = reply + the end token; the rest is prompt; multi-turn works."""
+    from olavlm.data.templates import TEMPLATES
+
+    other = _with_template(tok, chat)
+    assert TEMPLATES["chat_template"].end_of_turn(other) == (eot, tail)
+    conv = [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "Hello."},
+            {"from": "human", "value": "Where?"}, {"from": "gpt", "value": "On the left."}]
+    rendered = render(normalize_conversation(conv, 0), "chat_template", other)
+    assert rendered.replies() == ["Hello." + eot, "On the left." + eot]
+    assert rendered.text == other.apply_chat_template(
+        [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in conv],
+        tokenize=False)
+    enc = encode_conversation(conv, "chat_template", other, num_images=0)
+    spans = [other.decode([i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX])]
+    assert spans == ["Hello." + eot + "On the left." + eot]
+    assert stop_token_ids("chat_template", other)[0] == other.convert_tokens_to_ids(eot)
+    prompt = encode_prompt(conv[:3], "chat_template", other)
+    assert prompt == enc.input_ids[:len(prompt)]  # the open prompt ends exactly where the last reply starts
+    assert enc.labels[len(prompt) - 1] == IGNORE_INDEX and enc.labels[len(prompt)] != IGNORE_INDEX
+
+
+def test_chat_template_refusals(tok):
+    """Unusable templates are refused up front in one line; a record the template rejects is a BadSample."""
+    from olavlm.data.tokenize import check_template
+
+    silent = _with_template(tok, "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ValueError, match="writes nothing after a reply"):
+        check_template("chat_template", silent)
+    with pytest.raises(ValueError, match="needs a tokenizer that has a chat_template"):
+        check_template("chat_template", _with_template(tok, None))
+    picky = _with_template(tok, "{% if messages[0]['content'] == 'bad' %}{{ raise_exception('no bad') }}"
+                                "{% endif %}" + CHATML)
+    assert check_template("chat_template", picky) is True
+    with pytest.raises(BadSample) as e:
+        encode_conversation([{"from": "human", "value": "bad"}, {"from": "gpt", "value": "A"}], "chat_template",
+                            picky, num_images=0)
+    assert e.value.reason == "bad_conversation" and "no bad" in e.value.msg
+
+
+def test_rendered_spans_cover_the_replies(tok):
+    for template in TEMPLATES:
+        conv = ONE if template == "plain" else TWO
+        r = render(normalize_conversation(conv, 1), template, tok)
+        assert [r.text[a:b] for a, b in r.spans] == r.replies() and len(r.spans) == (1 if template == "plain" else 2)
+        assert all(b <= c for (_, b), (c, _) in zip(r.spans, r.spans[1:]))
+
+
+@pytest.mark.parametrize("value,ok", [(True, True), (False, True), ("auto", True), ("maybe", False), (1, False)])
+def test_data_add_bos_field(value, ok):
+    from olavlm.config import ConfigError, RunConfig, from_dict, validate
+
+    if ok:
+        cfg = from_dict(RunConfig, {"data": {"add_bos": value}})
+        validate(cfg)
+        assert cfg.data.add_bos == value
+    else:
+        with pytest.raises(ConfigError, match="data.add_bos"):
+            validate(from_dict(RunConfig, {"data": {"add_bos": value}}))
+
+
+def test_dataset_uses_data_add_bos(tok, tmp_path):
+    import json
+
+    from olavlm.config import DataConfig
+    from olavlm.data.dataset import LlavaDataset
+    from olavlm.data.images import ImageSpec
+
+    data = tmp_path / "d.jsonl"
+    record = {"id": "t", "conversations": TEXT}
+    data.write_text(json.dumps(record) + "\n")
+    spec = ImageSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    ids = {}
+    for policy in ("auto", False):
+        cfg = DataConfig(train_file=str(data), template="llava_llama_3", add_bos=policy)
+        ids[policy] = LlavaDataset(cfg, tok, image_spec=spec, tokens_per_image=4).encode(record)[0].input_ids
+    assert ids["auto"][0] == tok.bos_token_id and ids["auto"][1:] == ids[False]
+    with pytest.raises(ValueError, match="data.add_bos: false"):  # refused when the dataset is built
+        LlavaDataset(DataConfig(train_file=str(data), template="chat_template", add_bos=False), tok, image_spec=spec,
+                     tokens_per_image=4)

@@ -142,6 +142,7 @@ class DataConfig:
     train_file: str = ""  # LLaVA JSON list or JSONL
     image_folder: str = ""  # root the records' image paths are relative to
     template: str = "llava_llama_3"  # llava_llama_3, llava_phi_3, vicuna_v1, plain, chat_template
+    add_bos: bool | str = "auto"  # BOS first in every sequence: auto (as the tokenizer does) | true | false
     image_geometry: ImageGeometry = "pad"  # pad | square | resize: how an image becomes the shared square
     teacher_image_size: int | None = None  # side of the square carried for online teachers; None = largest teacher input
     max_length: int = 4096  # after image and task-token expansion

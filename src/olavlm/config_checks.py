@@ -118,6 +118,8 @@ def validate(cfg) -> None:
     if not _PROJECTOR.match(m.projector):
         raise ConfigError(f"model.projector: {m.projector!r} is not 'linear' or 'mlp<N>x_gelu'")
     _check_ranges(cfg, _RANGES, "")
+    if cfg.data.add_bos not in (True, False, "auto"):
+        raise ConfigError(f"data.add_bos: {cfg.data.add_bos!r} is not auto, true or false")
     if len(set(m.task_order)) != len(m.task_order):
         raise ConfigError(f"model.task_order: duplicate task in {m.task_order}")
     for task in m.task_order:

@@ -1,4 +1,4 @@
-"""Datasets in LLaVA format: templates, segment tokenization, images, collation, samplers, checks.
+"""Datasets in LLaVA format: templates, whole-prompt tokenization, images, collation, samplers, checks.
 
 Bad-input reasons (``REASONS``) and the ``BadSample`` exception live in :mod:`olavlm.data.errors`
 and are re-exported here.

@@ -20,7 +20,7 @@ from olavlm.data.errors import REASONS, BadSample
 from olavlm.data.images import DEFAULT_LIMITS, ImageLimits, load_image
 from olavlm.data.records import RecordIndex, record_images
 from olavlm.data.templates import get_template, normalize_conversation
-from olavlm.data.tokenize import encode_conversation
+from olavlm.data.tokenize import check_template, encode_conversation
 
 MAX_EXAMPLES = 5  # record ids kept per reason in the report
 _BLOCK = 64  # records per thread-pool task
@@ -28,7 +28,7 @@ _BLOCK = 64  # records per thread-pool task
 
 class _Checker:
     def __init__(self, index: RecordIndex, image_folder: str | Path, tokenizer, template, max_length,
-                 tokens_per_image, image_opts: dict | None = None) -> None:
+                 tokens_per_image, add_bos="auto", image_opts: dict | None = None) -> None:
         self.index = index
         self.image_opts = image_opts or {}  # limits / geometry / side of the size guard
         self.folder = Path(image_folder)
@@ -36,6 +36,7 @@ class _Checker:
         self.template = template
         self.max_length = max_length
         self.tokens_per_image = tokens_per_image
+        self.add_bos = add_bos
         self._images: dict[str, BadSample | None] = {}  # path -> problem (None = fine)
         self._lock = threading.Lock()
         self._tok_lock = threading.Lock()  # HF tokenizers are not safe to call from several threads
@@ -71,7 +72,8 @@ class _Checker:
                 normalize_conversation(conv, len(keys))
             else:
                 with self._tok_lock:
-                    enc = encode_conversation(conv, self.template, self.tokenizer, num_images=len(keys))
+                    enc = encode_conversation(conv, self.template, self.tokenizer, num_images=len(keys),
+                                              add_bos=self.add_bos)
                 if self.max_length is not None:
                     n = enc.expanded_length(self.tokens_per_image)
                     if n > self.max_length:
@@ -86,16 +88,21 @@ class _Checker:
 def run_check(data_file, image_folder, *, tokenizer=None, template: str | None = None, max_length: int | None = None,
               tokens_per_image: int | None = None, workers: int = 4, progress: bool = True,
               max_examples: int = MAX_EXAMPLES, image_geometry: str | None = "pad",
-              image_side: int | None = None, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[dict, dict[str, str]]:
-    """:func:`check_dataset` plus the first message per reason (for the CLI table)."""
+              image_side: int | None = None, limits: ImageLimits = DEFAULT_LIMITS,
+              add_bos="auto") -> tuple[dict, dict[str, str]]:
+    """:func:`check_dataset` plus the first message per reason (for the CLI table).
+
+    An unusable template x tokenizer x ``add_bos`` choice raises a one-line ValueError before any record.
+    """
     if tokenizer is not None:
         if template is None:
             raise ValueError("check_dataset: a template is needed to tokenize (template=...)")
         get_template(template)
         if max_length is not None and tokens_per_image is None:
             raise ValueError("check_dataset: max_length needs tokens_per_image (positions per image after expansion)")
+        check_template(template, tokenizer, add_bos)
     index = RecordIndex.build(data_file)
-    checker = _Checker(index, image_folder, tokenizer, template, max_length, tokens_per_image,
+    checker = _Checker(index, image_folder, tokenizer, template, max_length, tokens_per_image, add_bos,
                        {"limits": limits, "geometry": image_geometry, "side": image_side})
     problems: Counter = Counter()
     examples: dict[str, list[str]] = {}
@@ -127,14 +134,14 @@ def run_check(data_file, image_folder, *, tokenizer=None, template: str | None =
 def check_dataset(data_file, image_folder, *, tokenizer=None, template: str | None = None,
                   max_length: int | None = None, tokens_per_image: int | None = None, workers: int = 4,
                   progress: bool = True, image_geometry: str | None = "pad", image_side: int | None = None,
-                  limits: ImageLimits = DEFAULT_LIMITS) -> dict:
+                  limits: ImageLimits = DEFAULT_LIMITS, add_bos="auto") -> dict:
     """Check every record and image of ``data_file``; returns the report dict (module docstring).
 
     Raises :class:`~olavlm.data.records.RecordFileError` when the file itself is malformed.
     """
     report, _ = run_check(data_file, image_folder, tokenizer=tokenizer, template=template, max_length=max_length,
                           tokens_per_image=tokens_per_image, workers=workers, progress=progress,
-                          image_geometry=image_geometry, image_side=image_side, limits=limits)
+                          image_geometry=image_geometry, image_side=image_side, limits=limits, add_bos=add_bos)
     return report
 
 

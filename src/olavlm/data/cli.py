@@ -13,6 +13,8 @@ DEFAULT_TASK_TOKENS = 24  # 3 tasks x 8 task tokens inserted after every image (
 def _add_sequence_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", help="llava_llama_3, llava_phi_3, vicuna_v1, plain or chat_template")
     p.add_argument("--tokenizer", help="tokenizer folder or hub id (usually the LLM's)")
+    p.add_argument("--add-bos", choices=["auto", "true", "false"], default="auto",
+                   help="BOS at the start of every sequence, as data.add_bos (default auto: as the tokenizer does)")
     p.add_argument("--max-length", type=int, default=None,
                    help="maximum sequence length after image expansion (default 4096 when the image token "
                         "count is known)")
@@ -75,6 +77,21 @@ def _load_tokenizer(path: str):
     return load_tokenizer(ModelConfig(llm=path))
 
 
+def _prepare_tokenizer(args):
+    """The tokenizer checked against the template and BOS choice; (None, message) when unusable."""
+    from olavlm.data.tokenize import check_template
+
+    try:
+        tokenizer = _load_tokenizer(args.tokenizer)
+    except (OSError, ValueError) as e:
+        return None, f"--tokenizer {args.tokenizer}: cannot load a tokenizer ({str(e).splitlines()[0] if str(e) else e})"
+    try:
+        check_template(args.template, tokenizer, args.add_bos)
+    except ValueError as e:
+        return None, str(e)
+    return tokenizer, None
+
+
 def _tokens_per_image(args) -> int | None:
     n = args.num_image_tokens
     if n is None and args.vision_tower:
@@ -107,7 +124,12 @@ def cmd_check(args) -> int:
     from olavlm.data.records import RecordFileError
 
     tpi, max_length = _sequence_settings(args, need_template=False)
-    tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
+    tokenizer = None
+    if args.tokenizer:
+        tokenizer, problem = _prepare_tokenizer(args)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     if tokenizer is None:
         print("note: no --tokenizer: checking records and images only", file=sys.stderr)
     elif max_length is None:
@@ -124,7 +146,7 @@ def cmd_check(args) -> int:
         report, messages = run_check(args.data, args.image_folder, tokenizer=tokenizer, template=args.template,
                                      max_length=max_length, tokens_per_image=tpi, workers=args.workers,
                                      progress=not args.no_progress, image_geometry=args.image_geometry,
-                                     limits=limits)
+                                     limits=limits, add_bos=args.add_bos)
     except (RecordFileError, FileNotFoundError) as e:
         print(f"olavlm: error: {e}", file=sys.stderr)
         return 2
@@ -146,7 +168,10 @@ def cmd_show(args) -> int:
     from olavlm.data.show import find_record, render_sample
 
     tpi, max_length = _sequence_settings(args, need_template=True)
-    tokenizer = _load_tokenizer(args.tokenizer)
+    tokenizer, problem = _prepare_tokenizer(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         i, record = find_record(args.data, index=args.index, record_id=args.record_id)
     except (IndexError, KeyError, FileNotFoundError, ValueError) as e:
@@ -156,7 +181,7 @@ def cmd_show(args) -> int:
     print(f"record {i} of {args.data}")
     try:
         print(render_sample(record, args.template, tokenizer, tokens_per_image=tpi, max_length=max_length,
-                            color=color))
+                            color=color, add_bos=args.add_bos))
     except BadSample as e:
         print(f"bad record: {e}", file=sys.stderr)
         return 1

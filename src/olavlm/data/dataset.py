@@ -49,8 +49,7 @@ from olavlm.data.errors import BadSample, NoValidRecord
 from olavlm.data.images import (GEOMETRIES, ImageLimits, ImageSpec, load_image, pixel_values, read_image,
                                 teacher_image, to_square)
 from olavlm.data.records import RecordIndex, record_images
-from olavlm.data.templates import get_template
-from olavlm.data.tokenize import Encoded, encode_conversation, truncate
+from olavlm.data.tokenize import Encoded, check_template, encode_conversation, truncate
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,8 @@ class LlavaDataset(Dataset):
                  teacher_image_size: int | None = None,
                  target_lookup: Callable[[str], dict[str, torch.Tensor]] | None = None,
                  seed: int = 0, add_bos: bool | None = None) -> None:
-        get_template(data_cfg.template)  # unknown template -> ValueError now, not in a worker
+        add_bos = getattr(data_cfg, "add_bos", "auto") if add_bos is None else add_bos
+        check_template(data_cfg.template, tokenizer, add_bos)  # unusable template/tokenizer/BOS -> ValueError now
         if data_cfg.image_geometry not in GEOMETRIES:
             raise ConfigError(f"data.image_geometry: {data_cfg.image_geometry!r} is not one of {GEOMETRIES}")
         if data_cfg.on_bad_sample not in ("skip", "error"):
@@ -80,7 +80,7 @@ class LlavaDataset(Dataset):
         self.teacher_image_size = teacher_image_size
         self.target_lookup = target_lookup
         self.seed = seed
-        self.add_bos = add_bos  # None = as the tokenizer does (see olavlm.data.tokenize)
+        self.add_bos = add_bos  # auto | True | False (see olavlm.data.tokenize)
         self.image_folder = Path(data_cfg.image_folder) if data_cfg.image_folder else None
         self.limits = ImageLimits.from_config(data_cfg)
         # largest square side an image is cut at: the size-after-geometry guard runs on the header

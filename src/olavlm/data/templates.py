@@ -1,28 +1,34 @@
-"""Conversation templates (spec §6) rendered as SEGMENTS: alternating prompt / reply pieces.
+"""Conversation templates rendered as ONE prompt string plus the character spans that are supervised.
 
 A conversation is the LLaVA list ``[{"from": "human"|"gpt", "value": str}, ...]``. It is first
 validated and normalised (:func:`normalize_conversation`: roles alternate human/gpt starting with
 human, replies non-empty, ``<image>`` placeholders moved to the start of their human turn followed
-by ``\\n`` (spec §2.2) and counted against the record's images). :func:`render_segments` then
-renders it with a template into :class:`Segment` pieces whose concatenation is the exact prompt
-string; ``supervised`` pieces are the assistant replies followed by their end-of-turn text.
+by ``\\n`` and counted against the record's images). :func:`render` then renders it with a template
+into a :class:`Rendered`: the exact prompt text and the ``(start, end)`` character spans of every
+assistant reply followed by its end-of-turn text, the only text the model learns to produce (role
+headers, and the ``\\n\\n`` after a header, are prompt). :mod:`olavlm.data.tokenize` tokenizes the
+whole text once and maps the spans onto tokens.
 
 Templates (strings byte-identical to the reference ``conversation.py``):
 
 * ``llava_llama_3`` MPT style, sep ``<|eot_id|>``, Llama-3 header roles and the LLaVA system line.
 * ``llava_phi_3``   MPT style, sep ``<|end|>``, roles ``\\n<|user|>\\n`` / ``\\n<|assistant|>\\n``.
-* ``vicuna_v1``     TWO style: ``SYS USER: Q ASSISTANT: A</s>USER: ...``; the reply segment starts
+* ``vicuna_v1``     TWO style: ``SYS USER: Q ASSISTANT: A</s>USER: ...``; the reply span starts
                     with the space after ``ASSISTANT:`` so the open turn ends with ``ASSISTANT:``.
 * ``plain``         LLaVA pre-training format: the image placeholders, then the caption (first gpt
                     turn) followed by the tokenizer's EOS token (LLaVA uses ``\\n``; EOS gives a
                     single stop id). The human text is dropped; exactly one human + one gpt turn.
-* ``chat_template`` the tokenizer's own Jinja chat template (human -> user, gpt -> assistant);
-                    segments are cut at the differences between successive renders, which must be
-                    prefixes of one another (checked).
+* ``chat_template`` the tokenizer's own Jinja chat template (human -> user, gpt -> assistant). The
+                    whole conversation is rendered once; each reply starts where the render of the
+                    history with the generation prompt ends. The end-of-turn text is what the
+                    template writes after a reply up to and including its first added token
+                    (``<|eot_id|>``, ``<|end|>``, ``<|im_end|>``); what follows (a ``\\n``, the EOS
+                    that Phi-3's template writes only at the end of a conversation) is prompt.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from olavlm.constants import IMAGE_PLACEHOLDER
@@ -33,11 +39,31 @@ LLAVA_SYSTEM = ("A chat between a curious user and an artificial intelligence as
 
 
 @dataclass(frozen=True)
-class Segment:
-    """One rendered piece of a conversation."""
+class Rendered:
+    """A rendered conversation: the prompt text and its supervised character spans (sorted)."""
 
-    text: str  # exact text, may contain <image> placeholders
-    supervised: bool  # True for an assistant reply + its end-of-turn text
+    text: str  # exact prompt, may contain <image> placeholders
+    spans: tuple[tuple[int, int], ...]  # [start, end) of each reply + its end-of-turn text
+
+    @classmethod
+    def from_pieces(cls, pieces: list[tuple[str, bool]]) -> "Rendered":
+        """Concatenate ``(text, supervised)`` pieces; adjacent supervised pieces form one span."""
+        text, spans, pos = [], [], 0
+        for piece, supervised in pieces:
+            if not piece:
+                continue
+            if supervised:
+                if spans and spans[-1][1] == pos:
+                    spans[-1] = (spans[-1][0], pos + len(piece))
+                else:
+                    spans.append((pos, pos + len(piece)))
+            text.append(piece)
+            pos += len(piece)
+        return cls("".join(text), tuple(spans))
+
+    def replies(self) -> list[str]:
+        """Text of each supervised span."""
+        return [self.text[a:b] for a, b in self.spans]
 
 
 @dataclass(frozen=True)
@@ -49,7 +75,7 @@ class MPTTemplate:
     assistant: str  # assistant role prefix
     sep: str  # end-of-turn text after every message (and after the system text)
 
-    def segments(self, messages: list[dict], open_turn: bool) -> list[tuple[str, bool]]:
+    def render(self, messages: list[dict], open_turn: bool, tokenizer) -> Rendered:
         out = [(self.system + self.sep, False)]
         for m in messages:
             if m["from"] == "human":
@@ -58,7 +84,7 @@ class MPTTemplate:
                 out += [(self.assistant, False), (m["value"] + self.sep, True)]
         if open_turn:
             out.append((self.assistant, False))
-        return out
+        return Rendered.from_pieces(out)
 
     def terminator(self, tokenizer) -> str:
         return self.sep
@@ -74,7 +100,7 @@ class TwoSepTemplate:
     sep: str  # after the system text and after user turns
     sep2: str  # after assistant replies (end of turn)
 
-    def segments(self, messages: list[dict], open_turn: bool) -> list[tuple[str, bool]]:
+    def render(self, messages: list[dict], open_turn: bool, tokenizer) -> Rendered:
         out = [(self.system + self.sep, False)]
         for m in messages:
             if m["from"] == "human":
@@ -83,7 +109,7 @@ class TwoSepTemplate:
                 out += [(f"{self.assistant}:", False), (f" {m['value']}{self.sep2}", True)]
         if open_turn:
             out.append((f"{self.assistant}:", False))
-        return out
+        return Rendered.from_pieces(out)
 
     def terminator(self, tokenizer) -> str:
         return self.sep2
@@ -92,7 +118,7 @@ class TwoSepTemplate:
 class PlainTemplate:
     """LLaVA ``plain``: image placeholders + caption + EOS (one human and one gpt turn)."""
 
-    def segments(self, messages: list[dict], open_turn: bool, tokenizer) -> list[tuple[str, bool]]:
+    def render(self, messages: list[dict], open_turn: bool, tokenizer) -> Rendered:
         n_expected = 1 if open_turn else 2
         if len(messages) != n_expected:
             raise BadSample("bad_conversation",
@@ -101,7 +127,7 @@ class PlainTemplate:
         out = [(images, False)]
         if not open_turn:
             out.append((messages[1]["value"] + self.terminator(tokenizer), True))
-        return out
+        return Rendered.from_pieces(out)
 
     def terminator(self, tokenizer) -> str:
         if tokenizer is None:
@@ -111,43 +137,79 @@ class PlainTemplate:
         return tokenizer.eos_token
 
 
+_CHAT_PROBES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> (template, eot, tail)
+
+
 class ChatTemplate:
-    """The tokenizer's Jinja ``chat_template``; segments come from successive renders."""
+    """The tokenizer's Jinja ``chat_template``; reply spans from renders of the history."""
 
     roles = {"human": "user", "gpt": "assistant"}
 
     def _render(self, tokenizer, messages: list[dict], generation_prompt: bool) -> str:
         chat = [{"role": self.roles[m["from"]], "content": m["value"]} for m in messages]
-        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as e:  # jinja's raise_exception / TemplateError: the template refuses this record
+            raise BadSample("bad_conversation", f"the tokenizer's chat template refused it: "
+                                                f"{type(e).__name__}: {e}") from None
 
-    def segments(self, messages: list[dict], open_turn: bool, tokenizer) -> list[tuple[str, bool]]:
+    def end_of_turn(self, tokenizer) -> tuple[str, str]:
+        """``(eot, tail)``: text after a reply up to and including its first added token, and the rest
+        (e.g. ``("<|end|>", "\\n<|endoftext|>")`` for Phi-3). Raises ValueError when unusable."""
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("template 'chat_template' needs a tokenizer that has a chat_template")
-        out, done = [], ""
+        template = tokenizer.chat_template
+        try:
+            cached = _CHAT_PROBES.get(tokenizer)
+        except TypeError:
+            cached = None
+        if cached is not None and cached[0] == template:
+            return cached[1], cached[2]
+        try:
+            probe = self._render(tokenizer, [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "\x00"}], False)
+        except BadSample as e:
+            raise ValueError(f"template 'chat_template': {e.msg}") from None
+        if probe.count("\x00") != 1:
+            raise ValueError("template 'chat_template': the chat template does not render the reply text as given")
+        suffix = probe.split("\x00", 1)[1]
+        added = [t for t in _added_tokens(tokenizer) if t in suffix]
+        cut = min((suffix.index(t) + len(t) for t in added), default=len(suffix))
+        eot, tail = suffix[:cut], suffix[cut:]
+        if not eot:
+            raise ValueError("template 'chat_template': the chat template writes nothing after a reply (no "
+                             "end-of-turn text for the model to learn to stop)")
+        try:
+            _CHAT_PROBES[tokenizer] = (template, eot, tail)
+        except TypeError:
+            pass
+        return eot, tail
+
+    def render(self, messages: list[dict], open_turn: bool, tokenizer) -> Rendered:
+        eot, tail = self.end_of_turn(tokenizer)
+        whole = self._render(tokenizer, messages, open_turn)
+        spans = []
         for i, m in enumerate(messages):
             if m["from"] != "gpt":
                 continue
             prompt = self._render(tokenizer, messages[:i], True)
             full = self._render(tokenizer, messages[: i + 1], False)
-            if not prompt.startswith(done) or not full.startswith(prompt):
-                raise ValueError("template 'chat_template': the tokenizer's chat template does not render a "
-                                 "conversation as a prefix of its continuation; it cannot be segmented")
-            out += [(prompt[len(done):], False), (full[len(prompt):], True)]
-            done = full
-        if open_turn:
-            prompt = self._render(tokenizer, messages, True)
-            if not prompt.startswith(done):
-                raise ValueError("template 'chat_template': the generation prompt does not extend the rendered history")
-            out.append((prompt[len(done):], False))
-        return out
+            end = len(full) - len(tail)
+            if not (full.startswith(prompt) and full.endswith(eot + tail) and whole.startswith(full[:end])
+                    and end - len(eot) > len(prompt)):
+                raise BadSample("bad_conversation", "the tokenizer's chat template does not render this "
+                                                    "conversation as a continuation of its history")
+            spans.append((len(prompt), end))
+        return Rendered(whole, tuple(spans))
 
     def terminator(self, tokenizer) -> str:
-        """Text the template puts after a reply (e.g. ``<|eot_id|>``), from a probe render."""
-        probe = [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "\x00"}]
-        reply = self.segments(probe, False, tokenizer)[-1][0]
-        if "\x00" not in reply:
-            raise ValueError("template 'chat_template': the chat template does not render the reply text")
-        return reply.split("\x00", 1)[1]
+        """End-of-turn text the template puts after a reply (e.g. ``<|eot_id|>``)."""
+        return self.end_of_turn(tokenizer)[0]
+
+
+def _added_tokens(tokenizer) -> list[str]:
+    """Contents of the tokenizer's added (atomic) tokens."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return [str(t) for t in decoder.values()]
 
 
 TEMPLATES = {
@@ -210,27 +272,14 @@ def normalize_conversation(conversations, num_images: int, *, open_turn: bool = 
     return out
 
 
-def render_segments(messages: list[dict], template: str, tokenizer=None, *, open_turn: bool = False) -> list[Segment]:
-    """Render normalised ``messages`` into alternating prompt/reply segments (neighbours merged)."""
-    tpl = get_template(template)
-    if isinstance(tpl, (PlainTemplate, ChatTemplate)):
-        raw = tpl.segments(messages, open_turn, tokenizer)
-    else:
-        raw = tpl.segments(messages, open_turn)
-    merged: list[Segment] = []
-    for text, supervised in raw:
-        if not text:
-            continue
-        if merged and merged[-1].supervised == supervised:
-            merged[-1] = Segment(merged[-1].text + text, supervised)
-        else:
-            merged.append(Segment(text, supervised))
-    return merged
+def render(messages: list[dict], template: str, tokenizer=None, *, open_turn: bool = False) -> Rendered:
+    """Render normalised ``messages`` with ``template`` (text + supervised spans)."""
+    return get_template(template).render(messages, open_turn, tokenizer)
 
 
 def render_text(messages: list[dict], template: str, tokenizer=None, *, open_turn: bool = False) -> str:
     """The full prompt string (what the reference ``get_prompt`` returns)."""
-    return "".join(s.text for s in render_segments(messages, template, tokenizer, open_turn=open_turn))
+    return render(messages, template, tokenizer, open_turn=open_turn).text
 
 
 def terminator(template: str, tokenizer=None) -> str:

@@ -153,17 +153,19 @@ def run_cvbench(model_dir: str | Path, data: str | Path, image_root: str | Path 
 
     from olavlm.data.tokenize import encode_prompt, stop_token_ids
     from olavlm.evaluation.runner import batches, load_eval_model, load_squares, pad_right, pixel_batch
+    from olavlm.infer.chat import read_run_info
 
     items = load_items(data)[:limit] if limit else load_items(data)
     root = Path(image_root) if image_root is not None else Path(data).parent
     em = load_eval_model(model_dir, template=template, image_geometry=image_geometry, device=device)
     stop = stop_token_ids(em.template, em.tokenizer)
+    add_bos = read_run_info(model_dir).get("add_bos", "auto")  # the BOS policy the model was trained with
     spec = em.model.image_spec
     outputs: list[str] = []
     bar = tqdm(total=len(items), desc="cvbench", disable=not progress, dynamic_ncols=True)
     for chunk in batches(items, batch_size):
         seqs = [encode_prompt([{"from": "human", "value": build_prompt(it)}], em.template, em.tokenizer,
-                              num_images=1) for it in chunk]
+                              num_images=1, add_bos=add_bos) for it in chunk]
         ids, mask = pad_right(seqs, em.tokenizer.pad_token_id)
         pixels = pixel_batch(load_squares([root / image_path(it) for it in chunk], em.image_geometry, spec), spec)
         with torch.no_grad():

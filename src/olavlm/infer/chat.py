@@ -1,8 +1,9 @@
 """Chat with a trained model folder (spec §7): image -> shared square -> tower -> projector ->
 image tokens + the frozen task tokens, prompt rendered with the template the model was trained with.
 
-The template and image geometry come from ``olavlm_run.json``, which ``olavlm train`` writes into
-every ``RUN_DIR/final/``; both can be overridden (e.g. for a folder converted from elsewhere).
+The template, BOS policy and image geometry come from ``olavlm_run.json``, which ``olavlm train``
+writes into every ``RUN_DIR/final/``; template and geometry can be overridden (e.g. for a folder
+converted from elsewhere; without a recorded BOS policy the tokenizer's own behaviour is used).
 Decoding is greedy by default (temperature 0, as in the reference evaluation), KV cache on, and
 stops at the template's end-of-turn token.
 """
@@ -37,6 +38,7 @@ class ChatSession:
         info = read_run_info(model_dir)
         self.template = template or info.get("template")
         self.image_geometry = image_geometry or info.get("image_geometry")
+        self.add_bos = info.get("add_bos", "auto")  # the BOS policy the model was trained with
         if not self.template or not self.image_geometry:
             raise ValueError(f"{model_dir}: no {RUN_INFO} with the data template / image geometry; pass "
                              "--template and --image-geometry (the values the model was trained with)")
@@ -69,7 +71,7 @@ class ChatSession:
 
         messages = [*self.messages, {"from": "human", "value": text}]
         return encode_prompt(messages, self.template, self.tokenizer,
-                             num_images=0 if self.pixel_values is None else 1)
+                             num_images=0 if self.pixel_values is None else 1, add_bos=self.add_bos)
 
     @torch.no_grad()
     def ask(self, text: str, *, max_new_tokens: int = 128, temperature: float = 0.0) -> str:

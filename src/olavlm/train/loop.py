@@ -324,7 +324,10 @@ def save_final(cfg: RunConfig, accelerator, model, run_dir: Path, init_dir: Path
     with full_parameters(accelerator, model):
         if accelerator.is_main_process:
             accelerator.unwrap_model(model).save_pretrained(final, with_predictors=uses_predictors(cfg.train.stage))
-            info = {"stage": cfg.train.stage, "template": cfg.data.template,
+            from olavlm.data.tokenize import resolve_bos
+
+            bos = resolve_bos(cfg.data.add_bos, cfg.data.template, accelerator.unwrap_model(model).tokenizer)
+            info = {"stage": cfg.train.stage, "template": cfg.data.template, "add_bos": bos,
                     "image_geometry": cfg.data.image_geometry, "max_length": cfg.data.max_length,
                     "init_from": str(init_dir) if init_dir else None, "run_dir": str(run_dir)}
             (final / RUN_INFO).write_text(json.dumps(info, indent=2))
