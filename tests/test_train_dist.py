@@ -26,13 +26,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(recipe: Path, out: Path, overrides: list[str], **env) -> None:
+def _torchrun(recipe: Path, out: Path, overrides: list[str], check: bool = True, **env) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(WORKER), str(recipe), str(out), *overrides]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                 "TOKENIZERS_PARALLELISM": "false", **env}
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+class _Payload:
+    """Unpickling it runs ``exec``, which writes the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def _plant_payloads(checkpoint: Path, marker: Path) -> dict[Path, bytes]:
+    """A pickle payload in every torch file of engine/, the manifest re-signed to match (what an
+    attacker who can write the folder would do); returns the original bytes."""
+    from olavlm.train import manifest
+
+    originals = {}
+    for file in sorted((checkpoint / "engine").rglob("*")):
+        if file.suffix in (".pt", ".pkl"):
+            originals[file] = file.read_bytes()
+            torch.save({"state": _Payload(marker)}, file)
+    data = json.loads((checkpoint / manifest.MANIFEST).read_text())
+    for file in originals:
+        size, digest = manifest._digest(file, sync=False)
+        data["files"][file.relative_to(checkpoint).as_posix()] = {"size": size, "sha256": digest}
+    (checkpoint / manifest.MANIFEST).write_text(json.dumps(data))
+    return originals
 
 
 def _ranks(out: Path) -> tuple[dict, dict]:
@@ -70,8 +100,20 @@ def test_deepspeed_zero2_two_processes_with_resume(tiny_dir, tmp_path):
         "--train.init_from=null", "--train.global_batch_size=4", "--train.micro_batch_size=1",
         "--train.max_steps=3", "--train.deepspeed=configs/deepspeed/zero2.json"]
     _torchrun(recipe, out, overrides, OLAVLM_TEST_STOP_AFTER="2")
-    first = ckpt.find_resume(out, "auto")
+    first = ckpt.list_checkpoints(out)[-1]
     assert first.name == "step-00000002" and (first / "engine").is_dir() and not (out / "final").exists()
+    assert ckpt.verify(first) is None
+    # DeepSpeed and Accelerate read engine/ with torch.load(weights_only=False): a planted payload is refused
+    marker = tmp_path / "PAYLOAD-RAN"
+    manifest_text = (first / "manifest.json").read_text()
+    originals = _plant_payloads(first, marker)
+    assert len(originals) >= 4  # model states, the ranks' optimizer shards, Accelerate's RNG files
+    proc = _torchrun(recipe, out, overrides, check=False)
+    assert proc.returncode != 0 and not marker.exists(), proc.stderr[-3000:]
+    assert "CheckpointError" in proc.stderr and "refused" in proc.stderr, proc.stderr[-3000:]
+    for file, data in originals.items():
+        file.write_bytes(data)
+    (first / "manifest.json").write_text(manifest_text)
     _torchrun(recipe, out, overrides)
     a, b = _ranks(out)
     _assert_agree(a, b)
@@ -148,7 +190,7 @@ def test_deepspeed_zero3_ift_two_processes_with_resume(tiny_dir, tmp_path):
         "--train.init_from=null", "--train.global_batch_size=4", "--train.micro_batch_size=1",
         "--train.max_steps=2", f"--train.deepspeed={_zero3_config(tmp_path)}"]
     _torchrun(recipe, out, overrides, OLAVLM_TEST_STOP_AFTER="1")
-    first = ckpt.find_resume(out, "auto")
+    first = ckpt.list_checkpoints(out)[-1]
     assert first.name == "step-00000001" and (first / "engine").is_dir() and not (out / "final").exists()
     _torchrun(recipe, out, overrides)
     a, b = _ranks(out)

@@ -55,7 +55,7 @@ def test_resume_is_exact(pt_overrides):
     first = train(split, resume="auto", stop_after_steps=5)  # stops mid-epoch (epoch 1, step 2 of 3)
     assert first.final_dir is None and first.summary["steps"] == 5
     assert not (root / "split" / "final").exists()
-    assert ckpt.find_resume(root / "split", "auto").name == "step-00000005"
+    assert ckpt.list_checkpoints(root / "split")[-1].name == "step-00000005"
     state = ckpt.TrainState.from_json((root / "split" / "checkpoints" / "step-00000005" / "state.json").read_text())
     assert (state.epoch, state.step_in_epoch, state.samples) == (1, 2, 20)
     second = train(split, resume="auto")

@@ -4,6 +4,7 @@ checkpoint atomicity / rotation / resume selection, metric reduction and sinks, 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from olavlm.config import ConfigError, TrainConfig
 from olavlm.train import checkpoint as ckpt
+from olavlm.train import rundir
 from olavlm.train.engine import accumulation_steps
 from olavlm.train.metrics import MetricsLogger, StepAccumulator, check_report_to, plot_losses
 from olavlm.train.stages import configure_trainable, trainable_groups, trainable_parameters
@@ -148,17 +150,21 @@ def test_checkpoint_roundtrip_restores_everything(setup):
     assert torch.equal(draws[0], expected_draws[0]) and draws[1:] == expected_draws[1:]
 
 
+def _chosen(out, resume, accelerator):
+    return rundir.choose_checkpoint(rundir.plan_resume(out, resume), accelerator)
+
+
 def test_checkpoint_rotation_and_resume_selection(setup):
-    out = setup[-1]
+    accelerator, out = setup[0], setup[-1]
     for step in (2, 4, 6):
         _save(setup, step)
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000004", "step-00000006"]
-    assert ckpt.find_resume(out, "auto").name == "step-00000006"
-    assert ckpt.find_resume(out, "none") is None and ckpt.find_resume(out, None) is None
-    assert ckpt.find_resume(out / "nothing-here", "auto") is None
-    assert ckpt.find_resume(out, str(out / "checkpoints" / "step-00000004")).name == "step-00000004"
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        ckpt.find_resume(out, str(out / "checkpoints" / "step-00000002"))
+    assert _chosen(out, "auto", accelerator).name == "step-00000006"
+    assert _chosen(out, "none", accelerator) is None and _chosen(out, None, accelerator) is None
+    assert _chosen(out / "nothing-here", "auto", accelerator) is None
+    assert _chosen(out, str(out / "checkpoints" / "step-00000004"), accelerator).name == "step-00000004"
+    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint folder"):
+        rundir.plan_resume(out, str(out / "checkpoints" / "step-00000002"))  # rotated away
 
 
 def test_kill_during_checkpoint_write_keeps_previous(setup, monkeypatch):
@@ -178,9 +184,9 @@ def test_kill_during_checkpoint_write_keeps_previous(setup, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _save(setup, 2)
     monkeypatch.setattr(torch, "save", real_save)
-    assert (out / "checkpoints" / ".tmp-step-00000002").is_dir()  # the half-written folder
+    assert [p.name for p in (out / "checkpoints").glob(".tmp-*")] == [f".tmp-step-00000002-{os.getpid()}"]
     assert not (out / "checkpoints" / "step-00000002").exists()
-    found = ckpt.find_resume(out, "auto")
+    found = _chosen(out, "auto", accelerator)
     assert found == good
     ckpt.load_checkpoint(found, accelerator, model, opt, sched, engine_state=False)
     for n, p in model.named_parameters():
@@ -193,9 +199,9 @@ def test_load_refuses_other_trainable_set(setup):
     accelerator, model, opt, sched, out = setup
     path = _save(setup, 1)
     accelerator.unwrap_model(model).projector.weight.requires_grad_(False)
-    with pytest.raises(ValueError, match="trainable parameters differ"):
+    with pytest.raises(ckpt.CheckpointError, match="trainable parameters differ"):
         ckpt.load_checkpoint(path, accelerator, model, opt, sched, engine_state=False)
-    with pytest.raises(ValueError, match="DeepSpeed/FSDP"):
+    with pytest.raises(ckpt.CheckpointError, match="DeepSpeed/FSDP"):
         ckpt.load_checkpoint(path, accelerator, model, opt, sched, engine_state=True)
 
 

@@ -1,41 +1,61 @@
-"""Atomic, rotating training checkpoints and exact resume (issue 5 part 5).
+"""Atomic, verified, rotating training checkpoints and exact resume.
 
 Layout of one checkpoint, ``RUN_DIR/checkpoints/step-00000200/``::
 
-    state.json              TrainState: step, epoch, position inside the epoch, counters
+    state.json              TrainState: step, epoch, position inside the epoch, counters (checked strictly)
+    config.json             the run configuration it was written under (resume reports changed fields)
     trainable.safetensors   the trainable parameters only (frozen LLM / tower weights are not copied)
-    optimizer.pt            optimizer state (plain / DDP engines)
-    scheduler.pt            LR scheduler state
-    rng/rank<R>.pt          python / numpy / torch (CPU + CUDA) RNG states of every rank
+    optimizer.pt            optimizer state (plain / DDP engines): tensors and numbers only
+    scheduler.pt            LR scheduler state: numbers only
+    rng/rank<R>.json        python / numpy / torch (CPU + CUDA) RNG states of every rank, as JSON
     engine/                 DeepSpeed or FSDP engines: ``accelerator.save_state`` output instead of
                             trainable.safetensors + optimizer.pt (sharded states, frozen weights excluded)
+    manifest.json           size and sha256 of every file above (see manifest.py)
     complete                marker, written last
 
-Everything is first written to ``checkpoints/.tmp-step-<N>/`` and then renamed into place
-(``os.replace``), so a process killed while writing leaves the previous checkpoints untouched and
-only a temporary folder behind; ``--resume auto`` picks the newest folder that has the marker.
+Nothing in a checkpoint is unpickled: ``.pt`` files load with ``torch.load(weights_only=True)``,
+and while Accelerate / DeepSpeed read ``engine/`` every ``torch.load`` is forced to
+``weights_only=True`` too (:func:`weights_only_loads`). A file holding anything else is refused
+with a one-line :class:`CheckpointError`, so a planted payload never runs.
+
+Writing: everything goes to ``checkpoints/.tmp-step-<N>-<pid>/``; every file is hashed and fsynced,
+the manifest is written and fsynced, then the marker; the folder is renamed into place
+(``os.replace``) and the parent directory fsynced. A process killed while writing leaves the
+previous checkpoints untouched and only its temporary folder behind. Choosing what to resume from
+(verification, fallback past damaged checkpoints) is in ``olavlm.train.rundir``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
-import random
+import pickle
+import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from olavlm.errors import UserError
+from olavlm.train import manifest, rng
 
 log = logging.getLogger(__name__)
 
 PREFIX = "step-"  # checkpoint folder name: step-<8-digit optimizer step>
-TMP_PREFIX = ".tmp-"  # in-progress folders, never picked by resume
+TMP_PREFIX = ".tmp-"  # in-progress folders (.tmp-step-<N>-<pid>), never picked by resume
 MARKER = "complete"  # written last inside a checkpoint
+CONFIG = "config.json"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is damaged, unsafe to load, or does not fit this run; names the file."""
 
 
 @dataclass
@@ -56,10 +76,31 @@ class TrainState:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainState":
-        data = json.loads(text)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+    def from_json(cls, text: str, source: str = "state.json") -> "TrainState":
+        """Parse strictly: every field present, nothing unknown, integers >= 0 (sizes >= 1)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{source}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing, unknown = [n for n in names if n not in data], sorted(set(data) - set(names))
+        if missing or unknown:
+            raise CheckpointError(f"{source}: " + "; ".join(
+                ([f"missing field(s) {', '.join(missing)}"] if missing else [])
+                + ([f"unknown field(s) {', '.join(unknown)}"] if unknown else [])))
+        for name in ("step", "epoch", "step_in_epoch", "samples", "tokens", "world_size", "accumulation"):
+            low = 1 if name in ("world_size", "accumulation") else 0
+            if type(data[name]) is not int or data[name] < low:
+                raise CheckpointError(f"{source}: {name} must be an integer >= {low}, got {data[name]!r}")
+        wall = data["wall_time"]
+        if type(wall) not in (int, float) or not math.isfinite(wall) or wall < 0:
+            raise CheckpointError(f"{source}: wall_time must be a number >= 0, got {wall!r}")
+        skipped = data["skipped"]
+        if not isinstance(skipped, dict) or not all(type(v) is int and v >= 0 for v in skipped.values()):
+            raise CheckpointError(f"{source}: skipped must map reasons to integers >= 0, got {skipped!r}")
+        return cls(**{**data, "wall_time": float(wall)})
 
 
 # -- finding checkpoints ------------------------------------------------------------------------
@@ -73,7 +114,8 @@ def is_complete(path: Path) -> bool:
     return (path / MARKER).is_file() and (path / "state.json").is_file()
 
 
-def _step_of(path: Path) -> int | None:
+def step_of(path: Path) -> int | None:
+    """The step in a ``step-<N>`` folder name, None for other names."""
     if not path.name.startswith(PREFIX):
         return None
     try:
@@ -83,45 +125,128 @@ def _step_of(path: Path) -> int | None:
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Checkpoints of a run that carry the completion marker, oldest first (not yet verified)."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = [(s, p) for p in root.iterdir() if (s := _step_of(p)) is not None and is_complete(p)]
+    found = [(s, p) for p in root.iterdir() if (s := step_of(p)) is not None and is_complete(p)]
     return [p for _, p in sorted(found)]
 
 
-def find_resume(output_dir: str | Path, resume: str | None) -> Path | None:
-    """Resolve ``--resume``: "auto" = newest complete checkpoint (None if there is none),
-    "none"/None = start fresh, anything else = that checkpoint folder (must be complete)."""
-    if resume is None or resume == "none":
-        return None
-    if resume == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not is_complete(path):
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no {MARKER!r} marker "
-                                "or state.json); pass a checkpoints/step-* folder, 'auto' or 'none'")
-    return path
+def read_state(path: Path) -> TrainState:
+    """The checkpoint's TrainState, checked strictly and against the folder's step."""
+    file = path / "state.json"
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: cannot be read ({type(e).__name__})") from None
+    state = TrainState.from_json(text, source=str(file))
+    if step_of(path) is not None and state.step != step_of(path):
+        raise CheckpointError(f"{file}: step {state.step} does not match the folder name {path.name}")
+    return state
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The configuration a checkpoint was written under (``config.json``)."""
+    file = path / CONFIG
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def verify(path: Path, accelerator=None) -> str | None:
+    """Full check of one checkpoint (same verdict on every rank): marker, manifest, sizes and sha256
+    of every file, and the JSON files' contents. None when intact, else one line naming the file."""
+    main = accelerator is None or accelerator.is_main_process
+    if manifest.broadcast(not (path / MARKER).is_file() if main else None, accelerator):
+        return f"{MARKER} marker is missing"
+    problem = manifest.verify(path, accelerator, skip=(MARKER,))
+    if problem is None and main:
+        try:
+            read_state(path)
+            for file in sorted((path / "rng").glob("rank*.json")):
+                parse_rng(file)
+            if (path / CONFIG).exists():
+                read_config(path)
+        except CheckpointError as e:
+            problem = str(e).replace(f"{path}/", "")
+    return manifest.broadcast(problem, accelerator)
 
 
 # -- RNG ------------------------------------------------------------------------------------------
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def parse_rng(file: Path) -> dict[str, Any]:
+    """A saved RNG file (``rng/rank<R>.json``), checked; see olavlm.train.rng."""
+    try:
+        return rng.parse(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a valid RNG state ({e})") from None
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def restore_rng(path: str | Path, rank: int) -> None:
+    """Set this rank's RNG states to the checkpoint's (call right before the first resumed step)."""
+    file = Path(path) / "rng" / f"rank{rank}.json"
+    if not file.is_file():
+        log.warning("%s missing: rank %d keeps its fresh RNG state", file, rank)
+        return
+    rng.apply(parse_rng(file))
+
+
+# -- pickle-free loading ----------------------------------------------------------------------------
+
+
+def _refusal(file: Path, error: Exception) -> CheckpointError:
+    """One line for a file ``torch.load(weights_only=True)`` would not read."""
+    if isinstance(error, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        return CheckpointError(f"{file}: refused, it holds Python objects{what} besides tensors and numbers, "
+                               "and loading it could run code")
+    return CheckpointError(f"{file}: cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+
+
+def load_torch_file(file: Path) -> Any:
+    """A ``.pt`` file of tensors, numbers, strings and containers (never arbitrary objects)."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # any failure to read is a damaged or foreign file: name it
+        raise _refusal(file, e) from None
+
+
+def _engine_safe_classes() -> list[Any]:
+    """Plain-data classes DeepSpeed stores in its optimizer states (loss scaler settings, ZeRO stage
+    enum, fragment addresses): allowed attribute containers, none runs code when rebuilt. Empty
+    unless DeepSpeed is in use (already imported)."""
+    if "deepspeed" not in sys.modules:
+        return []
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside, every ``torch.load`` (Accelerate's and DeepSpeed's included, which ask for
+    ``weights_only=False``) runs with ``weights_only=True``."""
+    real = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        with torch.serialization.safe_globals(_engine_safe_classes()):
+            yield
+    finally:
+        torch.load = real
 
 
 # -- trainable weights ----------------------------------------------------------------------------
@@ -137,13 +262,13 @@ def load_trainable_state_dict(model: torch.nn.Module, tensors: dict[str, torch.T
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
-        raise ValueError(f"{source}: trainable parameters differ from the checkpoint (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}); was it written by another stage or config?")
+        raise CheckpointError(f"{source}: trainable parameters differ from the checkpoint (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}); was it written by another stage or config?")
     with torch.no_grad():
         for name, p in params.items():
             t = tensors[name]
             if t.shape != p.shape:
-                raise ValueError(f"{source}: {name} has shape {tuple(t.shape)}, model has {tuple(p.shape)}")
+                raise CheckpointError(f"{source}: {name} has shape {tuple(t.shape)}, model has {tuple(p.shape)}")
             p.copy_(t.to(device=p.device, dtype=p.dtype))
 
 
@@ -151,14 +276,14 @@ def load_trainable_state_dict(model: torch.nn.Module, tensors: dict[str, torch.T
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState, output_dir: str | Path,
-                    *, keep_last: int, engine_state: bool) -> Path:
-    """Write a checkpoint for ``state.step`` atomically on all ranks and drop the oldest beyond
-    ``keep_last``. ``engine_state`` (DeepSpeed / FSDP) delegates model + optimizer to Accelerate."""
+                    *, keep_last: int, engine_state: bool, config: dict | None = None) -> Path:
+    """Write a checkpoint for ``state.step`` atomically and durably on all ranks and drop the oldest
+    beyond ``keep_last``. ``engine_state`` (DeepSpeed / FSDP) delegates model + optimizer to Accelerate."""
     from safetensors.torch import save_file
 
     root = checkpoint_root(output_dir)
     final = root / f"{PREFIX}{state.step:08d}"
-    tmp = root / f"{TMP_PREFIX}{final.name}"
+    tmp = root / f"{TMP_PREFIX}{final.name}-{manifest.broadcast(os.getpid(), accelerator)}"  # the writer's pid
     main = accelerator.is_main_process
     if main:
         if tmp.exists():
@@ -173,14 +298,19 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if main:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng" / f"rank{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if main:
         (tmp / "state.json").write_text(state.to_json())
-        (tmp / MARKER).write_text(f"step {state.step}\n")
+        if config is not None:
+            (tmp / CONFIG).write_text(json.dumps(config, indent=1))
+    (tmp / "rng" / f"rank{accelerator.process_index}.json").write_text(json.dumps(rng.capture()))
+    accelerator.wait_for_everyone()
+    manifest.write_manifest(tmp, accelerator, skip=(MARKER,))  # hashes + fsyncs every file, then the manifest
+    if main:
+        manifest.write_durable(tmp / MARKER, f"step {state.step}\n")
+        manifest.fsync_path(tmp)
         if final.exists():  # re-saving the same step (e.g. stop right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
+        manifest.fsync_path(root)
         _rotate(root, keep_last)
         log.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
@@ -191,43 +321,58 @@ def _rotate(root: Path, keep_last: int) -> None:
     done = list_checkpoints(root.parent)
     for old in done[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(f"{TMP_PREFIX}*"):  # leftovers of killed writers
+    for stale in root.glob(f"{TMP_PREFIX}*"):  # leftovers of killed writers (the run-dir lock excludes live ones)
         shutil.rmtree(stale, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path, accelerator, model, optimizer, scheduler, *, engine_state: bool) -> TrainState:
-    """Restore weights, optimizer and scheduler (not RNG: see :func:`restore_rng`) from ``path``."""
+    """Restore weights, optimizer and scheduler (not RNG: see :func:`restore_rng`) from ``path``,
+    without unpickling anything. Integrity is checked before (:func:`verify`); here each file's
+    content is checked as it is read."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     if not is_complete(path):
-        raise FileNotFoundError(f"{path}: not a complete checkpoint")
-    state = TrainState.from_json((path / "state.json").read_text())
+        raise CheckpointError(f"{path}: not a complete checkpoint")
+    state = read_state(path)
     if engine_state:
         if not (path / "engine").is_dir():
-            raise ValueError(f"{path}: written without DeepSpeed/FSDP (no engine/ folder); resume with the same engine")
+            raise CheckpointError(f"{path}: written without DeepSpeed/FSDP (no engine/ folder); "
+                                  "resume with the same engine")
         kwargs = {"load_module_strict": False} if _is_deepspeed(accelerator) else {}
-        accelerator.load_state(str(path / "engine"), **kwargs)
+        try:
+            with weights_only_loads():
+                accelerator.load_state(str(path / "engine"), **kwargs)
+        except Exception as e:  # DeepSpeed / Accelerate raise many types for unreadable files
+            raise _refusal(path / "engine", e) from None
     else:
-        if not (path / "trainable.safetensors").is_file():
-            raise ValueError(f"{path}: written by a DeepSpeed/FSDP run (engine/ folder); resume with the same engine")
-        load_trainable_state_dict(accelerator.unwrap_model(model), load_file(str(path / "trainable.safetensors")),
-                                  str(path))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+        weights = path / "trainable.safetensors"
+        if not weights.is_file():
+            raise CheckpointError(f"{path}: written by a DeepSpeed/FSDP run (engine/ folder); "
+                                  "resume with the same engine")
+        try:
+            tensors = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{weights}: cannot be read ({e})") from None
+        load_trainable_state_dict(accelerator.unwrap_model(model), tensors, str(path))
+        _load_into(optimizer, path / "optimizer.pt")
+    _load_into(scheduler, path / "scheduler.pt")
     if state.world_size != accelerator.num_processes:
         log.warning("%s was written by %d processes, resuming with %d: the data position is kept by optimizer "
                     "step, RNG streams are not", path, state.world_size, accelerator.num_processes)
     return state
 
 
-def restore_rng(path: str | Path, rank: int) -> None:
-    """Set this rank's RNG states to the checkpoint's (call right before the first resumed step)."""
-    file = Path(path) / "rng" / f"rank{rank}.pt"
-    if not file.is_file():
-        log.warning("%s missing: rank %d keeps its fresh RNG state", file, rank)
-        return
-    set_rng_state(torch.load(file, map_location="cpu", weights_only=False))
+def _load_into(obj, file: Path) -> None:
+    """``obj.load_state_dict`` from a weights-only file; a state that does not fit is a CheckpointError."""
+    data = load_torch_file(file)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a state dict, got {type(data).__name__}")
+    try:
+        obj.load_state_dict(data)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{file}: does not fit this run's {type(obj).__name__} ({e})") from None
 
 
 def _is_deepspeed(accelerator) -> bool:

@@ -1,5 +1,5 @@
 """`olavlm train CONFIG.yaml [--section.key=value ...] [--output-dir DIR] [--resume auto|PATH|none]
-[--print-config] [--stop-after-steps N]`."""
+[--force] [--print-config] [--stop-after-steps N]`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import argparse
 def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default=None, help="run directory (same as --train.output_dir=DIR)")
     p.add_argument("--resume", default="auto",
-                   help="auto: newest complete checkpoint of the run dir (default); PATH: that checkpoint; none")
+                   help="auto: newest intact checkpoint of the run dir, falling back past damaged ones (default); "
+                        "PATH: that checkpoint (newer ones are moved aside to RUN_DIR/superseded/); none: start over")
+    p.add_argument("--force", action="store_true",
+                   help="train again from step 0 even if the run dir holds a finished run (its checkpoints and "
+                        "final model are moved aside to RUN_DIR/superseded/, not deleted)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--stop-after-steps", type=int, default=None,
                    help="leave with a checkpoint after N optimizer steps of this invocation (schedule unchanged)")
@@ -44,8 +48,8 @@ def run(args) -> int:
     from olavlm.config import load_config
 
     late, overrides = split_args(args.overrides or [])
-    for name in ("output_dir", "resume", "stop_after_steps"):
-        default = {"resume": "auto"}.get(name)
+    for name in ("output_dir", "resume", "stop_after_steps", "force"):
+        default = {"resume": "auto", "force": False}.get(name)
         if getattr(late, name) != default:
             setattr(args, name, getattr(late, name))
     print_config = args.print_config or late.print_config
@@ -57,8 +61,11 @@ def run(args) -> int:
         return 0
     from olavlm.train.loop import train
 
-    result = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
-    if result.final_dir is not None:
+    result = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps, force=args.force)
+    if result.already_finished:
+        print(f"{result.output_dir} already finished (step {result.summary.get('steps')}); final model: "
+              f"{result.final_dir} (nothing trained; --force trains it again from step 0)")
+    elif result.final_dir is not None:
         print(f"final model: {result.final_dir}")
     else:
         print(f"stopped at step {result.summary['steps']}; continue with --resume auto")

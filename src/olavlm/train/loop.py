@@ -1,10 +1,11 @@
 """The training loop: one stage (PT / VPT / IFT) of one run, on Hugging Face Accelerate.
 
-Read top to bottom: :func:`train` checks the config, builds model + tokenizer (validated against the
-loaded LLM before any data is read), freezes per stage, builds teachers or the target cache, the
-dataset and our per-rank batch sampler, then runs optimizer steps of ``accum`` micro-batches each,
-logging, checkpointing and finally writing ``RUN_DIR/final/`` (the HF-style folder the next stage,
-``olavlm chat`` and evaluation load).
+Read top to bottom: :func:`train` checks the config, locks the run directory (a finished run stops
+here), builds model + tokenizer (validated against the loaded LLM before any data is read), freezes
+per stage, builds teachers or the target cache, the dataset and our per-rank batch sampler, resumes
+from the newest intact checkpoint (olavlm.train.rundir), then runs optimizer steps of ``accum``
+micro-batches each, logging, checkpointing and finally writing ``RUN_DIR/final/`` (the HF-style
+folder the next stage, ``olavlm chat`` and evaluation load).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from olavlm.train.engine import (accumulation_steps, build_accelerator, full_par
                                  uses_engine_state, world_size)
 from olavlm.preflight import preflight
 from olavlm.train.metrics import MetricsLogger, StepAccumulator
+from olavlm.train.rundir import (ResumePlan, RunDirLock, choose_checkpoint, finished_summary, is_writer_rank,
+                                 plan_resume, report_config_changes, set_aside_newer)
 from olavlm.train.stages import configure_trainable, trainable_parameters, uses_predictors
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ class TrainResult:
     final_dir: Path | None  # RUN_DIR/final, or None when the run stopped early (stop_after_steps)
     summary: dict[str, Any]  # the content of summary.json
     model: Any = None  # the trained model (unwrapped from DDP/DeepSpeed), for in-process callers
+    already_finished: bool = False  # the run directory held a finished run: nothing was trained
 
 
 def resolve_init_from(path: str) -> Path:
@@ -115,19 +119,35 @@ def build_data(cfg: RunConfig, model, teachers):
     return dataset, collator
 
 
-def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int | None = None) -> TrainResult:
-    """Run one stage. ``resume``: "auto" (newest complete checkpoint of the run dir), a checkpoint
-    folder, or "none". ``stop_after_steps``: leave (with a checkpoint, without final/) after that
-    many optimizer steps of this invocation, keeping the full schedule (time-sliced jobs)."""
-    from accelerate.utils import set_seed
+def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int | None = None,
+          force: bool = False) -> TrainResult:
+    """Run one stage. ``resume``: "auto" (newest intact checkpoint of the run dir; a finished run
+    is left as it is unless ``force``, which trains it again from step 0), a checkpoint folder, or
+    "none". ``stop_after_steps``: leave (with a checkpoint, without final/) after that many
+    optimizer steps of this invocation, keeping the full schedule (time-sliced jobs). The run
+    directory is locked for the whole run (see olavlm.train.rundir)."""
 
     for note in preflight(cfg):  # every check that needs no weights, before any weights load
         log.info("pre-flight: %s", note)
     t = cfg.train
     accum = accumulation_steps(t.global_batch_size, t.micro_batch_size, world_size())
     run_dir = Path(t.output_dir)
-    resume_from = ckpt.find_resume(run_dir, resume)
+    with RunDirLock(run_dir, enabled=is_writer_rank()):  # one writer per run directory, until the end
+        done = finished_summary(run_dir) if resume == "auto" and not force else None
+        if done is not None:
+            log.warning("%s already finished (step %s of %s; final model in %s): nothing to train, --force trains "
+                        "it again from step 0", run_dir, done.get("steps"), done.get("total_steps"), run_dir / "final")
+            return TrainResult(output_dir=run_dir, final_dir=run_dir / "final", summary=done, already_finished=True)
+        plan = plan_resume(run_dir, "none" if force and resume == "auto" else resume)
+        return _train_locked(cfg, accum, run_dir, plan, stop_after_steps)
 
+
+def _train_locked(cfg: RunConfig, accum: int, run_dir: Path, plan: ResumePlan,
+                  stop_after_steps: int | None) -> TrainResult:
+    """:func:`train` once the run directory is locked and the resume candidates are known."""
+    from accelerate.utils import set_seed
+
+    t = cfg.train
     set_seed(t.seed)
     model, init_dir = build_model(cfg)
     model.max_length = cfg.data.max_length
@@ -173,12 +193,8 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     engine_state = uses_engine_state(accelerator)
-    state = ckpt.TrainState(world_size=accelerator.num_processes, accumulation=accum)
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, accelerator, model, optimizer, scheduler, engine_state=engine_state)
-        state.world_size, state.accumulation = accelerator.num_processes, accum
-        log.info("resumed from %s at step %d (epoch %d, step %d of %d)", resume_from, state.step, state.epoch,
-                 state.step_in_epoch, steps_per_epoch)
+    state, resume_from = resume_state(cfg, plan, accelerator, model, optimizer, scheduler, engine_state=engine_state,
+                                      accum=accum, steps_per_epoch=steps_per_epoch)
     if main:
         log.info("stage %s: %d optimizer steps (%d per epoch), global batch %d = micro %d x world %d x accum %d",
                  t.stage, total_steps, steps_per_epoch, t.global_batch_size, t.micro_batch_size,
@@ -232,7 +248,7 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
             if saving:
                 state.wall_time = wall_before + time.perf_counter() - loop_start
                 ckpt.save_checkpoint(accelerator, model, optimizer, scheduler, _at_boundary(state, steps_per_epoch),
-                                     run_dir, keep_last=t.keep_last, engine_state=engine_state)
+                                     run_dir, keep_last=t.keep_last, engine_state=engine_state, config=cfg.to_dict())
             if stopping:
                 break
         if state.step_in_epoch >= steps_per_epoch:
@@ -255,6 +271,24 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
     accelerator.wait_for_everyone()
     return TrainResult(output_dir=run_dir, final_dir=final_dir, summary=summary,
                        model=accelerator.unwrap_model(model))
+
+
+def resume_state(cfg: RunConfig, plan: ResumePlan, accelerator, model, optimizer, scheduler, *, engine_state: bool,
+                 accum: int, steps_per_epoch: int) -> tuple[ckpt.TrainState, Path | None]:
+    """Verify and load the checkpoint to continue from (None: start fresh); set aside what lies
+    beyond it and report configuration fields that changed since it was written."""
+    resume_from = choose_checkpoint(plan, accelerator)
+    state = ckpt.TrainState(world_size=accelerator.num_processes, accumulation=accum)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, accelerator, model, optimizer, scheduler, engine_state=engine_state)
+        state.world_size, state.accumulation = accelerator.num_processes, accum
+        log.info("resumed from %s at step %d (epoch %d, step %d of %d)", resume_from, state.step, state.epoch,
+                 state.step_in_epoch, steps_per_epoch)
+    if accelerator.is_main_process:
+        set_aside_newer(Path(cfg.train.output_dir), state.step)
+        if resume_from is not None:
+            report_config_changes(resume_from, cfg.to_dict())
+    return state, resume_from
 
 
 def fold_counters(values: dict[str, float], state: ckpt.TrainState, epoch_skipped: dict[str, int], lr: float,

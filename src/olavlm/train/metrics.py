@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import typing
 from collections import defaultdict
 from pathlib import Path
@@ -170,17 +171,42 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
+    """The records of a metrics.jsonl. A line that is not a JSON object (a torn last line left by a
+    killed process, or damage) is skipped with one warning naming the file and line numbers."""
+    return _parse_metrics(Path(path))[0]
+
+
+def _parse_metrics(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """(records, numbers of the skipped lines)."""
     if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [], []
+    records, bad = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            bad.append(number)
+    if bad:
+        log.warning("%s: skipped %d unreadable line(s) (%s), e.g. a line torn by a killed run", path, len(bad),
+                    ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else ""))
+    return records, bad
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    records = read_metrics(path)
-    kept = [r for r in records if r.get("step", 0) <= step]
-    if len(kept) != len(records):
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    """Keep the records up to ``step`` (a resumed run rewrites the ones after), dropping torn lines."""
+    records, bad = _parse_metrics(path)
+    kept = [r for r in records if r["step"] <= step]
+    torn_end = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    if len(kept) != len(records) or bad or torn_end:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
 
 
 def _finite(v: float) -> float | None:
