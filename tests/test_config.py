@@ -7,7 +7,7 @@ LETTERS = {"d": "depth", "s": "seg", "g": "gen"}
 
 def test_layer_spec_is_a_list_not_a_range():
     assert parse_layer_spec("d18-20_s10-18_g12-20", LETTERS) == {"depth": [18, 20], "seg": [10, 18], "gen": [12, 20]}
-    assert parse_layer_spec("d8-14-20", LETTERS) == {"depth": [8, 14, 20]}  # three layers kept (D9)
+    assert parse_layer_spec("d8-14-20", LETTERS) == {"depth": [8, 14, 20]}  # three layers kept (the reference kept at most two)
 
 
 @pytest.mark.parametrize("spec", ["d18-", "x18", "d0", "d18_d20", "d18-18", "d18 s10", ""])

@@ -139,7 +139,7 @@ def test_matches_hf_image_processor(tiny_dir, tower, geometry):
 
 def test_same_square_feeds_tower_and_teacher():
     """The teacher tensor and the pixel values come from one square: a marker lands at the same
-    relative position in both (D13)."""
+    relative position in both."""
     img = Image.new("RGB", (90, 30), (0, 0, 0))
     img.paste((255, 255, 255), (60, 0, 90, 30))  # right third white
     for geometry in ("pad", "square", "resize"):

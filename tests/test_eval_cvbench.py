@@ -49,7 +49,7 @@ def test_scoring_known_answers(tmp_path):
 
 
 def test_each_item_parsed_on_its_own():
-    # an unparsable output after a correct one must not inherit the previous prediction (D24)
+    # an unparsable output after a correct one must not inherit the previous prediction (the reference's parser did)
     res = score(ITEMS[:2], ["(A)", "???"])
     assert [p["prediction"] for p in res["per_item"]] == ["(A)", None]
 

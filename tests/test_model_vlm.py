@@ -33,7 +33,7 @@ def make_batch(tok, specs, pad_to: int = 0):
 
 
 def pt_mode(model: OlaVLM) -> OlaVLM:
-    """PT trainability (spec §5.2): LLM and tower frozen; projector, task tokens, predictors, scales train."""
+    """PT trainability: LLM and tower frozen; projector, task tokens, predictors, scales train."""
     model.llm.requires_grad_(False)
     model.train()
     return model

@@ -14,7 +14,7 @@ from olavlm.objectives.ntp import ntp_loss
 
 
 def _reference_embedding_loss(pred, target, valid, theta, *, beta, cw, scale_max):
-    """Element-by-element formulas of spec §4.1 with the per-image mask done right (float64)."""
+    """Element-by-element formulas of the per-layer loss (docs/method.md, "Losses") with the per-image mask done right (float64)."""
     idx = [i for i in range(pred.shape[0]) if valid[i]]
     p, t = pred.double(), target.double()
     terms = []

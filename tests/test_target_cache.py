@@ -298,7 +298,7 @@ def test_teacher_dtype_rule_and_storage_estimate():
     assert teacher_dtype(cfg) == torch.float16 and resolve_dtype("bf16") == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int8")
-    # the paper's teachers in bf16 over LLaVA-558K: 576x1024 + 1536x24x24 + 1024 values per image (spec §11.5)
+    # the paper's teachers in bf16 over LLaVA-558K: 576x1024 + 1536x24x24 + 1024 values per image
     per_image = (576 * 1024 + 1536 * 24 * 24 + 1024) * 2
     assert human_bytes(per_image) == "2.95 MB" and human_bytes(per_image * 558_128) == "1.65 TB"
 

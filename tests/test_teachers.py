@@ -103,7 +103,7 @@ def test_depth_matches_processor_pipeline_and_full_model(teachers, paths):
 
 
 def test_depth_sees_rgb(teachers):
-    """Swapping R and B must change the depth targets (the reference fed BGR, D11)."""
+    """Swapping R and B must change the depth targets (the reference fed BGR)."""
     t = teachers["depth"]
     images = smooth_images(2, 64, seed=3)
     assert (images[:, 0].float() - images[:, 2].float()).abs().mean() > 20

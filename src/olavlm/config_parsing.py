@@ -1,5 +1,5 @@
 """Parsing helpers of the run configuration: the error type, strict type coercion of YAML values,
-and the reference's compact layer/weight strings (spec §4.3)."""
+and the reference's compact layer/weight strings (docs/method.md, "Layer and weight selection")."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class ConfigError(UserError, ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Compact reference strings (spec §4.3), parsed strictly
+# Compact reference strings (docs/method.md, "Layer and weight selection"), parsed strictly
 # ----------------------------------------------------------------------------------------------
 
 _LAYER_ITEM = re.compile(r"^([a-zA-Z])(\d+(?:-\d+)*)$")
@@ -28,7 +28,7 @@ def parse_layer_spec(spec: str, letters: dict[str, str]) -> dict[str, list[int]]
     """``"d18-20_s10-18_g12-20"`` -> ``{"depth": [18, 20], "seg": [10, 18], "gen": [12, 20]}``.
 
     Each item is a *list* of 1-based layers joined by ``-`` (not a range), any length. Unknown
-    letters, duplicates, zeros and malformed items raise instead of being dropped (fix D9).
+    letters, duplicates, zeros and malformed items raise instead of being dropped (the reference silently dropped them).
     """
     out: dict[str, list[int]] = {}
     for item in spec.split("_"):

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_TASK_TOKENS = 24  # 3 tasks x 8 task tokens inserted after every image (spec §2.2)
+DEFAULT_TASK_TOKENS = 24  # 3 tasks x 8 task tokens inserted after every image (docs/method.md, "Sequence layout")
 
 
 def _add_sequence_args(p: argparse.ArgumentParser) -> None:

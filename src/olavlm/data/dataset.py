@@ -99,7 +99,7 @@ class LlavaDataset(Dataset):
 
     @property
     def lengths(self) -> np.ndarray:
-        """Signed word counts (int32): > 0 image records, < 0 text-only (spec §5.4)."""
+        """Signed word counts (int32): > 0 image records, < 0 text-only (LLaVA's group_by_modality_length)."""
         return self.index.lengths
 
     @property

@@ -1,6 +1,6 @@
 """Image decoding and the one square geometry shared by the vision tower and the teachers.
 
-Pipeline of one image (spec §2.1, fix of D13)::
+Pipeline of one image (docs/method.md, "Teachers see the tower's square")::
 
     load_image(path)                           -> RGB PIL image (decoded by content, any mode)
     to_square(img, geometry, spec, side)       -> the square PIL image (pad | square | resize)
@@ -10,7 +10,7 @@ Pipeline of one image (spec §2.1, fix of D13)::
                                                    made at side max(spec.size, S), resized to S
 
 Both come from the same geometry on the same image, so the teacher's grid covers the region the
-image tokens cover (fix of D13): identical for ``pad`` and ``resize``, within the rounding of one
+image tokens cover: identical for ``pad`` and ``resize``, within the rounding of one
 resized pixel for ``square``. Geometries:
 
 * ``pad``    - expand to a square with the encoder's mean colour ``int(255 * mean)`` per channel

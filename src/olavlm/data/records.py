@@ -6,7 +6,7 @@ byte size and signed word count per record (20 bytes per record, ~13 MB for 665K
 A record is re-read from disk on access (``os.pread``, safe in forked dataloader workers).
 A malformed file fails here, at start, with its line and column (:class:`RecordFileError`).
 
-Modality length (spec §5.4): whitespace word count of all turns, positive for records with an
+Modality length (LLaVA's group_by_modality_length): whitespace word count of all turns, positive for records with an
 image, negative for text-only ones; never 0 (a record without words counts as 1 word) so every
 record belongs to a modality. Per-record shape problems (missing ``conversations``, wrong types)
 are left to the dataset, which reports them as ``bad_conversation``.
@@ -47,7 +47,7 @@ def record_images(record) -> list[str]:
 
 
 def modality_length(record) -> int:
-    """Signed word count (spec §5.4): > 0 with an image, < 0 text-only, never 0."""
+    """Signed word count (LLaVA's group_by_modality_length): > 0 with an image, < 0 text-only, never 0."""
     words = 0
     convs = record.get("conversations") if isinstance(record, dict) else None
     if isinstance(convs, list):
@@ -198,7 +198,7 @@ class RecordIndex:
         self.path = str(path)
         self.offsets = offsets  # int64 byte offset of each record
         self.sizes = sizes  # int32 byte size of each record
-        self.lengths = lengths  # int32 signed word count (spec §5.4)
+        self.lengths = lengths  # int32 signed word count (LLaVA's group_by_modality_length)
         self._fd: int | None = None
         self._pid: int | None = None
 

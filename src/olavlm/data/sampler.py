@@ -8,7 +8,7 @@ repeating indices of the same order, deterministically) to a multiple of the glo
 every rank gets the same number of full micro-batches.
 
 * ``random``          - a seeded permutation.
-* ``modality_length`` - spec §5.4 (LLaVA ``group_by_modality_length``) with megabatch = global
+* ``modality_length`` - LLaVA's ``group_by_modality_length`` with megabatch = global
   batch: image and text-only records (sign of the length) are shuffled separately, cut into
   global batches, each sorted by length (longest first) and split into micro-batches of balanced
   summed length (LLaVA ``split_to_even_chunks``); the full batches of both modalities are shuffled
@@ -130,7 +130,7 @@ def split_to_even_chunks(indices: np.ndarray, lengths: np.ndarray, num_chunks: i
 
 
 class ModalityLengthBatchSampler(DistributedBatchSampler):
-    """group_by_modality_length (spec §5.4), megabatch = global batch."""
+    """LLaVA's group_by_modality_length, megabatch = global batch."""
 
     def __init__(self, lengths: Sequence[int], **kwargs) -> None:
         super().__init__(lengths, **kwargs)

@@ -1,4 +1,4 @@
-"""Chat with a trained model folder (spec §7): image -> shared square -> tower -> projector ->
+"""Chat with a trained model folder (docs/method.md, "Inference"): image -> shared square -> tower -> projector ->
 image tokens + the frozen task tokens, prompt rendered with the template the model was trained with.
 
 The template, BOS policy and image geometry come from ``olavlm_run.json``, which ``olavlm train``

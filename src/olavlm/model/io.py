@@ -32,7 +32,7 @@ _META_KEYS = ("olavlm_format", "with_predictors")
 
 
 def load_tokenizer(model_cfg: ModelConfig):
-    """Tokenizer of ``model.tokenizer`` (or ``model.llm``), right padding, with a pad token (spec §2.1):
+    """Tokenizer of ``model.tokenizer`` (or ``model.llm``), right padding, with a pad token (docs/method.md, "Model"):
     pad := unk when there is no pad token; if there is no unk either, ``model.pad_token`` (default
     ``<pad>``) is added as a special token (the model then grows its embeddings, see
     :func:`resize_for_tokenizer`)."""

@@ -1,4 +1,4 @@
-"""Learnable special task tokens (spec §2.3).
+"""Learnable special task tokens (docs/method.md, "Task tokens").
 
 Each task owns a parameter of ``rows`` x d_llm (init N(0, 1), no scaling). Its K sequence tokens
 (K = ``model.num_task_tokens``) are the means of K contiguous groups of rows: depth/seg own one row

@@ -29,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Special tokens of every template we ship (spec §6) plus the generic ones.
+# Special tokens of every template we ship (docs/method.md, "Templates and labels") plus the generic ones.
 SPECIAL_TOKENS = [
     "<unk>", "<pad>", "<s>", "</s>",
     "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",

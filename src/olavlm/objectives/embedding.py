@@ -1,4 +1,4 @@
-"""Per-layer embedding loss (spec §4.1), with the per-image mask applied correctly (fix D1, D2).
+"""Per-layer embedding loss (docs/method.md, "Losses"), with the per-image mask applied to both terms.
 
 ``L_emb = smooth_L1 + contrastive_weight * InfoNCE(pred -> targets of all ranks)``
 

@@ -1,4 +1,4 @@
-"""Next-token prediction on supervised positions only (fix D23).
+"""Next-token prediction on supervised positions only (never a full (B, L, vocab) fp32 logits tensor).
 
 The LM head runs only on the hidden states that predict a supervised label (shifted), in chunks
 that are recomputed in backward, with fp32 cross-entropy. No (B, L, vocab) logits tensor is ever

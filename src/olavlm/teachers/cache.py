@@ -1,4 +1,4 @@
-"""Precomputed teacher targets: safetensors shards + ``index.json`` (spec §11 item 5, fix of D10).
+"""Precomputed teacher targets: safetensors shards + ``index.json`` (docs/method.md, "Teachers are batched, outside the model, and can be cached").
 
 Layout of a cache folder (written by ``olavlm targets precompute``, see ``precompute.py``)::
 

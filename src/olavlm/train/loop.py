@@ -54,7 +54,7 @@ def resolve_init_from(path: str) -> Path:
 
 def build_model(cfg: RunConfig):
     """PT starts from ``model.llm`` / ``model.vision_tower``; VPT/IFT load ``init_from``'s final
-    folder without predictors (spec §5.5). The model checks the config against the loaded LLM and
+    folder without predictors (docs/method.md, "Hand-off between stages"). The model checks the config against the loaded LLM and
     tower (layers within depth, token divisibility) while it is built. Returns (model, init_dir)."""
     from olavlm.model import io
     from olavlm.model.vlm import OlaVLM

@@ -1,4 +1,4 @@
-"""Training metrics: accumulation over micro-steps and ranks, and the sinks (issue 5 part 6).
+"""Training metrics: accumulation over micro-steps and ranks, and the sinks.
 
 The model only *returns* detached scalars (``out.metrics``); everything is logged from here, on the
 main process: a tqdm progress bar with ETA, ``metrics.jsonl``, TensorBoard, and W&B when

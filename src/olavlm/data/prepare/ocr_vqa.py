@@ -2,7 +2,7 @@
 
 Only the images the LLaVA-665K json references are fetched (all of dataset.json when that json is
 not there yet). Each image is saved under the exact name the json expects (``<key>.jpg``); content
-that is GIF/PNG/... is re-encoded to a real JPEG (the reference saved GIF bytes under .jpg, §10 D25).
+that is GIF/PNG/... is re-encoded to a real JPEG (the reference saved GIF bytes under .jpg).
 A thread pool does the fetching; every image is tried ``retries + 1`` times with back-off.
 
 Outcomes, written to ``spec.report`` (json) next to the images:

@@ -1,7 +1,7 @@
 """The dataset registry, as data: what to fetch, from where, how big, and where it ends up.
 
 A moved URL or a re-uploaded hub file is a one-line change here. Every path is relative to the
-``--root`` folder (``datasets/`` by convention, spec §5.3). Nothing in this module touches the
+``--root`` folder (``datasets/`` by convention). Nothing in this module touches the
 network or the disk.
 
 Vocabulary:
@@ -228,7 +228,7 @@ LLAVA_665K = DatasetSpec(
             name="textvqa",
             description="TextVQA train_val images -> textvqa/train_images (25,119 images)",
             fetches=(
-                # unpacks train_images/ (not text_vqa/, spec §10 D25): the 665K json says textvqa/train_images/...
+                # unpacks train_images/ (not text_vqa/ as the reference's training docs create): the 665K json says textvqa/train_images/...
                 _archive("textvqa", HttpFile("https://dl.fbaipublicfiles.com/textvqa/images/train_val_images.zip",
                                              note="TextVQA 0.5.1 train+val images (zip root: train_images/)"),
                          unpack_to="textvqa", expect=("textvqa/train_images",), expected_files=25_119),
