@@ -195,8 +195,9 @@ def llm_config(ref: ReferenceConfig):
 
     config_cls = getattr(transformers, FAMILY_CLASSES[ref.family][0])
     known = set(config_cls().to_dict()) | _LEGACY_LLM_KEYS
-    kept = {k: v for k, v in ref.raw.items() if k in known and k not in ("model_type", "architectures",
-                                                                          "_name_or_path", "transformers_version")}
+    skip = ("model_type", "architectures", "_name_or_path", "transformers_version")
+    kept = {k: v for k, v in ref.raw.items()
+            if k in known and k not in skip and not (k in _LEGACY_LLM_KEYS and v is None)}
     try:
         cfg = config_cls(**kept)
     except (TypeError, ValueError) as e:
