@@ -13,24 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from olavlm.cli import main
 from olavlm.constants import IMAGE_TOKEN_INDEX
 from olavlm.interop.reference import convert_reference
 from olavlm.interop.reference_config import ConvertOptions
 from olavlm.interop.tiny import TINY_HEAD_ATTN, TINY_HEADS, make_tiny_reference
+from olavlm.interop.tiny import read_tensors as read_all
 
 K, P = 2, 64  # tiny task tokens per task, image tokens (8x8 CLIP grid)
 OPTS = ConvertOptions(vision_heads=4, dtype="float32")  # the tiny CLIP has 4 heads (not hidden // 64)
-
-
-def read_all(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ Anything else is an unknown key and stops the conversion. The folder also gets
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -38,7 +39,7 @@ import torch
 from olavlm.interop import InteropError
 from olavlm.interop.reference_config import (FAMILY_CLASSES, ConvertOptions, ReferenceConfig, llm_config,
                                              read_reference_config)
-from olavlm.interop.reference_predictors import HEAD_PREFIX, logit_scale_key, plan_predictors
+from olavlm.interop.reference_predictors import HEAD_PREFIX, logit_scale_key, plan_predictors, reference_name
 from olavlm.interop.reference_vision import PREFIX as VISION_PREFIX
 from olavlm.interop.reference_vision import VisionResult, convert_vision
 from olavlm.interop.shards import Checkpoint, ShardWriter, check_shapes, iter_tensors, meta_state_shapes
@@ -222,6 +223,22 @@ def _write_llm(ckpt: Checkpoint, keys: list[str], ref: ReferenceConfig, out: Pat
     return cfg
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _write_tokenizer(folder: Path, opts: ConvertOptions, llm_cfg, out: Path) -> dict[str, Any]:
     """Tokenizer into ``llm/`` and the top level; ids past the tokenizer are never generated
     (the reference resizes its embeddings to the tokenizer at load time)."""
@@ -229,7 +246,8 @@ def _write_tokenizer(folder: Path, opts: ConvertOptions, llm_cfg, out: Path) -> 
 
     src = opts.tokenizer or str(folder)
     try:
-        tok = AutoTokenizer.from_pretrained(src)
+        with _quiet_transformers():  # it reads config.json, whose model_type it does not know
+            tok = AutoTokenizer.from_pretrained(src)
     except Exception as e:  # missing / broken tokenizer files
         raise InteropError(f"{src}: no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0]}); "
                            "pass --tokenizer") from None
@@ -256,8 +274,9 @@ def _extras(ckpt: Checkpoint, groups: KeyGroups, rows: dict[str, tuple[str, slic
     for task, key in groups.logit_scales.items():
         if task in plans:
             names[f"logit_scales.{task}"] = key
-    state = {new: ckpt.get(old).float().reshape(1) if new.startswith("logit_scales.") else ckpt.get(old).float()
-             for new, old in names.items()}
+    state = {new: ckpt.get(old).float() for new, old in names.items()}
+    for key in [k for k in state if k.startswith("logit_scales.") and state[k].numel() == 1]:
+        state[key] = state[key].reshape(1)  # stored 0-dim; olavlm keeps shape (1,)
     for task, (key, sl) in rows.items():
         state[f"task_tokens.rows.{task}"] = ckpt.get(key)[sl].float().contiguous()
         names[f"task_tokens.rows.{task}"] = key
@@ -305,7 +324,8 @@ def _convert_into(out: Path, src: str, ckpt: Checkpoint, groups: KeyGroups, ref:
     cfg = _model_config(ref, opts, vision, order, plans)
     state, names = _extras(ckpt, groups, rows, plans)
     expected = _expected_extras(cfg, out, with_predictors=bool(plans))
-    check_shapes({k: tuple(v.shape) for k, v in state.items()}, expected, "olavlm model", lambda k: names.get(k, k))
+    check_shapes({k: tuple(v.shape) for k, v in state.items()}, expected, "olavlm model",
+                 lambda k: names.get(k) or reference_name(k, plans))
     save_file(state, str(out / io.WEIGHTS_NAME), metadata={"format": "pt"})
     io.write_config(out, cfg, with_predictors=bool(plans))
     stage = "pt" if ref.pt else "ift"

@@ -45,6 +45,35 @@ _DROPPED = re.compile(r"^linear_[23]\.(0|2)\.(weight|bias)$")
 _HEAD = re.compile(r"^(\d+)\.(.+)$")
 
 
+_INVERSE = [
+    (re.compile(r"^proj_in\.(.+)$"), r"projector.proj_in.\1"),
+    (re.compile(r"^blocks\.(\d+)\.attn\.norm_x\.(.+)$"), r"projector.layers.\1.0.norm1.\2"),
+    (re.compile(r"^blocks\.(\d+)\.attn\.norm_q\.(.+)$"), r"projector.layers.\1.0.norm2.\2"),
+    (re.compile(r"^blocks\.(\d+)\.attn\.(to_\w+)\.(.+)$"), r"projector.layers.\1.0.\2.\3"),
+    (re.compile(r"^blocks\.(\d+)\.ff\.(\d+)\.(.+)$"), r"projector.layers.\1.1.\2.\3"),
+    (re.compile(r"^(proj_out|norm_out)\.(.+)$"), r"projector.\1.\2"),
+    (re.compile(r"^output_mlp\.(.+)$"), r"linear_1.\1"),
+]
+
+
+def reference_name(key: str, plans: dict) -> str:
+    """The reference key an olavlm extras key comes from (for messages about missing tensors)."""
+    parts = key.split(".")
+    if parts[0] == "predictors" and len(parts) > 3 and parts[1] in plans and int(parts[2]) in plans[parts[1]].layers:
+        k = plans[parts[1]].layers.index(int(parts[2]))
+        inner = ".".join(parts[3:])
+        for pattern, target in _INVERSE:
+            if pattern.match(inner):
+                return f"{HEAD_PREFIX[parts[1]]}{k}.{pattern.sub(target, inner)}"
+    if parts[0] == "task_tokens" and len(parts) == 3:
+        return f"model.special_{parts[2].split('_raw')[0]}_tokens"
+    if parts[0] == "projector":
+        return "model.mm_projector." + ".".join(parts[1:])
+    if parts[0] == "logit_scales" and len(parts) == 2:
+        return logit_scale_key(parts[1])
+    return key
+
+
 def logit_scale_key(task: str) -> str:
     return f"{task}_logit_scale"
 

@@ -98,7 +98,8 @@ def convert_clip_vit(ckpt: Checkpoint, keys: list[str], opts: ConvertOptions, ou
     expected = meta_state_shapes(lambda: CLIPVisionModel(cfg))
     names = {k: _clip_name(k, expected) for k in keys}
     source = {v: k for k, v in names.items()}
-    check_shapes({names[k]: ckpt.shape(k) for k in keys}, expected, "CLIP vision tower", lambda k: source.get(k, k))
+    check_shapes({names[k]: ckpt.shape(k) for k in keys}, expected, "CLIP vision tower",
+                 lambda k: source.get(k) or _CLIP + (k[len("vision_model."):] if k.startswith("vision_model.") else k))
     writer = ShardWriter(out)
     for key, tensor in iter_tensors(ckpt, keys):
         writer.add(names[key], tensor)

@@ -162,3 +162,14 @@ def make_tiny_reference(tiny_dir: str | Path, out: str | Path, *, stage: str = "
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "transformers_version": "4.41.2"}))
     return out
+
+
+def read_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every ``*.safetensors`` file directly in ``folder`` (tests compare with these)."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
