@@ -292,7 +292,7 @@ def export_llava(src: str | Path, dst: str | Path, *, template: str | None = Non
     from transformers import AutoTokenizer
 
     from olavlm.data.tokenize import tokenizer_adds_bos
-    from olavlm.interop.llava_template import chat_template
+    from olavlm.interop.llava_template import chat_template, text_lead
     from olavlm.model import io
     from olavlm.model.vision import drop_cls, vision_geometry
 
@@ -308,13 +308,18 @@ def export_llava(src: str | Path, dst: str | Path, *, template: str | None = Non
     geo = vision_geometry(cfg)
     names = task_token_names(cfg)
     image_id, task_ids = _add_tokens(tokenizer, names)
+    adds_bos = tokenizer_adds_bos(base_tok)
+    if adds_bos:  # the chat template writes BOS; a tokenizer adding its own would double it
+        tokenizer.add_bos_token = False
+        if tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+            raise InteropError(f"{source}: cannot switch off the tokenizer's automatic BOS (add_bos_token)")
     text_cfg = json.loads((source / "llm" / "config.json").read_text())
     rows = Checkpoint(source / "llm").shape("model.embed_tokens.weight")[0]
     vocab = max(rows, len(tokenizer))
     sequence = _sequence_tokens(source, cfg, int(text_cfg["hidden_size"]), geo.num_tokens)
     llava_cfg = _llava_config(cfg, source / "llm", source / "vision", vocab=vocab, image_id=image_id,
                               num_image_tokens=geo.num_tokens, drop_cls=drop_cls(cfg))
-    tpl = chat_template(template, names, add_bos=tokenizer_adds_bos(base_tok))
+    tpl = chat_template(template, names, add_bos=adds_bos, lead=text_lead(tokenizer))
     tmp = dst.with_name(dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -62,21 +62,35 @@ def template_parts(template: str) -> TemplateParts:
                          assistant_suffix, generation)
 
 
-def image_text(task_tokens: list[str]) -> str:
-    """What one image becomes in the prompt text: ``<image>`` + the task strings + ``"\\n"``."""
-    return IMAGE_PLACEHOLDER + "".join(task_tokens) + "\n"
+def image_text(task_tokens: list[str], lead: str = "") -> str:
+    """What one image becomes in the prompt text: ``<image>`` + the task strings + ``lead`` + ``"\\n"``."""
+    return IMAGE_PLACEHOLDER + "".join(task_tokens) + lead + "\n"
+
+
+def text_lead(tokenizer) -> str:
+    """``" "`` for tokenizers that start every call with a dummy-prefix space (SentencePiece, e.g.
+    Phi-3): olavlm tokenizes the text after an image as a call of its own, so that text starts with
+    the prefix; in one exported string it follows a special token and would not. ``""`` otherwise.
+    Needs ``<image>`` in ``tokenizer``."""
+    probe = "\nWhat is it?"
+    alone = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    for lead in ("", " "):
+        if tokenizer(IMAGE_PLACEHOLDER + lead + probe, add_special_tokens=False)["input_ids"][1:] == alone:
+            return lead
+    return ""  # no simple fix: the export's token check reports the difference
 
 
 def _lit(text: str) -> str:
     return json.dumps(text)  # a Jinja string literal (same escapes)
 
 
-def chat_template(template: str, task_tokens: list[str], *, add_bos: bool) -> str:
+def chat_template(template: str, task_tokens: list[str], *, add_bos: bool, lead: str = "") -> str:
     """Jinja chat template rendering ``template`` like olavlm (images moved to the start of their user
-    turn, each followed by the task strings and a newline; the text then stripped, as in training)."""
+    turn, each followed by the task strings and a newline; the text then stripped, as in training).
+    ``lead``: see :func:`text_lead`."""
     p = template_parts(template)
     return "".join([
-        "{%- set image = " + _lit(image_text(task_tokens)) + " -%}",
+        "{%- set image = " + _lit(image_text(task_tokens, lead)) + " -%}",
         "{{- bos_token -}}" if add_bos else "",
         "{{- " + _lit(p.system) + " -}}",
         "{%- for message in messages -%}",

@@ -122,8 +122,9 @@ def write_shards(state: dict[str, torch.Tensor], out: Path, num_shards: int) -> 
 
 def make_tiny_reference(tiny_dir: str | Path, out: str | Path, *, stage: str = "pt", llm: str = "llama",
                         num_task_tokens: int = 2, task_token_format: str | None = "expand_emb", seed: int = 0,
-                        num_shards: int = 3) -> Path:
-    """Write a tiny released-layout checkpoint into ``out``; ``stage`` "pt" (with predictors) or "ift"."""
+                        num_shards: int = 3, spare_rows: int = 0) -> Path:
+    """Write a tiny released-layout checkpoint into ``out``; ``stage`` "pt" (with predictors) or "ift".
+    ``spare_rows``: embedding rows past the tokenizer (Phi-3 has 53: 32,064 rows, 32,011 entries)."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
@@ -137,6 +138,8 @@ def make_tiny_reference(tiny_dir: str | Path, out: str | Path, *, stage: str = "
     for k, v in load_file(str(vis_dir / "model.safetensors")).items():  # the transformers-4.x CLIP names
         state[f"model.vision_tower.vision_tower.{k if k.startswith('vision_model.') else 'vision_model.' + k}"] = v.to(low)
     d = json.loads((llm_dir / "config.json").read_text())["hidden_size"]
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[key] = torch.cat([state[key], torch.randn(spare_rows, d, generator=g).to(low) / d ** 0.5])
     vis = json.loads((vis_dir / "config.json").read_text())
     d_vis, p = vis["hidden_size"], (vis["image_size"] // vis["patch_size"]) ** 2
     _put(state, "model.mm_projector.0", _linear(g, d, d_vis))
@@ -153,6 +156,7 @@ def make_tiny_reference(tiny_dir: str | Path, out: str | Path, *, stage: str = "
         state["da_v2_head.depth_head.projects.0.bias"] = torch.randn(8, generator=g).to(low)
     write_shards(state, out, num_shards)
     cfg = _legacy_llm_config(llm_dir)
+    cfg["vocab_size"] += spare_rows
     family = {"llama": "Llama", "phi3": "Phi3"}[llm]
     cfg.update(model_type=f"{'ola' if pt else 'llava'}_{llm}",
                architectures=[f"{'OlaLlava' if pt else 'Llava'}{family}ForCausalLM"])
