@@ -34,8 +34,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from olavlm.interop import InteropError
 from olavlm.interop.reference_config import (FAMILY_CLASSES, ConvertOptions, ReferenceConfig, llm_config,
                                              read_reference_config)

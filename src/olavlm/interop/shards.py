@@ -172,7 +172,7 @@ def meta_state_shapes(build) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def iter_tensors(ckpt: Checkpoint, keys) -> "typing.Iterator[tuple[str, torch.Tensor]]":
+def iter_tensors(ckpt: Checkpoint, keys) -> typing.Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) for ``keys``, opening each shard once, in shard order."""
     from safetensors import safe_open
 
