@@ -1,5 +1,6 @@
-"""`olavlm export llava --push-to-hub REPO` against a loopback HTTP server (127.0.0.1 only) that
-answers huggingface_hub's commit API: create repo, validate the model card, preupload, commit.
+"""The Hub side of interop against a loopback HTTP server (127.0.0.1 only): `olavlm export llava
+--push-to-hub REPO` (huggingface_hub's commit API: create repo, validate the model card, preupload,
+commit) and `olavlm convert reference HUB_ID` (snapshot download: revision, tree, resolve).
 
 The server asks for every file in "regular" mode (content inline in the commit), so the whole
 upload runs through huggingface_hub and every byte is checked here; the LFS / Xet transfer that
@@ -9,10 +10,11 @@ the real Hub uses for large files is not exercised.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pytest
 
@@ -22,7 +24,8 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 class HubServer:
-    def __init__(self, fail_create: bool = False):
+    def __init__(self, fail_create: bool = False, files: dict[str, bytes] | None = None):
+        self.files = files or {}  # served as the model repo shi-labs/tiny-ola
         self.requests: list[tuple[str, str]] = []
         self.repos: list[dict] = []
         self.commits: list[list[dict]] = []
@@ -61,9 +64,33 @@ class HubServer:
                                              "commitOid": COMMIT, "success": True})
                 self._reply(404, {"error": f"not emulated: {path}"})
 
-            def do_GET(self):
-                server.requests.append(("GET", urlparse(self.path).path))
+            def _file(self, head: bool) -> None:
+                path = unquote(urlparse(self.path).path)
+                server.requests.append((self.command, path))
+                repo, files = "shi-labs/tiny-ola", server.files
+                if path.startswith(f"/api/models/{repo}/revision/"):
+                    return self._reply(200, {"id": repo, "sha": COMMIT, "siblings": [{"rfilename": f} for f in files]})
+                if path.startswith(f"/api/models/{repo}/tree/"):
+                    return self._reply(200, [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                                             for f, b in files.items()])
+                name = path.split(f"/{repo}/resolve/{COMMIT}/", 1)[-1]
+                if path.startswith(f"/{repo}/resolve/") and name in files:
+                    body = files[name]
+                    self.send_response(200)
+                    for k, v in (("X-Repo-Commit", COMMIT), ("ETag", f'"{hashlib.sha256(body).hexdigest()}"'),
+                                 ("Content-Length", str(len(body)))):
+                        self.send_header(k, v)
+                    self.end_headers()
+                    if not head:
+                        self.wfile.write(body)
+                    return
                 self._reply(404, {"error": "not emulated"})
+
+            def do_GET(self):
+                self._file(head=False)
+
+            def do_HEAD(self):
+                self._file(head=True)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -124,3 +151,27 @@ def test_hub_refusal_is_one_line(olavlm_ift, tmp_path, hub_online, capsys):
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("olavlm: error: --push-to-hub org/tiny-ola: upload failed") and "403" in err
     assert (tmp_path / "llava" / "model.safetensors").is_file()  # the export itself is kept
+
+
+def test_convert_reference_from_a_hub_id(tiny_dir, tmp_path, hub_online, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from olavlm.interop.tiny import make_tiny_reference, read_tensors
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    ref = make_tiny_reference(tiny_dir, tmp_path / "ref", stage="pt")
+    files = {str(p.relative_to(ref)): p.read_bytes() for p in ref.rglob("*") if p.is_file()}
+    files["README.md"] = files["images/demo.png"] = b"not needed for a conversion"
+    server = HubServer(files=files)
+    try:
+        rc = main(["convert", "reference", "shi-labs/tiny-ola", str(tmp_path / "from-hub"), "--vision-heads", "4",
+                   "--hub-endpoint", server.base])
+    finally:
+        server.close()
+    assert rc == 0, capsys.readouterr().err
+    assert main(["convert", "reference", str(ref), str(tmp_path / "local"), "--vision-heads", "4"]) == 0
+    for part in ("", "llm", "vision"):
+        hub, local = read_tensors(tmp_path / "from-hub" / part), read_tensors(tmp_path / "local" / part)
+        assert hub.keys() == local.keys() and all(hub[k].equal(local[k]) for k in hub)
+    fetched = {p.rsplit("/", 1)[-1] for m, p in server.requests if "/resolve/" in p}
+    assert "config.json" in fetched and not fetched & {"README.md", "demo.png"}  # config, tokenizer, weights only

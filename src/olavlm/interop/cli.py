@@ -36,6 +36,7 @@ def register(sub) -> None:
     p.add_argument("--vision-eps", type=float, default=1e-5, help="CLIP ViT LayerNorm eps")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder / hub id; None = the checkpoint's own files")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    p.add_argument("--hub-endpoint", default=None, help="Hub endpoint for a hub-id SRC (default: HF_ENDPOINT or huggingface.co)")
     p.set_defaults(func=_convert)
 
     export = command_group(sub, "export", "export an olavlm model to another library's layout")
@@ -71,7 +72,7 @@ def _convert(args) -> int:
                           task_token_format=args.task_token_format, dtype=args.dtype, vision_heads=args.vision_heads,
                           vision_act=args.vision_act, vision_eps=args.vision_eps, tokenizer=args.tokenizer)
     try:
-        rec = convert_reference(args.src, args.dst, opts, overwrite=args.overwrite)
+        rec = convert_reference(args.src, args.dst, opts, overwrite=args.overwrite, endpoint=args.hub_endpoint)
     except UserError as err:
         return _fail(err)
     n = rec["tensors"]

@@ -93,7 +93,7 @@ def classify_keys(keys: list[str]) -> KeyGroups:
     return g
 
 
-def resolve_source(src: str) -> Path:
+def resolve_source(src: str, endpoint: str | None = None) -> Path:
     """A local folder, or a hub id downloaded (config, tokenizer and safetensors files only)."""
     local = Path(src)
     if local.is_dir():
@@ -103,7 +103,8 @@ def resolve_source(src: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+        return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"],
+                                      endpoint=endpoint))
     except Exception as e:  # network / auth / missing repo: one line for the user
         raise InteropError(f"{src}: could not download from the Hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
@@ -282,13 +283,14 @@ def _extras(ckpt: Checkpoint, groups: KeyGroups, rows: dict[str, tuple[str, slic
 
 
 def convert_reference(src: str, dst: str | Path, opts: ConvertOptions | None = None, *,
-                      overwrite: bool = False) -> dict[str, Any]:
-    """Convert; returns the record written to ``DST/olavlm_conversion.json``."""
+                      overwrite: bool = False, endpoint: str | None = None) -> dict[str, Any]:
+    """Convert; returns the record written to ``DST/olavlm_conversion.json``. ``endpoint``: Hub
+    endpoint for a hub-id ``src`` (None = HF_ENDPOINT or huggingface.co)."""
     opts = opts or ConvertOptions()
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise InteropError(f"{dst}: exists and is not empty (pass --overwrite)")
-    folder = resolve_source(src)
+    folder = resolve_source(src, endpoint)
     ckpt = Checkpoint(folder)
     groups = classify_keys(ckpt.keys())
     ref = read_reference_config(folder, opts, has_task_tokens=bool(groups.task_tokens))
