@@ -116,6 +116,8 @@ def test_task_token_format_must_be_decidable(refs, tmp_path, capsys):
                  "--task-token-format", "expand_emb"]) == 0  # the user decides
     conv = json.loads((tmp_path / "out" / "olavlm_conversion.json").read_text())
     assert conv["reference"]["task_token_format"] == "expand_emb"
+    err = cli_error(refs["pt"], tmp_path / "pt-out", capsys, "--task-token-format", "emb")
+    assert "a PT checkpoint always pools its task tokens" in err
 
 
 def test_convnext_tower_is_not_supported_yet(refs, tmp_path, capsys):

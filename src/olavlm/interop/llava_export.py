@@ -54,7 +54,7 @@ def _read_source(src: Path, template: str | None, geometry: str | None):
     if not (src / io.CONFIG_NAME).is_file():
         raise InteropError(f"{src}: not an olavlm model folder (no {io.CONFIG_NAME})")
     try:
-        cfg, meta = io.read_config(src)
+        cfg, _ = io.read_config(src)
     except ValueError as e:  # ConfigError and friends
         raise InteropError(f"{src / io.CONFIG_NAME}: {e}") from None
     info = read_run_info(src)
@@ -158,7 +158,7 @@ def _names(llm: Checkpoint, vision: Checkpoint, extras: list[str], expected: dic
     return out
 
 
-def _write_weights(out: Path, src: Path, cfg, llava_cfg, *, image_id: int, task_ids: list[int],
+def _write_weights(out: Path, src: Path, llava_cfg, *, image_id: int, task_ids: list[int],
                    sequence: torch.Tensor) -> dict[str, Any]:
     from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration
@@ -323,7 +323,7 @@ def export_llava(src: str | Path, dst: str | Path, *, template: str | None = Non
     tmp = dst.with_name(dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        written = _write_weights(tmp, source, cfg, llava_cfg, image_id=image_id, task_ids=task_ids, sequence=sequence)
+        written = _write_weights(tmp, source, llava_cfg, image_id=image_id, task_ids=task_ids, sequence=sequence)
         llava_cfg.save_pretrained(tmp)
         processor = _processor(tokenizer, cfg, source / "vision", geometry, tpl)
         processor.save_pretrained(tmp)
