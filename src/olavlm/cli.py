@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "olavlm.evaluation.cli", # eval cvbench, probe
     "olavlm.shapeworld.cli", # demo
     "olavlm.model.cli",      # make-tiny
+    "olavlm.interop.cli",    # convert reference, export llava
 ]
 
 

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from olavlm.cli_groups import CONVERT_HELP, command_group
+
 
 def register(sub) -> None:
     p = sub.add_parser("make-tiny", help="write tiny random checkpoints (tokenizer, LLMs, vision towers, teachers)")
     p.add_argument("--output", required=True, help="folder to write into")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
-    register_convert(convert_subparsers(sub))
-
-
-def convert_subparsers(sub) -> argparse._SubParsersAction:
-    """The sub-commands of `olavlm convert` (the parser is created when no package made it yet)."""
-    parser = sub.choices.get("convert")
-    if parser is None:
-        parser = sub.add_parser("convert", help="convert checkpoints into ordinary Hugging Face / olavlm folders")
-        parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
-        return parser.add_subparsers(dest="convert_format", metavar="FORMAT")
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    register_convert(command_group(sub, "convert", CONVERT_HELP))
 
 
 def register_convert(convert_sub) -> None:
