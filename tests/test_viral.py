@@ -300,6 +300,28 @@ def test_ola_pt_and_viral_ift_steps_from_recipes(tiny_dir, tmp_path):
     config = json.loads((final / "config.json").read_text())
     assert config["with_predictors"] is False and config["tasks"]["viral"]["kind"] == "alignment"
     OlaVLM.from_pretrained(final)  # the IFT model loads (alignment MLP dropped, like VIRAL at inference)
+    # the probe resolves the alignment task's teacher from the saved config and scores every layer
+    from olavlm.evaluation.probe import ProbeSpec, run_probe
+
+    res = run_probe(final, tmp_path / "data" / "train.json", "viral", layers="all", progress=False,
+                    image_root=tmp_path / "data" / "images",
+                    spec=ProbeSpec(steps=2, dim=8), output=tmp_path / "probe")
+    assert res["teacher"] == "dinov2" and sorted(res["layers"]) == ["1", "2", "3", "4"]
+    assert (tmp_path / "probe" / "probe.png").is_file()
+    # the target cache of the VIRAL recipe holds the alignment task only, and IFT trains from it
+    from olavlm.teachers.precompute import precompute
+
+    recipe = f"configs/{variant}/viral_ift.yaml"
+    overrides = [o[2:] for o in smoke_overrides(tiny_dir, recipe, tmp_path)]
+    cfg = load_config(recipe, overrides + [f"data.target_cache={tmp_path / 'cache'}",
+                                           f"train.output_dir={tmp_path / 'cached'}"])
+    summary = precompute(cfg, batch_size=4, progress=False, device="cpu", rank=0, world_size=1)
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert list(index["tasks"]) == ["viral"] and index["tasks"]["viral"]["shape"] == [64, 32], summary
+    from olavlm.train.loop import train
+
+    cached = train(cfg, resume="none")
+    assert cached.summary["finished"]
 
 
 # -- OLA unchanged --------------------------------------------------------------------------------
