@@ -332,3 +332,25 @@ def test_ola_pt_golden_fingerprint_unchanged(tiny_dir):
     assert set(got) == set(want)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def test_shapeworld_viral_chain_runs_from_the_plan(tiny_dir, world, tmp_path):
+    """baseline PT then VIRAL IFT on a small world, with the overrides shapeworld_plan gives the demo."""
+    from olavlm.methods import shapeworld_stage_overrides
+    from olavlm.train.loop import train
+
+    root = world.root
+    common = [f"model.llm={tiny_dir / 'llm-llama'}", f"model.vision_tower={tiny_dir / 'vision-clip'}",
+              f"data.image_folder={root}", "train.global_batch_size=2", "train.micro_batch_size=2",
+              "train.max_steps=2", *[f"model.tasks.{t}.teacher_path={root}" for t in ("gen", "depth", "seg")]]
+    recipe, extra = shapeworld_stage_overrides("viral", "pt", root)
+    pt = train(load_config(f"configs/shapeworld/{recipe}", common + extra + [
+        f"data.train_file={root / 'pretrain.json'}", f"train.output_dir={tmp_path / 'pt'}"]), resume="none")
+    assert pt.summary["trainable"]["predictors"] == 0  # the baseline PT: no OLA losses
+    recipe, extra = shapeworld_stage_overrides("viral", "ift", root)
+    ift = train(load_config(f"configs/shapeworld/{recipe}", common + extra + [
+        f"data.train_file={root / 'instruct.json'}", f"train.init_from={tmp_path / 'pt'}",
+        f"train.output_dir={tmp_path / 'ift'}"]), resume="none")
+    metrics = [json.loads(x) for x in (tmp_path / "ift" / "metrics.jsonl").read_text().splitlines()]
+    assert ift.summary["finished"] and ift.summary["trainable"]["predictors"] > 0
+    assert any(m.get("loss/viral", 0.0) != 0.0 for m in metrics)
