@@ -165,6 +165,24 @@ def test_ift_gradients_reach_the_alignment_mlp_and_llm_only(ift_model):
     m.zero_grad(set_to_none=True)
 
 
+def test_alignment_under_bf16_autocast(ift_model):
+    """The MLP runs in bf16 under autocast, the cosine in fp32; gradients still reach the fp32 MLP."""
+    m = ift_model.train()
+    m.zero_grad(set_to_none=True)
+    b = _batch(m.tokenizer, [(True, "A circle.")])
+    px = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    target = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(**b, pixel_values=px, targets={"viral": target})
+    assert out.predictions["viral"][2].dtype == torch.bfloat16 and out.metrics["loss/viral"].dtype == torch.float32
+    ref = 0.5 * np.mean([_reference(out.predictions["viral"][l].double().detach().numpy(), target.double().numpy(),
+                                    np.array([True]))[0] for l in (2, 4)])
+    assert out.metrics["loss/viral"].item() == pytest.approx(ref, rel=1e-4)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.predictors.parameters())
+    m.zero_grad(set_to_none=True)
+
+
 def test_stage_policy_for_task_kinds(tiny_dir, ift_model):
     cfg = tiny_model_config(tiny_dir, vision="siglip")
     cfg.tasks["viral"] = _viral_task(tiny_dir)
