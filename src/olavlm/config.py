@@ -30,6 +30,7 @@ OnBadSample = Literal["skip", "error"]
 SamplerKind = Literal["random", "modality_length"]
 CacheMiss = Literal["error", "online"]
 Stage = Literal["pt", "vpt", "ift"]
+TaskKind = Literal["embedding", "alignment"]
 LrScheduler = Literal["cosine", "linear", "constant"]
 ReportSink = Literal["tensorboard", "wandb", "none"]
 
@@ -52,6 +53,7 @@ class PredictorConfig:
     heads: int = 4
     dim_head: int = 32
     ff_mult: int = 1
+    mlp_dim: int = 2048  # alignment tasks only: hidden width of the token-wise MLP (Linear-SiLU-Linear-SiLU-Linear)
 
 
 @dataclass
@@ -65,6 +67,19 @@ class TaskConfig:
     token_rows: int | None = None  # rows of the task-token parameter; None = num_queries (task_tokens source) else num_task_tokens
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments for the teacher class
+    # "embedding" (OLA-VLM): Perceiver predictor over the allowed tokens, smooth-L1 + InfoNCE, summed over layers;
+    # "alignment" (VIRAL): token-wise MLP at the image-token positions, mean -cosine, averaged over layers
+    kind: TaskKind = "embedding"
+    stages: list[Stage] | None = None  # stages the predictor and loss are active in; None = kind default (docs/methods.md)
+
+
+# the stages a task is active in when ``TaskConfig.stages`` is None
+DEFAULT_TASK_STAGES: dict[str, tuple[str, ...]] = {"embedding": ("pt",), "alignment": ("ift",)}
+
+
+def task_stages(task: "TaskConfig") -> tuple[str, ...]:
+    """The stages ``task``'s predictor and loss are active in."""
+    return tuple(task.stages) if task.stages is not None else DEFAULT_TASK_STAGES[task.kind]
 
 
 def default_tasks() -> dict[str, TaskConfig]:

@@ -62,7 +62,7 @@ _TASK_RANGES: list[tuple[str, tuple[Callable[[Any], bool], str]]] = [
     ("token_rows", _optional(_at_least(1), "null (from the predictor)")),
     ("predictor.dim", _optional(_at_least(1), "null (the LLM hidden size)")),
     ("predictor.num_queries", _optional(_at_least(1), "null (from the image tokens)")),
-    *((f"predictor.{key}", _at_least(1)) for key in ("out_dim", "depth", "heads", "dim_head", "ff_mult")),
+    *((f"predictor.{key}", _at_least(1)) for key in ("out_dim", "depth", "heads", "dim_head", "ff_mult", "mlp_dim")),
 ]
 
 
@@ -132,6 +132,7 @@ def validate(cfg) -> None:
         if any(layer < 1 for layer in task.layers) or len(set(task.layers)) != len(task.layers):
             raise ConfigError(f"{where}.layers: must be distinct 1-based integers, got {task.layers}")
         _check_ranges(task, _TASK_RANGES, f"{where}.")
+        _check_task_kind(name, task, m)
         if task.predictor.query_source == "hidden" and m.num_task_tokens == 0:
             raise ConfigError(f"{where}.predictor.query_source: 'hidden' needs model.num_task_tokens > 0")
         if task.predictor.query_source == "hidden" and name not in m.task_order:
@@ -142,6 +143,23 @@ def validate(cfg) -> None:
             f"train.micro_batch_size={t.micro_batch_size}")
     if t.deepspeed and t.fsdp:
         raise ConfigError("train.fsdp: cannot be combined with train.deepspeed")
+
+
+def _check_task_kind(name: str, task, m) -> None:
+    """Stages and the alignment kind's fixed read-out (one prediction per image token, no task tokens)."""
+    where = f"model.tasks.{name}"
+    if task.stages is not None and (not task.stages or len(set(task.stages)) != len(task.stages)):
+        raise ConfigError(f"{where}.stages: must be a non-empty list of distinct stages or null, got {task.stages}")
+    if task.kind == "embedding" and task.stages is not None and set(task.stages) != {"pt"}:
+        raise ConfigError(f"{where}.stages: embedding (OLA) tasks train in pt only, got {task.stages}")
+    if task.kind != "alignment":
+        return
+    p = task.predictor
+    if p.output_layout != "tokens" or p.num_queries is not None:
+        raise ConfigError(f"{where}.predictor: an alignment task predicts one row per image token; use "
+                          f"output_layout: tokens and num_queries: null (got {p.output_layout!r}, {p.num_queries!r})")
+    if name in m.task_order and m.num_task_tokens:
+        raise ConfigError(f"{where}: an alignment task has no task tokens; remove {name!r} from model.task_order")
 
 
 def task_token_rows(cfg, task: str, num_image_tokens: int) -> int:
@@ -156,7 +174,10 @@ def task_token_rows(cfg, task: str, num_image_tokens: int) -> int:
 
 def predictor_queries(cfg, task: str, num_image_tokens: int) -> int:
     """Output rows of a task's predictors before the layout (what ``Predictor.num_queries`` is)."""
-    p = cfg.tasks[task].predictor
+    tc = cfg.tasks[task]
+    if tc.kind == "alignment":  # one prediction per image token
+        return num_image_tokens
+    p = tc.predictor
     return p.num_queries or (num_image_tokens if p.query_source == "task_tokens" else 1)
 
 
@@ -180,7 +201,7 @@ def validate_against_model(cfg, *, num_layers: int, num_image_tokens: int) -> No
                 raise ConfigError(f"{where}.layers: layer {layer} is outside the LLM's 1..{num_layers}")
         p = task.predictor
         q = predictor_queries(cfg, name, num_image_tokens)
-        if p.query_source == "task_tokens":
+        if p.query_source == "task_tokens" and task.kind == "embedding":
             rows = task_token_rows(cfg, name, num_image_tokens)
             if rows != q:
                 raise ConfigError(f"{where}.token_rows: {rows} rows cannot serve {q} predictor queries")

@@ -138,6 +138,9 @@ def _init_from_model(cfg: RunConfig, notes: list[str]) -> ModelConfig:
     runtime, more = io.reconcile_init_from(saved, cfg.model, explicit_fields(cfg), str(folder))
     for name, value in runtime.items():
         setattr(saved, name, value)
+    from olavlm.train.stages import stage_model_config
+
+    stage_model_config(saved, cfg.model, cfg.train.stage)  # the recipe's alignment tasks of this stage join
     notes.append(f"train.init_from: {folder}")
     notes.extend(more)
     return saved
@@ -204,10 +207,10 @@ def _check_teachers(cfg: RunConfig, facts: _ModelFacts, notes: list[str]) -> Non
     """Target shapes of the teachers the run builds against the predictors' output shapes."""
     from olavlm.teachers.base import TEACHERS, _import_builtin_teachers
     from olavlm.teachers.specs import SpecError, target_spec
-    from olavlm.train.stages import uses_predictors
+    from olavlm.train.stages import active_tasks
 
     d = cfg.data
-    tasks = {n: t for n, t in facts.cfg.tasks.items() if t.layers} if uses_predictors(cfg.train.stage) else {}
+    tasks = active_tasks(facts.cfg, cfg.train.stage)
     if tasks and d.target_cache:
         if not (Path(d.target_cache) / "index.json").is_file():
             raise ConfigError(f"data.target_cache: {d.target_cache} is not a target cache (no index.json); write "

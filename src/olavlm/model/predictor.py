@@ -4,6 +4,8 @@
 LayerNorms for states and queries; K/V over concat(states, queries); keys masked by the spans, fix
 D14) + FeedForward] -> ``proj_out`` -> LayerNorm -> optional supervised output MLP (depth; the
 reference's unsupervised ``linear_2``/``linear_3`` are not built, D15) -> output layout.
+
+:class:`TokenMLP` is the alignment (VIRAL-style) kind: a token-wise MLP at the image-token positions.
 """
 
 from __future__ import annotations
@@ -121,3 +123,41 @@ class Predictor(nn.Module):
         if self.layout == "grid":  # token n <-> row n // side, column n % side
             return out.transpose(1, 2).reshape(out.shape[0], self.out_dim, self.side, self.side)
         return out
+
+
+class TokenMLP(nn.Module):
+    """One (alignment task, layer) projector: the same MLP on every image token of one LLM layer
+    (Linear d->mlp_dim, SiLU, Linear mlp_dim->mlp_dim, SiLU, Linear mlp_dim->out_dim).
+
+    It reads the layer's states at each image's feature positions as recorded by the span layout
+    (``image_positions``), never at a computed offset. Output per image: tokens (P, out_dim)."""
+
+    def __init__(self, llm_dim: int, cfg: PredictorConfig, *, num_tokens: int) -> None:
+        super().__init__()
+        self.num_tokens = num_tokens  # P image tokens per image
+        self.out_dim = cfg.out_dim
+        self.mlp = nn.Sequential(nn.Linear(llm_dim, cfg.mlp_dim), nn.SiLU(), nn.Linear(cfg.mlp_dim, cfg.mlp_dim),
+                                 nn.SiLU(), nn.Linear(cfg.mlp_dim, cfg.out_dim))
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return (self.num_tokens, self.out_dim)
+
+    def forward(self, states: torch.Tensor, image_sample: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
+        """states (B, L, d_llm) of one layer; image_sample long (N,); image_positions long (N, P)
+        -> predictions (N, P, out_dim)."""
+        dtype = next(self.mlp.parameters()).dtype  # metadata only (see Predictor.forward)
+        if not torch.is_autocast_enabled(states.device.type):
+            states = states.to(dtype)
+        tokens = states[image_sample[:, None], image_positions]  # (N, P, d)
+        return self.mlp(tokens)
+
+
+def task_predictors(task, llm_dim: int, num_image_tokens: int) -> nn.ModuleDict:
+    """{str(layer): predictor} of one task (a TaskConfig): a Perceiver :class:`Predictor` for the
+    embedding kind, a :class:`TokenMLP` for the alignment kind."""
+    p = task.predictor
+    if task.kind == "alignment":
+        return nn.ModuleDict({str(l): TokenMLP(llm_dim, p, num_tokens=num_image_tokens) for l in task.layers})
+    q = p.num_queries or (num_image_tokens if p.query_source == "task_tokens" else 1)
+    return nn.ModuleDict({str(l): Predictor(llm_dim, p, num_queries=q) for l in task.layers})

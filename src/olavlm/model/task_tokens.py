@@ -19,7 +19,8 @@ def tasks_with_rows(cfg: ModelConfig, *, with_predictors: bool) -> list[str]:
     out = []
     for name, task in cfg.tasks.items():
         in_sequence = name in cfg.task_order and cfg.num_task_tokens > 0
-        as_queries = with_predictors and bool(task.layers) and task.predictor.query_source == "task_tokens"
+        as_queries = (with_predictors and bool(task.layers) and task.kind == "embedding"
+                      and task.predictor.query_source == "task_tokens")
         if in_sequence or as_queries:
             out.append(name)
     return out

@@ -20,12 +20,13 @@ from olavlm.config import ConfigError, ModelConfig, RunConfig, validate, validat
 from olavlm.constants import IMAGE_TOKEN_INDEX
 from olavlm.data.images import ImageSpec
 from olavlm.model import io
-from olavlm.model.predictor import Predictor
+from olavlm.model.predictor import TokenMLP, task_predictors
 from olavlm.model.projector import build_projector
 from olavlm.model.lockstep import agreed_ntp_chunks, is_partitioned
 from olavlm.model.sequence import SequenceLayout, assemble_embeddings, build_layout
 from olavlm.model.task_tokens import LogitScales, TaskTokens, tasks_with_rows
 from olavlm.model.vision import VisionGeometry, VisionTower, vision_geometry
+from olavlm.objectives.alignment import alignment_task_loss
 from olavlm.objectives.embedding import embedding_loss
 from olavlm.objectives.ntp import ntp_loss
 
@@ -50,7 +51,8 @@ def _capture_hook(store: dict[int, torch.Tensor], layer: int, module, args, outp
 
 class OlaVLM(nn.Module):
     def __init__(self, cfg: ModelConfig, llm: nn.Module, vision: VisionTower, tokenizer, geometry: VisionGeometry,
-                 *, with_predictors: bool = True) -> None:
+                 *, with_predictors: bool = True, tasks: list[str] | None = None) -> None:
+        """``tasks``: the tasks that get predictors (default: every task with layers)."""
         super().__init__()
         validate(RunConfig(model=cfg))
         n_layers = llm.config.num_hidden_layers
@@ -67,28 +69,44 @@ class OlaVLM(nn.Module):
         self.task_tokens = TaskTokens(cfg, hidden_size=d, num_image_tokens=geometry.num_tokens,
                                       with_predictors=with_predictors)
         self.predictors = nn.ModuleDict()
+        built = [n for n, t in cfg.tasks.items() if t.layers and (tasks is None or n in tasks)] if with_predictors else []
         self.logit_scales = LogitScales(
-            [n for n, t in cfg.tasks.items() if t.layers] if with_predictors and cfg.use_contrastive else [],
+            [n for n in built if cfg.tasks[n].kind == "embedding"] if cfg.use_contrastive else [],
             init=cfg.logit_scale_init)
-        if with_predictors:
-            for name, task in cfg.tasks.items():
-                if not task.layers:
-                    continue
-                p = task.predictor
-                q = p.num_queries or (geometry.num_tokens if p.query_source == "task_tokens" else 1)
-                self.predictors[name] = nn.ModuleDict({str(l): Predictor(d, p, num_queries=q) for l in task.layers})
+        for name in built:
+            self.predictors[name] = self._build_predictors(cfg.tasks[name])
+
+    def _build_predictors(self, task) -> nn.ModuleDict:
+        return task_predictors(task, self.llm.config.hidden_size, self.num_image_tokens)
+
+    def attach_tasks(self, tasks: dict) -> None:
+        """Add fresh predictors for alignment tasks that a later stage trains (e.g. VIRAL in IFT on a
+        model loaded without predictors); their configs join ``self.cfg.tasks``."""
+        import copy
+
+        for name, task in tasks.items():
+            if task.kind != "alignment":
+                raise ValueError(f"model.tasks.{name}: only alignment tasks can be added to a built model")
+            self.cfg.tasks[name] = copy.deepcopy(task)
+        validate_against_model(self.cfg, num_layers=self.llm.config.num_hidden_layers,
+                               num_image_tokens=self.num_image_tokens)
+        for name, task in tasks.items():
+            self.predictors[name] = self._build_predictors(task).to(self.device)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, *, with_predictors: bool = True) -> "OlaVLM":
-        """New model from ``model.llm`` / ``model.vision_tower`` (hub ids or folders); extras random."""
+    def from_config(cls, model_cfg: ModelConfig, *, with_predictors: bool = True,
+                    tasks: list[str] | None = None) -> "OlaVLM":
+        """New model from ``model.llm`` / ``model.vision_tower`` (hub ids or folders); extras random.
+        ``tasks``: the tasks that get predictors (default: every task with layers)."""
         tokenizer = io.load_tokenizer(model_cfg)
         llm = io.load_llm(model_cfg)
         added = io.resize_for_tokenizer(llm, tokenizer)
         if added:
             log.info("added %d token(s) to the LLM embeddings (pad token), initialised to the mean row", added)
         vision = VisionTower.from_config(model_cfg)
-        return cls(model_cfg, llm, vision, tokenizer, vision_geometry(model_cfg), with_predictors=with_predictors)
+        return cls(model_cfg, llm, vision, tokenizer, vision_geometry(model_cfg), with_predictors=with_predictors,
+                   tasks=tasks)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, with_predictors: bool | None = None, dtype: str | None = None,
@@ -248,7 +266,8 @@ class OlaVLM(nn.Module):
 
     def query_tasks(self) -> list[str]:
         """Tasks whose predictors use their task-token rows as queries."""
-        return [t for t in self.predictors if self.cfg.tasks[t].predictor.query_source == "task_tokens"]
+        return [t for t in self.predictors if self.cfg.tasks[t].kind == "embedding"
+                and self.cfg.tasks[t].predictor.query_source == "task_tokens"]
 
     def predict(self, states: dict[int, torch.Tensor], layout: SequenceLayout,
                 query_rows: dict[str, torch.Tensor] | None = None) -> dict[str, dict[int, torch.Tensor]]:
@@ -258,6 +277,10 @@ class OlaVLM(nn.Module):
         out: dict[str, dict[int, torch.Tensor]] = {}
         for task, by_layer in self.predictors.items():
             tc = self.cfg.tasks[task]
+            if tc.kind == "alignment":  # the image-token positions of each layer, from the span records
+                positions = layout.image_positions()
+                out[task] = {int(k): mlp(states[int(k)], layout.image_sample, positions) for k, mlp in by_layer.items()}
+                continue
             mask = layout.predictor_key_mask(task, include_text=self.cfg.pass_text_to_predictors)
             out[task] = {}
             for key, predictor in by_layer.items():
@@ -284,6 +307,10 @@ class OlaVLM(nn.Module):
             expected = (n, *self.target_shapes[task])
             if tuple(target.shape) != expected:
                 raise ValueError(f"targets[{task!r}]: shape {tuple(target.shape)} != expected {expected}")
+            if self.cfg.tasks[task].kind == "alignment":
+                task_loss = alignment_task_loss(task, by_layer, target, valid, self.cfg.tasks[task].weight, metrics)
+                total = task_loss if total is None else total + task_loss
+                continue
             scale = log_scales[task] if self.cfg.use_contrastive else None
             task_sum = None
             for layer, pred in by_layer.items():
@@ -312,6 +339,9 @@ class OlaVLM(nn.Module):
             no_keys = torch.zeros(0, 1, dtype=torch.bool, device=self.device)
             for task, by_layer in self.predictors.items():
                 for predictor in by_layer.values():
+                    if isinstance(predictor, TokenMLP):
+                        total = total + predictor(states, no_image, no_image[:, None]).sum()
+                        continue
                     if task in query_rows:
                         queries = query_rows[task][None]
                     else:  # the image's own task tokens: none without images

@@ -184,7 +184,7 @@ def _import_builtin_teachers() -> None:
     import importlib
 
     for module in ("olavlm.teachers.depth_anything", "olavlm.teachers.oneformer", "olavlm.teachers.unclip",
-                   "olavlm.teachers.oracle"):
+                   "olavlm.teachers.oracle", "olavlm.teachers.dinov2", "olavlm.teachers.oracle_patches"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:

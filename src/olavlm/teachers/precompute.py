@@ -203,9 +203,13 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
     compute_dtype = teacher_dtype(run_cfg)
     store_dtype = resolve_dtype(dtype) or compute_dtype
     if teachers is None:
-        teachers = build_teachers(run_cfg.model, geo.grid, device=device, dtype=compute_dtype)
+        from olavlm.train.stages import active_tasks  # the tasks the recipe's stage trains (OLA: pt, VIRAL: ift)
+
+        teachers = build_teachers(run_cfg.model, geo.grid, device=device, dtype=compute_dtype,
+                                  tasks=list(active_tasks(run_cfg.model, run_cfg.train.stage)))
     if len(teachers) == 0:
-        raise CacheError("model.tasks: no task has predictor layers, so there are no targets to cache")
+        raise CacheError(f"model.tasks: no task has predictor layers active in stage {run_cfg.train.stage!r}, so "
+                         "there are no targets to cache")
     side = teacher_image_size(run_cfg, teachers)
     root = Path(data.target_cache)
     root.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,15 @@ def _unclip(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
     return TargetSpec((1, int(cfg.projection_dim)), int(resize), "vector")
 
 
+def _dinov2(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
+    from olavlm.teachers.dinov2 import DEFAULT_SOURCE
+
+    cfg = _auto_config(path or DEFAULT_SOURCE)
+    if getattr(cfg, "model_type", None) != "dinov2":
+        raise SpecError(f"{path}: config.json is a {getattr(cfg, 'model_type', None)!r} model, not dinov2")
+    return TargetSpec((grid * grid, int(cfg.hidden_size)), grid * int(cfg.patch_size), "tokens")
+
+
 def _oracle(layout: str) -> Callable[[str | None, int, dict], TargetSpec]:
     def spec(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
         from olavlm.shapeworld.world import read_meta
@@ -106,9 +115,11 @@ SPECS: dict[str, Callable[[str | None, int, dict], TargetSpec]] = {
     "depth_anything": _depth_anything,
     "oneformer": _oneformer,
     "unclip": _unclip,
+    "dinov2": _dinov2,
     "shapeworld_depth": _oracle("tokens"),
     "shapeworld_seg": _oracle("grid"),
     "shapeworld_gen": _oracle("vector"),
+    "shapeworld_patches": _oracle("tokens"),
 }
 
 

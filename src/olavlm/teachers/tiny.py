@@ -11,6 +11,9 @@ teachers' normal ``from_pretrained`` path in well under a second. With the tiny 
                     shi-labs/oneformer_*)
     teacher-gen/    image_encoder/ CLIPVisionModelWithProjection (32 px) + feature_extractor/
                     CLIPImageProcessor (shortest side 32, centre crop 32), the unCLIP repo layout
+    teacher-dinov2/ Dinov2Model patch 8 (64 px -> 8 x 8 x 32 patch tokens; trained at 32 px, so its
+                    position embeddings are interpolated, as for DINOv2 at 336 px) + BitImageProcessor
+                    (ImageNet mean/std, like facebook/dinov2-*)
 
 ``scale`` > 1 widens/deepens them (the batching benchmark uses that; the tests use 1).
 """
@@ -25,7 +28,8 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 # registry name of the teacher class each tiny folder is meant for
-TINY_TEACHERS = {"teacher-depth": "depth_anything", "teacher-seg": "oneformer", "teacher-gen": "unclip"}
+TINY_TEACHERS = {"teacher-depth": "depth_anything", "teacher-seg": "oneformer", "teacher-gen": "unclip",
+                 "teacher-dinov2": "dinov2"}
 
 
 def make_tiny_depth(path: Path, *, seed: int = 0, scale: int = 1, image_size: int = 64) -> Path:
@@ -76,9 +80,22 @@ def make_tiny_gen(path: Path, *, seed: int = 0, scale: int = 1, image_size: int 
     return path
 
 
+def make_tiny_dinov2(path: Path, *, seed: int = 0, scale: int = 1, image_size: int = 32) -> Path:
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    cfg = Dinov2Config(hidden_size=32 * scale, num_hidden_layers=2 * scale, num_attention_heads=2 * scale,
+                       mlp_ratio=2, patch_size=8, image_size=image_size)
+    torch.manual_seed(seed)
+    Dinov2Model(cfg).save_pretrained(path)
+    BitImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                      image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(path)
+    return path
+
+
 def make_tiny_teachers(out_dir: str | Path, seed: int = 0, *, scale: int = 1) -> dict[str, Path]:
-    """Write the three tiny teachers under ``out_dir``; returns {"teacher-depth": folder, ...}."""
+    """Write the four tiny teachers under ``out_dir``; returns {"teacher-depth": folder, ...}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    makers = {"teacher-depth": make_tiny_depth, "teacher-seg": make_tiny_seg, "teacher-gen": make_tiny_gen}
+    makers = {"teacher-depth": make_tiny_depth, "teacher-seg": make_tiny_seg, "teacher-gen": make_tiny_gen,
+              "teacher-dinov2": make_tiny_dinov2}
     return {name: make(out / name, seed=seed, scale=scale) for name, make in makers.items()}

@@ -29,7 +29,7 @@ from olavlm.preflight import preflight
 from olavlm.train.metrics import MetricsLogger, StepAccumulator
 from olavlm.train.rundir import (ResumePlan, RunDirLock, choose_checkpoint, finished_summary, is_writer_rank,
                                  plan_resume, report_config_changes, set_aside_newer)
-from olavlm.train.stages import configure_trainable, trainable_parameters, uses_predictors
+from olavlm.train.stages import active_tasks, configure_trainable, trainable_parameters, uses_predictors
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,23 @@ def build_model(cfg: RunConfig):
     from olavlm.model.vlm import OlaVLM
 
     t = cfg.train
+    active = active_tasks(cfg.model, t.stage)  # a later stage's own (alignment) tasks get fresh predictors
     if t.init_from is None:
         if t.stage != "pt":
             log.warning("train.init_from is not set: %s starts from model.llm with a fresh projector", t.stage)
-        return OlaVLM.from_config(cfg.model, with_predictors=uses_predictors(t.stage)), None
-    if t.stage == "pt":
-        raise ConfigError("train.init_from: PT starts from model.llm and model.vision_tower; unset init_from")
-    init_dir = resolve_init_from(t.init_from)  # runtime fields (dtype, attention) from the recipe, architecture checked
-    runtime, _ = io.reconcile_init_from(io.read_config(init_dir)[0], cfg.model, explicit_fields(cfg), str(init_dir))
-    return OlaVLM.from_pretrained(init_dir, with_predictors=False, **runtime), init_dir
+            model = OlaVLM.from_config(cfg.model, with_predictors=False)
+        else:
+            return OlaVLM.from_config(cfg.model, with_predictors=True, tasks=list(active)), None
+        init_dir = None
+    else:
+        if t.stage == "pt":
+            raise ConfigError("train.init_from: PT starts from model.llm and model.vision_tower; unset init_from")
+        init_dir = resolve_init_from(t.init_from)  # runtime fields (dtype, attention) from the recipe, architecture checked
+        runtime, _ = io.reconcile_init_from(io.read_config(init_dir)[0], cfg.model, explicit_fields(cfg), str(init_dir))
+        model = OlaVLM.from_pretrained(init_dir, with_predictors=False, **runtime)
+    if active:
+        model.attach_tasks(active)
+    return model, init_dir
 
 
 def open_target_cache(cfg: RunConfig, model):
@@ -101,7 +109,7 @@ def build_teachers_if_needed(cfg: RunConfig, model, device, dtype):
     from olavlm.teachers import build_teachers
 
     return build_teachers(model.cfg, grid=model.geometry.grid, device=device, dtype=dtype,
-                          expected=model.target_shapes)
+                          expected=model.target_shapes, tasks=list(model.target_shapes))
 
 
 def build_data(cfg: RunConfig, model, teachers):

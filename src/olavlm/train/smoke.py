@@ -24,7 +24,8 @@ TINY_LLM = {"llava_llama_3": "llm-llama", "llava_phi_3": "llm-phi3"}
 # tiny vision tower of `olavlm make-tiny` standing in for each vision registry entry
 TINY_VISION = {"clip": "vision-clip", "siglip": "vision-siglip", "convnext": "vision-convnext"}
 # tiny teacher folder of `olavlm make-tiny` per teacher registry name
-TINY_TEACHER = {"depth_anything": "teacher-depth", "oneformer": "teacher-seg", "unclip": "teacher-gen"}
+TINY_TEACHER = {"depth_anything": "teacher-depth", "oneformer": "teacher-seg", "unclip": "teacher-gen",
+                "dinov2": "teacher-dinov2"}
 
 
 def write_smoke_dataset(out: str | Path, *, num_images: int = 8, text_only: int = 2, seed: int = 0) -> Path:
@@ -110,6 +111,8 @@ def smoke_overrides(tiny: str | Path, recipe: str | Path, out: str | Path = "run
         layer_list = ",".join(str(x) for x in spread[i % 3])  # no spaces: the output may be word-split by a shell
         o += [f"--model.tasks.{name}.teacher_path={folder}", f"--model.tasks.{name}.layers=[{layer_list}]",
               f"--model.tasks.{name}.predictor.out_dim={out_dim}", f"--model.tasks.{name}.predictor.dim=32"]
+        if task.kind == "alignment":  # the token-wise MLP's hidden width (2048 in the recipes)
+            o.append(f"--model.tasks.{name}.predictor.mlp_dim=32")
     return o
 
 

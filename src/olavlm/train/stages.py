@@ -8,6 +8,10 @@ stage      trainable parameter groups (``model.param_groups()``)
 ``ift``    llm + projector (same as vpt)
 =========  =================================================================================
 
+Auxiliary tasks are active in the stages ``model.tasks.<name>.stages`` names (None = the kind's
+default: embedding/OLA tasks in ``pt``, alignment/VIRAL tasks in ``ift``). An alignment task
+active in ``vpt``/``ift`` adds its fresh projector ("predictors" group) to what trains there.
+
 Overrides: ``train.freeze_task_tokens`` (None = stage default: trainable in PT, frozen after,
 spec §2.3 / fix D8) and ``train.unfreeze_vision_tower`` (adds the vision tower in any stage).
 VPT/IFT models are built or loaded ``with_predictors=False``; a model that still carries predictor
@@ -22,7 +26,7 @@ from typing import Iterable
 
 from torch import nn
 
-from olavlm.config import ConfigError, Stage, TrainConfig
+from olavlm.config import ConfigError, ModelConfig, Stage, TaskConfig, TrainConfig, task_stages
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,22 @@ def uses_predictors(stage: str) -> bool:
     """Whether a stage builds/loads the embedding predictors and needs teacher targets (PT only)."""
     _check_stage(stage)
     return stage == "pt"
+
+
+def active_tasks(model_cfg: ModelConfig, stage: str) -> dict[str, TaskConfig]:
+    """The tasks whose predictors and losses run in ``stage`` (layers set, stage in their stages)."""
+    _check_stage(stage)
+    return {n: t for n, t in model_cfg.tasks.items() if t.layers and stage in task_stages(t)}
+
+
+def stage_model_config(saved: ModelConfig, recipe: ModelConfig, stage: str) -> ModelConfig:
+    """A VPT/IFT model config loaded from ``train.init_from`` plus the recipe's alignment tasks
+    active in ``stage`` (they are new in this stage; the saved tasks stay as saved)."""
+    import copy
+
+    if stage != "pt":
+        saved.tasks.update({n: copy.deepcopy(t) for n, t in active_tasks(recipe, stage).items()})
+    return saved
 
 
 def trainable_groups(stage: str, train_cfg: TrainConfig) -> set[str]:
@@ -68,11 +88,19 @@ def configure_trainable(model: nn.Module, stage: str, train_cfg: TrainConfig) ->
         raise ValueError(f"model.param_groups() returned unknown group(s) {unknown}; known: {list(GROUPS)}")
     wanted = trainable_groups(stage, train_cfg)
     if stage != "pt":
-        leftover = [g for g in ("predictors", "logit_scales") if _numel(groups.get(g, []))]
+        predictors = getattr(model, "predictors", None)
+        carried = list(predictors) if isinstance(predictors, nn.ModuleDict) else []
+        active = active_tasks(model.cfg, stage) if carried else {}
+        stray = [t for t in carried if t not in active]
+        leftover = [g for g in ("logit_scales",) if _numel(groups.get(g, []))]
+        leftover += ["predictors"] if stray or (not carried and _numel(groups.get("predictors", []))) else []
         if leftover:
             raise ValueError(
-                f"stage {stage!r} trains with NTP only, but the model carries {leftover} parameters; "
-                "build or load it with with_predictors=False")
+                f"stage {stage!r} trains NTP and its active alignment tasks only, but the model carries "
+                f"{leftover} parameters ({stray or 'not of an active task'}); build or load it with "
+                "with_predictors=False")
+        if active:
+            wanted.add("predictors")  # the alignment projectors of the tasks active in this stage
 
     model.requires_grad_(False)
     seen: set[int] = set()
