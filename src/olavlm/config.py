@@ -154,6 +154,7 @@ class DataConfig:
     sampler: SamplerKind = "random"  # random | modality_length
     target_cache: str | None = None  # folder written by `olavlm targets precompute`
     cache_miss: CacheMiss = "error"  # error | online (fall back to the teacher for missing entries)
+    packing: bool = False  # lay each micro-batch's samples back to back in rows of max_length (no padding)
 
 
 # --- Training ----------------------------------------------------------------------------------
