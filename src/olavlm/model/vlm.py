@@ -100,6 +100,10 @@ class OlaVLM(nn.Module):
         from safetensors.torch import load_file
 
         folder = io.resolve_dir(path)
+        from olavlm.train import lora
+
+        if lora.is_adapter_folder(folder):  # a LoRA run's final/: base + adapters, merged
+            return lora.load_adapter_folder(folder, merge=True, dtype=dtype, attn_implementation=attn_implementation)
         cfg, meta = io.read_config(folder)
         saved_pred = bool(meta.get("with_predictors", False))
         if with_predictors is None:
@@ -125,6 +129,10 @@ class OlaVLM(nn.Module):
         """HF-style folder (see olavlm.model.io); ``with_predictors=False`` drops predictors and scales."""
         from safetensors.torch import save_file
 
+        from olavlm.train import lora
+
+        if lora.is_lora(self.llm):  # adapters + extras only (olavlm.train.lora)
+            return lora.save_adapter_folder(self, path)
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         self.llm.save_pretrained(folder / "llm")
@@ -133,6 +141,12 @@ class OlaVLM(nn.Module):
         self.vision.save_pretrained(folder / "vision")
         pre = io.read_json_file(self.cfg.vision_tower, "preprocessor_config.json")
         (folder / "vision" / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+        save_file(self.extra_state(with_predictors=with_predictors), str(folder / io.WEIGHTS_NAME),
+                  metadata={"format": "pt"})
+        io.write_config(folder, self.cfg, with_predictors=with_predictors and bool(self.predictors))
+
+    def extra_state(self, *, with_predictors: bool) -> dict[str, torch.Tensor]:
+        """The olavlm.safetensors tensors: projector, task-token rows (+ predictors and scales)."""
         keep_rows = set(tasks_with_rows(self.cfg, with_predictors=with_predictors and bool(self.predictors)))
         state = {}
         for key, value in self.state_dict().items():
@@ -143,8 +157,7 @@ class OlaVLM(nn.Module):
             if key.startswith("task_tokens.rows.") and key.split(".")[2] not in keep_rows:
                 continue
             state[key] = value.detach().cpu().contiguous()
-        save_file(state, str(folder / io.WEIGHTS_NAME), metadata={"format": "pt"})
-        io.write_config(folder, self.cfg, with_predictors=with_predictors and bool(self.predictors))
+        return state
 
     # -- facts other packages use ---------------------------------------------------------------
     @property
@@ -181,7 +194,11 @@ class OlaVLM(nn.Module):
         return is_partitioned(self.projector_weight)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"llm": list(self.llm.parameters()), "vision": list(self.vision.parameters()),
+        from olavlm.train.lora import is_adapter_param  # LoRA: adapters are their own group, the base is "llm"
+
+        llm = dict(self.llm.named_parameters())
+        return {"llm": [p for n, p in llm.items() if not is_adapter_param(n)],
+                "lora": [p for n, p in llm.items() if is_adapter_param(n)], "vision": list(self.vision.parameters()),
                 "projector": list(self.projector.parameters()), "task_tokens": list(self.task_tokens.parameters()),
                 "predictors": list(self.predictors.parameters()), "logit_scales": list(self.logit_scales.parameters())}
 

@@ -8,6 +8,9 @@ stage      trainable parameter groups (``model.param_groups()``)
 ``ift``    llm + projector (same as vpt)
 =========  =================================================================================
 
+With ``train.lora`` the ``lora`` group (peft adapters, see olavlm.train.lora) trains instead of
+``llm``, whose base weights stay frozen.
+
 Overrides: ``train.freeze_task_tokens`` (None = stage default: trainable in PT, frozen after,
 spec §2.3 / fix D8) and ``train.unfreeze_vision_tower`` (adds the vision tower in any stage).
 VPT/IFT models are built or loaded ``with_predictors=False``; a model that still carries predictor
@@ -27,7 +30,7 @@ from olavlm.config import ConfigError, Stage, TrainConfig
 log = logging.getLogger(__name__)
 
 STAGES = typing.get_args(Stage)  # ("pt", "vpt", "ift")
-GROUPS = ("llm", "vision", "projector", "task_tokens", "predictors", "logit_scales")
+GROUPS = ("llm", "lora", "vision", "projector", "task_tokens", "predictors", "logit_scales")
 # groups each stage trains by default (before the two overrides)
 _DEFAULT = {
     "pt": {"projector", "predictors", "task_tokens", "logit_scales"},
@@ -52,6 +55,9 @@ def trainable_groups(stage: str, train_cfg: TrainConfig) -> set[str]:
         groups.add("task_tokens")
     if train_cfg.unfreeze_vision_tower:
         groups.add("vision")
+    if getattr(train_cfg, "lora", None) is not None and "llm" in groups:
+        groups.discard("llm")
+        groups.add("lora")
     return groups
 
 
@@ -74,6 +80,8 @@ def configure_trainable(model: nn.Module, stage: str, train_cfg: TrainConfig) ->
                 f"stage {stage!r} trains with NTP only, but the model carries {leftover} parameters; "
                 "build or load it with with_predictors=False")
 
+    if "lora" in wanted and not _numel(groups.get("lora", [])):
+        raise ValueError("train.lora is set but the model has no LoRA adapters (olavlm.train.lora.apply_lora)")
     model.requires_grad_(False)
     seen: set[int] = set()
     counts: dict[str, int] = {}
