@@ -101,8 +101,9 @@ def configure_trainable(model: nn.Module, stage: str, train_cfg: TrainConfig) ->
     lines = [f"  {g:<{width}}  {counts[g]:>14,} / {totals[g]:>14,}" for g in totals if totals[g]]
     log.info("stage %s: trainable / total parameters per group\n%s\n  %-*s  %14s / %14s", stage,
              "\n".join(lines), width, "total", f"{sum(counts.values()):,}", f"{sum(totals.values()):,}")
-    if not totals["other"]:
-        counts.pop("other")
+    for name in ("other", "lora"):  # reported only when the model has them
+        if not totals[name]:
+            counts.pop(name)
     return counts
 
 
