@@ -12,7 +12,7 @@ import torch
 
 from olavlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, KIND_PAD
 from olavlm.data.collate import Collator
-from olavlm.data.packing import expanded_length, pack_rows, padding_fraction
+from olavlm.data.packing import expanded_length, pack_balanced, pack_rows, padding_fraction
 from olavlm.model.sequence import build_layout
 from olavlm.model.tiny import tiny_model_config
 from olavlm.model.vlm import OlaVLM
@@ -65,6 +65,10 @@ def test_pack_rows_first_fit_decreasing():
     assert padding_fraction([5, 3, 7, 2, 4], [[0, 4], [1, 2], [3]]) == pytest.approx(1 - 21 / 30)
     with pytest.raises(ValueError, match="longer than the row capacity"):
         pack_rows([11], 10)
+    # balanced: still 3 rows, but at capacity 7 (= 21 / 3) they are even: no padding at all
+    assert pack_balanced([5, 3, 7, 2, 4], 10) == [[0, 3], [1, 4], [2]]
+    assert padding_fraction([5, 3, 7, 2, 4], pack_balanced([5, 3, 7, 2, 4], 10)) == 0
+    assert pack_balanced([4, 4, 4], 100) == [[0, 1, 2]]
 
 
 def test_layout_positions_restart_and_first_labels_are_ignored():
@@ -94,7 +98,7 @@ def test_collator_packs_in_order_and_keeps_per_sample_keys(ift_model):
     lengths = [expanded_length(s["input_ids"], tpi) for s in samples]
     cap = max(lengths) + min(lengths) + 1
     batch = Collator(ift_model.tokenizer.pad_token_id, pack_length=cap, tokens_per_image=tpi)(samples)
-    rows = pack_rows(lengths, cap)
+    rows = pack_balanced(lengths, cap)
     order = [i for r in rows for i in r]
     assert batch["sample_ids"] == [f"s{i}" for i in order]
     assert batch["num_images"].tolist() == [samples[i]["pixel_values"].shape[0] for i in order]

@@ -1,7 +1,9 @@
 """Padding-free packing (``data.packing: true``): the samples of one micro-batch are laid back to
 back into as few rows as fit ``data.max_length`` (after image and task-token expansion).
 
-The sampler is untouched: a micro-batch still holds the same samples (same modality grouping,
+Rows are as few as first-fit-decreasing needs at ``max_length`` and then evened out (the smallest
+capacity that still needs that many rows), so padding to the longest row stays small. The
+sampler is untouched: a micro-batch still holds the same samples (same modality grouping,
 same DDP shards, same resume position); only how they are laid out changes. Each row carries
 ``segment_ids`` (the sample of every token, -1 on padding); the model restarts position ids per
 sample and never lets attention cross samples (see docs/architecture.md "Packing"). Per-sample and
@@ -46,10 +48,27 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return sorted((sorted(r) for r in rows), key=lambda r: r[0])
 
 
+def pack_balanced(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """As few rows as :func:`pack_rows` needs at ``capacity``, but with the smallest row capacity that
+    still gives that many rows (binary search), so rows come out even and padding to the longest row
+    is small."""
+    rows = pack_rows(lengths, capacity)
+    k, total = len(rows), sum(lengths)
+    lo, hi = max(max(lengths, default=0), -(-total // max(k, 1))), capacity
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(pack_rows(lengths, mid)) <= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    tight = pack_rows(lengths, lo)
+    return tight if len(tight) <= k else rows
+
+
 def pack_samples(samples: list[dict], capacity: int, tokens_per_image: int) -> tuple[list[dict], list[list[int]]]:
     """The samples in packed order and the rows as lists of indices into that order."""
     lengths = [expanded_length(s["input_ids"], tokens_per_image) for s in samples]
-    rows = pack_rows(lengths, capacity)
+    rows = pack_balanced(lengths, capacity)
     order = [i for row in rows for i in row]
     packed, at = [], 0
     for row in rows:
