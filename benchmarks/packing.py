@@ -179,9 +179,11 @@ def time_steps(args, words, image) -> dict:
         real = int(sum(lengths[i] for b in chosen for i in b))
         variants = {v: {**summarize(t), "raw": t, "tokens_per_s": real / summarize(t)["median"],
                         "rows": sum(int(b["input_ids"].shape[0]) for b in batches[v])} for v, t in times.items()}
+        pad_t, pack_t = variants["padded"], variants["packed"]
         out[kind] = {"variants": variants, "real_tokens": real, "micro_batches": len(chosen),
-                     "tokens_per_s_packed_over_padded": variants["packed"]["tokens_per_s"] /
-                     variants["padded"]["tokens_per_s"], "padding": padding_report(lengths, chosen, capacity)}
+                     "tokens_per_s_packed_over_padded": pad_t["median"] / pack_t["median"],
+                     "range": [pad_t["min"] / pack_t["max"], pad_t["max"] / pack_t["min"]],
+                     "padding": padding_report(lengths, chosen, capacity)}
     return out
 
 
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     padding = {kind: padding_report(full, micro_batches(full, image, kind, args.seed), MAX_LENGTH)
                for kind in ("random", "modality_length")}
     timing = time_steps(args, words, image)
-    payload = {"config": {"quick": args.quick, "threads": threads, "micro_batch": MICRO_BATCH,
+    payload = {"config": {"quick": args.quick, "threads": threads, "micro_batch": MICRO_BATCH, "dtype": "float32",
                           "max_length": MAX_LENGTH, "source": args.from_json or "mixture", "samples": int(len(words)),
                           "load_average_after": load_average()},
                "lengths": {"median": float(np.median(full)), "p90": float(np.percentile(full, 90)),

@@ -200,3 +200,34 @@ def test_pad_kind_and_lengths_in_packed_rows(ift_model):
     assert torch.equal(lay.segment_ids < 0, lay.token_kind == KIND_PAD)
     total = sum(expanded_length(s["input_ids"], ift_model.tokens_per_image) for s in samples)
     assert int(lay.attention_mask.sum()) == total
+
+
+def test_pt_packed_losses_equal_unpacked(tiny_dir):
+    """PT packs too: the predictors only see their own sample's text and the embedding losses are per image."""
+    torch.manual_seed(0)
+    model = OlaVLM.from_config(tiny_model_config(tiny_dir, vision="siglip"))
+    model.llm.requires_grad_(False)
+    model.train()
+    samples = make_samples(model.tokenizer)
+    g = torch.Generator().manual_seed(5)
+    for s in samples:  # per-image targets travel with their sample
+        n = s["pixel_values"].shape[0]
+        s["targets"] = [{t: torch.randn(shape, generator=g) for t, shape in model.target_shapes.items()}
+                        for _ in range(n)]
+        s["image_keys"] = s["image_keys"][:n]
+    pad = model.tokenizer.pad_token_id
+    shapes = model.target_shapes
+    results = []
+    for collate in (Collator(pad, shapes), Collator(pad, shapes, pack_length=160, tokens_per_image=model.tokens_per_image)):
+        batch = collate(samples)
+        model.zero_grad(set_to_none=True)
+        out = model(**_inputs(batch), targets=batch["targets"], target_mask=batch["target_mask"])
+        out.loss.backward()
+        results.append((out.metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (m0, g0), (m1, g1) = results
+    assert any(k.startswith("loss/depth") for k in m0)
+    for key in m0:
+        assert torch.allclose(m0[key], m1[key], atol=1e-5), key
+    assert g0.keys() == g1.keys() and any(n.startswith("predictors.") for n in g0)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-5, rtol=1e-4), name

@@ -92,9 +92,11 @@ def peft_config(llm: nn.Module, lora: LoraConfig):
 
 
 def is_lora(llm: nn.Module) -> bool:
-    import peft
+    """Whether ``llm`` is wrapped in peft adapters (without importing peft for plain models)."""
+    import sys
 
-    return isinstance(llm, peft.PeftModel)
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(llm, peft.PeftModel)
 
 
 def is_adapter_param(name: str) -> bool:
