@@ -165,6 +165,14 @@ def test_lora_packed_ift_resume_is_exact_and_merges(lora_ift, tmp_path):
     assert cli_main(["merge-lora", str(split_dir), str(tmp_path / "merged")]) == 0
     merged = OlaVLM.from_pretrained(tmp_path / "merged")
     assert not lora.is_lora(merged.llm) and (tmp_path / "merged" / "olavlm_run.json").is_file()
+    # the next stage can start from the LoRA run itself (base + adapters, merged on load)
+    chained = [o for o in overrides if not o.startswith(("--train.lora", "--train.init_from"))]
+    nxt = train(load_config(IFT, chained + [f"--train.init_from={split_dir}", "--train.max_steps=1",
+                                            f"--train.output_dir={tmp_path / 'next'}"]), resume="none")
+    assert nxt.summary["steps"] == 1 and not lora.is_adapter_folder(nxt.final_dir)
+    assert nxt.summary["trainable"]["llm"] > 0 and "lora" not in nxt.summary["trainable"]  # full IFT now
+    start = merged.llm.state_dict()  # it started from the merged weights (lr is 0 in its one warm-up step)
+    assert all(torch.equal(v, start[k]) for k, v in nxt.model.llm.state_dict().items())
 
 
 def test_packed_run_follows_the_padded_run(lora_ift, monkeypatch):
@@ -188,3 +196,22 @@ def test_packed_run_follows_the_padded_run(lora_ift, monkeypatch):
     assert seen[:8] == [(1, True)] * 8 and seen[8:] == [(2, False)] * 8  # packed: both samples in one row
     for step in runs[True]:
         assert runs[True][step] == pytest.approx(runs[False][step], abs=1e-5), step
+
+
+@pytest.mark.slow
+def test_lora_packed_ift_zero2_two_processes_with_resume(tiny_dir, tmp_path):
+    """LoRA + packing under DeepSpeed ZeRO-2 on two CPU processes: stop, resume, ranks agree."""
+    from test_train_dist import _assert_agree, _ranks, _torchrun
+
+    out = tmp_path / "zero2_lora"
+    overrides = smoke_overrides(tiny_dir, IFT, tmp_path) + [
+        "--train.init_from=null", "--train.global_batch_size=4", "--train.micro_batch_size=2", "--train.max_steps=3",
+        "--train.deepspeed=configs/deepspeed/zero2.json", "--train.lora={r: 4, alpha: 8}", "--data.packing=true"]
+    _torchrun(IFT, out, overrides, OLAVLM_TEST_STOP_AFTER="2")
+    assert ckpt.find_resume(out, "auto").name == "step-00000002"
+    _torchrun(IFT, out, overrides)
+    a, b = _ranks(out)
+    _assert_agree(a, b)
+    assert a["trainable"] and all(".lora_" in k or k.startswith("projector.") for k in a["trainable"])
+    assert a["summary"]["steps"] == 3 and a["summary"]["samples"] == 12
+    assert lora.is_adapter_folder(out / "final")

@@ -8,7 +8,7 @@ frozen, as the stage policy says for VPT/IFT (olavlm.train.stages: the ``lora`` 
 
 A LoRA run's ``final/`` is an *adapter folder*::
 
-    config.json  olavlm.safetensors  tokenizer files   as any olavlm model folder (extras only)
+    config.json  olavlm.safetensors  tokenizer files   as a model folder (extras only; config names the base's LLM)
     adapter/                                            peft adapter (adapter_config.json + weights)
     lora.json                                           {"base": base model folder or null, "model": ...}
 
@@ -164,7 +164,11 @@ def save_adapter_folder(model, folder: str | Path) -> None:
 
     extras = model.extra_state(with_predictors=False)
     save_file(extras, str(folder / io.WEIGHTS_NAME), metadata={"format": "pt"})
-    io.write_config(folder, model.cfg, with_predictors=False)
+    # config.json names the base's LLM and tower (absolute paths or hub ids), so checks that read them
+    # (pre-flight of a next stage) find real folders; the adapters are applied on load
+    data = model_config_to_dict(model.cfg)
+    data.update(olavlm_format=io.FORMAT_VERSION, with_predictors=False)
+    (folder / io.CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
     info = {"base": getattr(model, "lora_base", None), "model": getattr(model, "lora_model_cfg", None),
             "adapter": ADAPTER_DIR}
     (folder / MARKER).write_text(json.dumps(info, indent=2) + "\n")
