@@ -87,6 +87,7 @@ def test_layout_positions_restart_and_first_labels_are_ignored():
     expected[0, :6, :6] = expected[0, 6:, 6:] = True
     expected[1, :6, :6] = expected[1, 6:, 6:] = True  # padding sees padding only
     assert torch.equal(m, expected.tril())
+    assert torch.equal(lay.block_attention_mask(torch.bool)[:, 0], expected.tril())
     with pytest.raises(ValueError, match="contiguous"):
         build_layout(ids, mask, labels, num_image_tokens=3, task_order=("a",), num_task_tokens=1,
                      segment_ids=torch.tensor([[0, 1, 0, 1, 1, 1, -1], [2] * 7]))

@@ -97,12 +97,15 @@ class SequenceLayout:
         return self.segment_ids is not None
 
     def block_attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """Additive (B, 1, L, L) mask of a packed batch: 0 where query i may see key j (causal and the
-        same sample), the dtype's minimum elsewhere. Padding sees padding only (no empty rows)."""
+        """(B, 1, L, L) mask of a packed batch: query i may see key j iff causal and the same sample.
+        ``torch.bool``: True where allowed (sdpa); a float dtype: additive, 0 / the dtype's minimum
+        (eager). Padding sees padding only (no empty rows)."""
         seg = self.segment_ids
         length = seg.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()
         allowed = causal[None] & (seg[:, :, None] == seg[:, None, :])
+        if dtype == torch.bool:
+            return allowed[:, None]
         out = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
         return out.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 

@@ -257,8 +257,9 @@ class OlaVLM(nn.Module):
                 self.packed_attention == "auto" and self.llm.config._attn_implementation == "flash_attention_2")
             if flat:  # one row, no mask: transformers finds the samples from the restarting position ids (varlen)
                 embeds, positions, mask = embeds.reshape(1, -1, embeds.shape[-1]), positions.reshape(1, -1), None
-            else:
-                mask = layout.block_attention_mask(embeds.dtype)
+            else:  # sdpa takes a bool mask (1 byte per entry); eager adds a float one
+                impl = self.llm.config._attn_implementation
+                mask = layout.block_attention_mask(torch.bool if impl == "sdpa" else embeds.dtype)
         try:
             out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
         finally:
