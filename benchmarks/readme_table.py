@@ -56,6 +56,12 @@ ROWS = [
         ("ratios", "loader_over_model", "value"), ">=", 3.0),
     Row("6", "PT step with online teachers ÷ with cached targets", "online_vs_cached",
         ("ratios", "pt_online_over_pt_cached", "value"), None, None),
+    Row("P", "packing: IFT positions padded ÷ packed (LLaVA-665K-like lengths, full size, modality-length "
+        "sampler)", "packing", ("padding_full_size", "modality_length", "positions_padded_over_packed"), None, None),
+    Row("P", "packing: IFT tokens/s packed ÷ padded, modality-length sampler (sdpa block mask, 1 thread)",
+        "packing", ("cpu_step", "modality_length", "tokens_per_s_packed_over_padded"), None, None),
+    Row("P", "packing: IFT tokens/s packed ÷ padded, random sampler (sdpa block mask, 1 thread)",
+        "packing", ("cpu_step", "random", "tokens_per_s_packed_over_padded"), None, None),
 ]
 
 

@@ -47,6 +47,7 @@ BENCHMARKS = [
     Bench("data_vs_model", "5. loader samples/s / model consumption on the demo config (alternating), >= 3", True),
     Bench("online_vs_cached", "6. PT step with online teachers / with cached targets", True),
     Bench("scaling", "7. step time vs sequence length and batch", True),
+    Bench("packing", "P. IFT tokens/s packed / padded on LLaVA-665K-like lengths (padding removed)", False),
 ]
 NAMES = [b.name for b in BENCHMARKS]
 

@@ -42,6 +42,8 @@ def ola_pt_fingerprint(tiny_dir) -> dict[str, float]:
     out.loss.backward()
     fp = {k: float(v) for k, v in sorted(out.metrics.items())}
     for group, params in model.param_groups().items():
+        if not params:  # a group this model does not have (e.g. LoRA adapters)
+            continue
         grads = [p.grad.double().pow(2).sum() for p in params if p.grad is not None]
         fp[f"grad_norm/{group}"] = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
     return fp

@@ -170,9 +170,32 @@ class DataConfig:
     sampler: SamplerKind = "random"  # random | modality_length
     target_cache: str | None = None  # folder written by `olavlm targets precompute`
     cache_miss: CacheMiss = "error"  # error | online (fall back to the teacher for missing entries)
+    packing: bool = False  # lay each micro-batch's samples back to back in rows of max_length (no padding)
 
 
 # --- Training ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the LLM for vpt / ift (``train.lora: {}`` = these defaults); base weights frozen."""
+
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # scaling = alpha / r
+    dropout: float = 0.05  # on the adapter input
+    target_modules: list[str] | None = None  # None = every linear projection of the decoder layers (attention + MLP)
+    modules_to_save: list[str] = field(default_factory=list)  # LLM modules trained fully, e.g. [embed_tokens, lm_head]
+    load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base weights (CUDA + bitsandbytes)
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"train.lora.r: must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"train.lora.alpha: must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"train.lora.dropout: must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ConfigError("train.lora.target_modules: empty list (omit it for attention + MLP projections)")
 
 
 @dataclass
@@ -207,6 +230,7 @@ class TrainConfig:
     deepspeed: str | None = None  # path to a DeepSpeed JSON (configs/deepspeed/*.json)
     fsdp: bool = False
     teacher_dtype: str | None = None  # None = bf16 if train.bf16 else float32
+    lora: LoraConfig | None = None  # LoRA / QLoRA adapters instead of full LLM training (vpt / ift)
 
 
 @dataclass

@@ -8,6 +8,11 @@ sample-major in placeholder order; ``images`` uint8 (N, 3, S, S) when the sample
 ``skipped`` {reason: count} (bad records replaced), ``replacements`` {"attempts", "cross_modality": count}
 (how the replacements were found); and, when the samples carry targets, ``targets`` {task: (N, *shape)}
 plus ``target_mask`` bool (N,) (False where the target cache had no entry; those rows are zeros).
+
+With ``pack_length`` (``data.packing``) the rows are packed (olavlm.data.packing): ``input_ids`` /
+``labels`` / ``attention_mask`` are (R, T) rows holding several samples each, ``segment_ids`` (R, T)
+says which sample every token belongs to (-1 on padding), and every per-sample / per-image key is in
+the packed order (B = number of samples, R <= B rows).
 """
 
 from __future__ import annotations
@@ -22,17 +27,24 @@ from olavlm.constants import IGNORE_INDEX
 class Collator:
     """Callable ``collate_fn`` for a DataLoader."""
 
-    def __init__(self, pad_token_id: int, target_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    def __init__(self, pad_token_id: int, target_shapes: dict[str, tuple[int, ...]] | None = None, *,
+                 pack_length: int | None = None, tokens_per_image: int = 1) -> None:
         if pad_token_id is None or pad_token_id < 0:
             raise ValueError(f"Collator needs a non-negative pad_token_id, got {pad_token_id!r} "
                              "(load the tokenizer with olavlm.model.io.load_tokenizer, which adds one)")
         self.pad_token_id = pad_token_id
         # per-task target shape: lets a batch whose images all miss the cache still carry zero rows
         self.target_shapes = {k: tuple(v) for k, v in (target_shapes or {}).items()}
+        self.pack_length, self.tokens_per_image = pack_length, tokens_per_image  # packing: row capacity
 
     def __call__(self, samples: list[dict]) -> dict:
         if not samples:
             raise ValueError("Collator: empty list of samples")
+        rows = None
+        if self.pack_length is not None:
+            from olavlm.data.packing import pack_samples
+
+            samples, rows = pack_samples(samples, self.pack_length, self.tokens_per_image)
         lengths = [len(s["input_ids"]) for s in samples]
         B, T = len(samples), max(lengths)
         input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
@@ -65,6 +77,10 @@ class Collator:
             batch["images"] = torch.cat([s["images"] for s in samples])
         if any("targets" in s for s in samples):
             batch["targets"], batch["target_mask"] = self._targets(samples)
+        if rows is not None:
+            from olavlm.data.packing import packed_rows
+
+            batch.update(packed_rows(samples, rows, self.pad_token_id))
         return batch
 
     def _targets(self, samples: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

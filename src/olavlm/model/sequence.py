@@ -6,6 +6,11 @@ system/text tokens, image tokens and task tokens is whatever the template, encod
 produce, and :class:`SequenceLayout` says, per sample and per image, where each part is.
 Text-only samples get no image or task tokens. Padding is on the right for training (positions
 0..L-1) and on the left for batched generation.
+
+Packed rows (``segment_ids``, see docs/architecture.md "Packing"): one row holds several samples
+back to back; positions restart at every sample, the first label of every sample is ignored (it
+would be predicted from the previous sample), and :meth:`SequenceLayout.block_attention_mask`
+keeps attention inside each sample.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class SequenceLayout:
     num_image_tokens: int  # P
     num_task_tokens: int  # K per task
     task_order: tuple[str, ...]  # tasks whose tokens are in the sequence, in order
+    segment_ids: torch.Tensor | None = None  # long (B, L), packed rows only: sample of each position, -1 on padding
+    image_segment: torch.Tensor | None = None  # long (N,), packed rows only: sample of each image
 
     @property
     def num_images(self) -> int:
@@ -76,17 +83,39 @@ class SequenceLayout:
         start = self.image_start[:, None]
         mask = (pos >= start) & (pos < start + self.num_image_tokens)
         if include_text:
-            mask |= self.token_kind[self.image_sample] == KIND_TEXT
+            text = self.token_kind[self.image_sample] == KIND_TEXT
+            if self.segment_ids is not None:  # a packed row: only the image's own sample
+                text &= self.segment_ids[self.image_sample] == self.image_segment[:, None]
+            mask |= text
         if task in self.task_order:
             t0 = self.task_start[:, self.task_order.index(task)][:, None]
             mask |= (pos >= t0) & (pos < t0 + self.num_task_tokens)
         return mask
 
+    @property
+    def packed(self) -> bool:
+        return self.segment_ids is not None
+
+    def block_attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, L, L) mask of a packed batch: query i may see key j iff causal and the same sample.
+        ``torch.bool``: True where allowed (sdpa); a float dtype: additive, 0 / the dtype's minimum
+        (eager). Padding sees padding only (no empty rows)."""
+        seg = self.segment_ids
+        length = seg.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()
+        allowed = causal[None] & (seg[:, :, None] == seg[:, None, :])
+        if dtype == torch.bool:
+            return allowed[:, None]
+        out = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+        return out.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
 
 def build_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  labels: torch.Tensor | None = None, *, num_image_tokens: int, task_order: list[str] | tuple[str, ...],
-                 num_task_tokens: int, max_length: int | None = None, padding_side: str = "right") -> SequenceLayout:
-    """Compute the expanded layout of a batch of placeholder sequences (no embeddings yet)."""
+                 num_task_tokens: int, max_length: int | None = None, padding_side: str = "right",
+                 segment_ids: torch.Tensor | None = None) -> SequenceLayout:
+    """Compute the expanded layout of a batch of placeholder sequences (no embeddings yet).
+    ``segment_ids`` long (B, T): packed rows, the sample of every input token (ignored on padding)."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
     if padding_side not in ("right", "left"):
@@ -126,11 +155,45 @@ def build_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
     if labels is not None:
         new_labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=device)
         new_labels[text_batch, text_pos] = labels[text_batch, text_col].long()
+    seg = image_segment = None
+    if segment_ids is not None:
+        if padding_side != "right":
+            raise ValueError("packed rows (segment_ids) are right-padded")
+        seg, image_segment, positions = _expand_segments(segment_ids, valid, text_batch, text_col, text_pos, img_batch,
+                                                         img_col, image_start, per_image, length)
+        if new_labels is not None:  # a sample's first token is never a target (unpacked, nothing precedes it)
+            new_labels[positions == 0] = IGNORE_INDEX
     return SequenceLayout(
         token_kind=kind, attention_mask=mask, position_ids=positions, labels=new_labels, lengths=lengths,
         image_sample=img_batch, image_start=image_start, task_start=task_start, text_batch=text_batch,
         text_pos=text_pos, text_ids=input_ids[text_batch, text_col], num_image_tokens=num_image_tokens,
-        num_task_tokens=num_task_tokens, task_order=order)
+        num_task_tokens=num_task_tokens, task_order=order, segment_ids=seg, image_segment=image_segment)
+
+
+def _expand_segments(segment_ids, valid, text_batch, text_col, text_pos, img_batch, img_col, image_start,
+                     per_image: int, length: int):
+    """Expanded sample ids (B, L) (-1 on padding), the sample of each image, and position ids that
+    restart at 0 where each sample (and the trailing padding) begins."""
+    segment_ids = segment_ids.to(valid.device).long()
+    if segment_ids.shape != valid.shape:
+        raise ValueError(f"segment_ids {tuple(segment_ids.shape)} must match input_ids {tuple(valid.shape)}")
+    masked = torch.where(valid, segment_ids, segment_ids.new_full((), -1))
+    real = masked[valid]
+    if bool((real < 0).any()):
+        raise ValueError("segment_ids must be >= 0 on real tokens")
+    ahead = torch.where(valid[:, 1:] & valid[:, :-1], masked[:, 1:] - masked[:, :-1], 0)
+    if bool((ahead < 0).any()):
+        raise ValueError("segment_ids: each sample's tokens must be contiguous and in increasing order within a row")
+    seg = torch.full((valid.shape[0], length), -1, dtype=torch.long, device=valid.device)
+    seg[text_batch, text_pos] = masked[text_batch, text_col]
+    image_segment = masked[img_batch, img_col]
+    span = image_start[:, None] + torch.arange(per_image, device=valid.device)
+    seg[img_batch[:, None].expand_as(span), span] = image_segment[:, None].expand_as(span)
+    pos = torch.arange(length, device=valid.device)[None].expand_as(seg)
+    begins = torch.ones_like(seg, dtype=torch.bool)
+    begins[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    first = torch.where(begins, pos, torch.zeros_like(pos)).cummax(1).values
+    return seg, image_segment, pos - first
 
 
 def assemble_embeddings(layout: SequenceLayout, text_embeds: torch.Tensor, image_features: torch.Tensor,

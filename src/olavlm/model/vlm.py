@@ -61,6 +61,8 @@ class OlaVLM(nn.Module):
         self.geometry = geometry
         self.tokenizer = tokenizer  # kept for save_pretrained and generate
         self.max_length: int | None = None  # reject longer expanded samples (set from data.max_length)
+        # packed rows: "auto" = one flattened row for flash_attention_2 (varlen), else a block mask
+        self.packed_attention: str = "auto"  # "auto" | "mask" | "position_ids"
         self.llm = llm
         self.vision = vision
         d = llm.config.hidden_size
@@ -116,6 +118,10 @@ class OlaVLM(nn.Module):
         from safetensors.torch import load_file
 
         folder = io.resolve_dir(path)
+        from olavlm.train import lora
+
+        if lora.is_adapter_folder(folder):  # a LoRA run's final/: base + adapters, merged
+            return lora.load_adapter_folder(folder, merge=True, dtype=dtype, attn_implementation=attn_implementation)
         cfg, meta = io.read_config(folder)
         saved_pred = bool(meta.get("with_predictors", False))
         if with_predictors is None:
@@ -141,6 +147,10 @@ class OlaVLM(nn.Module):
         """HF-style folder (see olavlm.model.io); ``with_predictors=False`` drops predictors and scales."""
         from safetensors.torch import save_file
 
+        from olavlm.train import lora
+
+        if lora.is_lora(self.llm):  # adapters + extras only (olavlm.train.lora)
+            return lora.save_adapter_folder(self, path)
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         self.llm.save_pretrained(folder / "llm")
@@ -149,6 +159,12 @@ class OlaVLM(nn.Module):
         self.vision.save_pretrained(folder / "vision")
         pre = io.read_json_file(self.cfg.vision_tower, "preprocessor_config.json")
         (folder / "vision" / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+        save_file(self.extra_state(with_predictors=with_predictors), str(folder / io.WEIGHTS_NAME),
+                  metadata={"format": "pt"})
+        io.write_config(folder, self.cfg, with_predictors=with_predictors and bool(self.predictors))
+
+    def extra_state(self, *, with_predictors: bool) -> dict[str, torch.Tensor]:
+        """The olavlm.safetensors tensors: projector, task-token rows (+ predictors and scales)."""
         keep_rows = set(tasks_with_rows(self.cfg, with_predictors=with_predictors and bool(self.predictors)))
         state = {}
         for key, value in self.state_dict().items():
@@ -159,8 +175,7 @@ class OlaVLM(nn.Module):
             if key.startswith("task_tokens.rows.") and key.split(".")[2] not in keep_rows:
                 continue
             state[key] = value.detach().cpu().contiguous()
-        save_file(state, str(folder / io.WEIGHTS_NAME), metadata={"format": "pt"})
-        io.write_config(folder, self.cfg, with_predictors=with_predictors and bool(self.predictors))
+        return state
 
     # -- facts other packages use ---------------------------------------------------------------
     @property
@@ -197,7 +212,11 @@ class OlaVLM(nn.Module):
         return is_partitioned(self.projector_weight)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"llm": list(self.llm.parameters()), "vision": list(self.vision.parameters()),
+        from olavlm.train.lora import is_adapter_param  # LoRA: adapters are their own group, the base is "llm"
+
+        llm = dict(self.llm.named_parameters())
+        return {"llm": [p for n, p in llm.items() if not is_adapter_param(n)],
+                "lora": [p for n, p in llm.items() if is_adapter_param(n)], "vision": list(self.vision.parameters()),
                 "projector": list(self.projector.parameters()), "task_tokens": list(self.task_tokens.parameters()),
                 "predictors": list(self.predictors.parameters()), "logit_scales": list(self.logit_scales.parameters())}
 
@@ -212,10 +231,11 @@ class OlaVLM(nn.Module):
     # -- building the sequence ------------------------------------------------------------------
     def build_layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      labels: torch.Tensor | None = None, *, max_length: int | None = None,
-                     padding_side: str = "right") -> SequenceLayout:
+                     padding_side: str = "right", segment_ids: torch.Tensor | None = None) -> SequenceLayout:
         return build_layout(input_ids, attention_mask, labels, num_image_tokens=self.num_image_tokens,
                             task_order=self.task_tokens.order, num_task_tokens=self.cfg.num_task_tokens,
-                            max_length=max_length or self.max_length, padding_side=padding_side)
+                            max_length=max_length or self.max_length, padding_side=padding_side,
+                            segment_ids=segment_ids)
 
     def embed(self, layout: SequenceLayout, pixel_values: torch.Tensor | None,
               task_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -249,13 +269,25 @@ class OlaVLM(nn.Module):
         store: dict[int, torch.Tensor] = {}
         handles = [blocks[l - 1].register_forward_hook(functools.partial(_capture_hook, store, l))
                    for l in layers if l < len(blocks)]
+        mask, positions, flat = layout.attention_mask.long(), layout.position_ids, False
+        if layout.packed:
+            flat = self.packed_attention == "position_ids" or (
+                self.packed_attention == "auto" and self.llm.config._attn_implementation == "flash_attention_2")
+            if flat:  # one row, no mask: transformers finds the samples from the restarting position ids (varlen)
+                embeds, positions, mask = embeds.reshape(1, -1, embeds.shape[-1]), positions.reshape(1, -1), None
+            else:  # sdpa takes a bool mask (1 byte per entry); eager adds a float one
+                impl = self.llm.config._attn_implementation
+                mask = layout.block_attention_mask(torch.bool if impl == "sdpa" else embeds.dtype)
         try:
-            out = decoder(inputs_embeds=embeds, attention_mask=layout.attention_mask.long(),
-                          position_ids=layout.position_ids, use_cache=False)
+            out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
         finally:
             for h in handles:
                 h.remove()
         hidden = out.last_hidden_state
+        if flat:
+            shape = (*layout.token_kind.shape, hidden.shape[-1])
+            hidden = hidden.reshape(shape)
+            store = {k: v.reshape(shape) for k, v in store.items()}
         if len(blocks) in layers:
             store[len(blocks)] = hidden  # hidden_states[n_layers] is the final-norm output, as in HF
         return hidden, store
@@ -355,11 +387,12 @@ class OlaVLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 targets: dict[str, torch.Tensor] | None = None, target_mask: torch.Tensor | None = None,
-                num_images: torch.Tensor | None = None, *, predict: bool | None = None,
-                return_logits: bool = False, max_length: int | None = None) -> OlaVLMOutput:
+                num_images: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None, *,
+                predict: bool | None = None, return_logits: bool = False, max_length: int | None = None) -> OlaVLMOutput:
         """``targets`` {task: (N, *target_shapes[task])} adds the embedding losses; ``target_mask``
-        bool (N,) excludes images from them. ``predict`` None = run the predictors iff targets given."""
-        layout = self.build_layout(input_ids, attention_mask, labels, max_length=max_length)
+        bool (N,) excludes images from them. ``predict`` None = run the predictors iff targets given.
+        ``segment_ids`` (B, T): packed rows (several samples per row, see olavlm.data.packing)."""
+        layout = self.build_layout(input_ids, attention_mask, labels, max_length=max_length, segment_ids=segment_ids)
         if num_images is not None and int(num_images.sum()) != layout.num_images:
             raise ValueError(f"num_images sums to {int(num_images.sum())} but input_ids hold {layout.num_images} placeholders")
         if targets is not None and not self.predictors:

@@ -1,5 +1,5 @@
 """`olavlm train CONFIG.yaml [--section.key=value ...] [--output-dir DIR] [--resume auto|PATH|none]
-[--force] [--print-config] [--stop-after-steps N]`."""
+[--force] [--print-config] [--stop-after-steps N]` and `olavlm merge-lora RUN DST`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,20 @@ def register(sub) -> None:
     _add_flags(p)
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key=value ...")
     p.set_defaults(func=run)
+    m = sub.add_parser(
+        "merge-lora", help="merge a LoRA run's adapters into a plain model folder",
+        description="Fold the LoRA adapters of a run trained with train.lora (RUN or RUN/final) into the base "
+                    "weights and write a plain olavlm model folder DST (loadable anywhere a model folder is).")
+    m.add_argument("run", help="run directory (or its final/ adapter folder)")
+    m.add_argument("dst", help="new folder for the merged model")
+    m.set_defaults(func=run_merge)
+
+
+def run_merge(args) -> int:
+    from olavlm.train.lora import merge_lora
+
+    print(f"merged model: {merge_lora(args.run, args.dst)}")
+    return 0
 
 
 def split_args(rest: list[str]) -> tuple[argparse.Namespace, list[str]]:

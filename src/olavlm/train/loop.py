@@ -123,7 +123,9 @@ def build_data(cfg: RunConfig, model, teachers):
                            tokens_per_image=model.tokens_per_image,
                            teacher_image_size=teacher_side if teachers is not None else None,
                            target_lookup=cache.get if cache is not None else None, seed=cfg.train.seed)
-    collator = Collator(model.tokenizer.pad_token_id, target_shapes=model.target_shapes if cache else None)
+    collator = Collator(model.tokenizer.pad_token_id, target_shapes=model.target_shapes if cache else None,
+                        pack_length=cfg.data.max_length if cfg.data.packing else None,
+                        tokens_per_image=model.tokens_per_image)
     return dataset, collator
 
 
@@ -156,9 +158,14 @@ def _train_locked(cfg: RunConfig, accum: int, run_dir: Path, plan: ResumePlan,
     from accelerate.utils import set_seed
 
     t = cfg.train
+    from olavlm.train import lora
+
+    lora.check_config(cfg)
     set_seed(t.seed)
     model, init_dir = build_model(cfg)
     model.max_length = cfg.data.max_length
+    if t.lora is not None:  # adapters on the LLM; checkpoints then hold adapters + extras only
+        lora.apply_lora(model, t.lora, base=init_dir)
     counts = configure_trainable(model, t.stage, t)
     accelerator = build_accelerator(t, accum, no_split_modules=getattr(model.llm, "_no_split_modules", None))
     main = accelerator.is_main_process
@@ -236,7 +243,7 @@ def _train_locked(cfg: RunConfig, accum: int, run_dir: Path, plan: ResumePlan,
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 tracker.add_metrics(out.metrics)
-                tracker.add_counts(samples=len(batch["input_ids"]), tokens=batch_tokens(batch, tokens_per_image))
+                tracker.add_counts(samples=len(batch["sample_ids"]), tokens=batch_tokens(batch, tokens_per_image))
                 tracker.add_skipped(batch.get("skipped"))
             lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
@@ -341,7 +348,7 @@ def model_inputs(batch: dict, device: torch.device, teachers) -> dict[str, Any]:
     outside the (wrapped) model: one call per teacher for the whole micro-batch, or only for the
     images the target cache lacks (``data.cache_miss: online``)."""
     inputs = {k: batch[k].to(device, non_blocking=True)
-              for k in ("input_ids", "labels", "attention_mask", "pixel_values", "num_images")}
+              for k in ("input_ids", "labels", "attention_mask", "pixel_values", "num_images", "segment_ids") if k in batch}
     cached = batch.get("targets")
     if cached is not None:
         inputs["targets"] = {k: v.to(device, non_blocking=True) for k, v in cached.items()}

@@ -12,6 +12,9 @@ Auxiliary tasks are active in the stages ``model.tasks.<name>.stages`` names (No
 default: embedding/OLA tasks in ``pt``, alignment/VIRAL tasks in ``ift``). An alignment task
 active in ``vpt``/``ift`` adds its fresh projector ("predictors" group) to what trains there.
 
+With ``train.lora`` the ``lora`` group (peft adapters, see olavlm.train.lora) trains instead of
+``llm``, whose base weights stay frozen.
+
 Overrides: ``train.freeze_task_tokens`` (None = stage default: trainable in PT, frozen after,
 spec §2.3 / fix D8) and ``train.unfreeze_vision_tower`` (adds the vision tower in any stage).
 VPT/IFT models are built or loaded ``with_predictors=False``; a model that still carries predictor
@@ -31,7 +34,7 @@ from olavlm.config import ConfigError, ModelConfig, Stage, TaskConfig, TrainConf
 log = logging.getLogger(__name__)
 
 STAGES = typing.get_args(Stage)  # ("pt", "vpt", "ift")
-GROUPS = ("llm", "vision", "projector", "task_tokens", "predictors", "logit_scales")
+GROUPS = ("llm", "lora", "vision", "projector", "task_tokens", "predictors", "logit_scales")
 # groups each stage trains by default (before the two overrides)
 _DEFAULT = {
     "pt": {"projector", "predictors", "task_tokens", "logit_scales"},
@@ -72,6 +75,9 @@ def trainable_groups(stage: str, train_cfg: TrainConfig) -> set[str]:
         groups.add("task_tokens")
     if train_cfg.unfreeze_vision_tower:
         groups.add("vision")
+    if getattr(train_cfg, "lora", None) is not None and "llm" in groups:
+        groups.discard("llm")
+        groups.add("lora")
     return groups
 
 
@@ -102,6 +108,8 @@ def configure_trainable(model: nn.Module, stage: str, train_cfg: TrainConfig) ->
         if active:
             wanted.add("predictors")  # the alignment projectors of the tasks active in this stage
 
+    if "lora" in wanted and not _numel(groups.get("lora", [])):
+        raise ValueError("train.lora is set but the model has no LoRA adapters (olavlm.train.lora.apply_lora)")
     model.requires_grad_(False)
     seen: set[int] = set()
     counts: dict[str, int] = {}
@@ -121,8 +129,9 @@ def configure_trainable(model: nn.Module, stage: str, train_cfg: TrainConfig) ->
     lines = [f"  {g:<{width}}  {counts[g]:>14,} / {totals[g]:>14,}" for g in totals if totals[g]]
     log.info("stage %s: trainable / total parameters per group\n%s\n  %-*s  %14s / %14s", stage,
              "\n".join(lines), width, "total", f"{sum(counts.values()):,}", f"{sum(totals.values()):,}")
-    if not totals["other"]:
-        counts.pop("other")
+    for name in ("other", "lora"):  # reported only when the model has them
+        if not totals[name]:
+            counts.pop(name)
     return counts
 
 
