@@ -120,15 +120,16 @@ def test_task_token_format_must_be_decidable(refs, tmp_path, capsys):
     assert "a PT checkpoint always pools its task tokens" in err
 
 
-def test_convnext_tower_is_not_supported_yet(refs, tmp_path, capsys):
+def test_truncated_convnext_tower_names_its_missing_keys(refs, tmp_path, capsys):
     def convnext(state):
         for k in [k for k in state if k.startswith("model.vision_tower.")]:
             del state[k]
         state["model.vision_tower.vision_tower.stem.0.weight"] = torch.zeros(4, 3, 4, 4)
         state["model.vision_tower.vision_tower.stages.0.blocks.0.conv_dw.weight"] = torch.zeros(4, 1, 7, 7)
 
-    err = cli_error(variant(refs["ift"], tmp_path / "src", convnext), tmp_path / "out", capsys)
-    assert "ConvNeXt vision towers are not supported yet" in err and "model.vision_tower.vision_tower.st" in err
+    err = cli_error(variant(refs["ift"], tmp_path / "src", convnext), tmp_path / "out", capsys,
+                    "--vision-image-size", "64")
+    assert "13 missing key(s): model.vision_tower.vision_tower." in err and "(+7 more)" in err
 
 
 @pytest.mark.parametrize("field,value,match", [

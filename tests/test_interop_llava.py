@@ -203,12 +203,15 @@ def test_chat_template_renders_like_olavlm(template, tokenizer):
 
 @pytest.mark.parametrize("tokenizer,template", [("llama3", "llava_llama_3"), ("phi3", "llava_phi_3"),
                                                 ("phi3_bos", "llava_phi_3")])
-def test_real_tokenizer_ids_match_olavlm(tokenizer, template):
+@pytest.mark.parametrize("add_bos", ["auto", True, False])
+def test_real_tokenizer_ids_match_olavlm(tokenizer, template, add_bos):
+    """The exported template rendered as one string and tokenized by the exported tokenizer gives
+    exactly olavlm's ids on every probe (image, text-only, two turns with history), for every BOS policy."""
     from transformers import AutoTokenizer, LlavaImageProcessorPil, LlavaProcessor
 
-    from olavlm.data.tokenize import tokenizer_adds_bos
+    from olavlm.data.tokenize import resolve_bos, tokenizer_adds_bos
     from olavlm.interop.llava_export import _add_tokens, check_token_ids
-    from olavlm.interop.llava_template import chat_template, text_lead
+    from olavlm.interop.llava_template import PROBES, chat_template, to_hf_messages
 
     path = TOKENIZERS / tokenizer
     if not path.is_dir():
@@ -216,16 +219,19 @@ def test_real_tokenizer_ids_match_olavlm(tokenizer, template):
     base, tok = AutoTokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     names = [f"<ola_{t}_{j}>" for t in ("gen", "depth", "seg") for j in range(8)]
     image_id, task_ids = _add_tokens(tok, names)
-    tpl = chat_template(template, names, add_bos=tokenizer_adds_bos(base), lead=text_lead(tok))
+    if tokenizer_adds_bos(base):
+        tok.add_bos_token = False  # as the export does: the chat template decides on BOS
+    bos = resolve_bos(add_bos, template, base)
+    assert bos == (tokenizer_adds_bos(base) if add_bos == "auto" else add_bos)
+    tpl = chat_template(template, names, add_bos=bos)
     images = LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     proc = LlavaProcessor(image_processor=images, tokenizer=tok, chat_template=tpl, patch_size=14,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    problems = check_token_ids(proc, base, template, image_id, task_ids, 4, 28)
     assert len(task_ids) == 24 and task_ids == list(range(task_ids[0], task_ids[0] + 24))
-    if tokenizer == "llama3":
-        assert problems == []
-    else:  # single-turn prompts are exact; a reply in the history loses the per-call dummy prefix
-        assert [p.split(":")[0] for p in problems] in ([], ["probe 2"]), problems
+    assert check_token_ids(proc, base, template, image_id, task_ids, 4, 28, add_bos=bos) == []
+    text = proc.apply_chat_template(to_hf_messages(PROBES[1]), add_generation_prompt=True)
+    ids = tok(text)["input_ids"]  # the rendered prompt through the tokenizer's default call: one BOS or none
+    assert (ids[0] == base.bos_token_id) == bos and ids.count(base.bos_token_id) == int(bos)
 
 
 def test_token_mismatch_stops_the_export_unless_allowed(olavlm_ift, tmp_path, monkeypatch):
@@ -237,3 +243,24 @@ def test_token_mismatch_stops_the_export_unless_allowed(olavlm_ift, tmp_path, mo
     assert not (tmp_path / "a").exists()
     info = llava_export.export_llava(olavlm_ift, tmp_path / "b", allow_token_mismatch=True)
     assert info["token_check"]["problems"]
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_export_follows_the_recorded_bos_policy(olavlm_ift, tmp_path, add_bos):
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from olavlm.interop.llava_export import export_llava
+
+    src = tmp_path / "final"
+    shutil.copytree(olavlm_ift, src)
+    run = json.loads((src / "olavlm_run.json").read_text())
+    (src / "olavlm_run.json").write_text(json.dumps({**run, "add_bos": add_bos}))  # as training records it
+    info = export_llava(src, tmp_path / "llava")
+    assert info["add_bos"] is add_bos and info["token_check"]["problems"] == []
+    proc = AutoProcessor.from_pretrained(tmp_path / "llava")
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                                    add_generation_prompt=True)
+    ids = proc.tokenizer(text)["input_ids"]
+    assert ids.count(proc.tokenizer.bos_token_id) == int(add_bos) and (ids[0] == proc.tokenizer.bos_token_id) == add_bos

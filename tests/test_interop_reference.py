@@ -237,15 +237,62 @@ def test_converted_ift_folder_serves_eval_and_probe(folders, tiny_dir, tmp_path)
     assert sorted(res["layers"]) == ["1", "4"] and res["n_train"] + res["n_test"] == 8
 
 
-def test_converted_pt_folder_is_an_ift_init_from(folders, tiny_dir, tmp_path):
+REAL_K = 8  # num_task_tokens of the released checkpoints and of every recipe under configs/
+
+
+@pytest.fixture(scope="module")
+def real_k_pt(tiny_dir, tmp_path_factory):
+    """Converted tiny PT checkpoints with the released models' architecture fields (K = 8), per tower."""
+    root = tmp_path_factory.mktemp("interop-k8")
+    out = {}
+    for vision in ("clip", "convnext"):
+        src = make_tiny_reference(tiny_dir, root / f"ref-{vision}", stage="pt", num_task_tokens=REAL_K, vision=vision)
+        out[vision] = root / f"conv-{vision}"
+        convert_reference(str(src), out[vision], OPTS)
+    return out
+
+
+def _chained_recipes(tower: str) -> list[Path]:
+    recipes = []
+    for llm in ("llama3_8b", "phi3_mini"):
+        recipes += sorted(Path(f"configs/{llm}_{tower}").glob("*.yaml"))
+    return recipes
+
+
+@pytest.mark.parametrize("vision,tower", [("clip", "clip336"), ("convnext", "convnext")])
+def test_every_chained_recipe_accepts_a_converted_pt_folder(real_k_pt, vision, tower):
+    """Each recipe with train.init_from (VPT, IFT, VPT->IFT) agrees with what `convert reference`
+    writes for a released PT checkpoint on every architecture field it sets."""
+    from olavlm.config import explicit_fields, load_config
+    from olavlm.model import io
+
+    saved, _ = io.read_config(real_k_pt[vision])
+    assert (saved.vision_type, saved.vision_feature_layer, saved.num_task_tokens, saved.task_order) == (
+        vision, -2 if vision == "clip" else -1, REAL_K, ["gen", "depth", "seg"])
+    checked = 0
+    for recipe in _chained_recipes(tower):
+        cfg = load_config(str(recipe))
+        if not cfg.train.init_from:
+            continue
+        set_here = {f for f in explicit_fields(cfg) if f.startswith("model.")}
+        assert {"model.num_task_tokens", "model.vision_type", "model.vision_feature_layer"} <= set_here, recipe
+        runtime, _ = io.reconcile_init_from(saved, cfg.model, explicit_fields(cfg), str(real_k_pt[vision]))
+        assert runtime == {"dtype": "bfloat16", "attn_implementation": "sdpa"}, recipe
+        checked += 1
+    assert checked == 6  # vpt, ift and vpt_ift of both LLMs
+
+
+@pytest.mark.parametrize("vision,tower", [("clip", "clip336"), ("convnext", "convnext")])
+def test_converted_pt_folder_is_an_ift_init_from(real_k_pt, tiny_dir, tmp_path, vision, tower):
     from olavlm.config import load_config
     from olavlm.train.loop import train
     from olavlm.train.smoke import smoke_overrides
 
-    recipe = "configs/llama3_8b_clip336/ift.yaml"
+    recipe = f"configs/llama3_8b_{tower}/ift.yaml"  # as written: num_task_tokens 8, the released value
+    pt = real_k_pt[vision]
     overrides = [o for o in smoke_overrides(tiny_dir, recipe, tmp_path, max_steps=1) if "init_from" not in o]
-    res = train(load_config(recipe, overrides + [f"--train.init_from={folders['pt']}"]), resume="none")
-    assert json.loads((res.final_dir / "olavlm_run.json").read_text())["init_from"] == str(folders["pt"])
-    assert res.model.tokens_per_image == P + 3 * K and not res.model.predictors
+    res = train(load_config(recipe, overrides + [f"--train.init_from={pt}"]), resume="none")
+    assert json.loads((res.final_dir / "olavlm_run.json").read_text())["init_from"] == str(pt)
+    assert res.model.tokens_per_image == P + 3 * REAL_K and not res.model.predictors
     final = read_all(res.final_dir)
-    torch.testing.assert_close(final["task_tokens.rows.depth"], read_all(folders["pt"])["task_tokens.rows.depth"])
+    torch.testing.assert_close(final["task_tokens.rows.depth"], read_all(pt)["task_tokens.rows.depth"])

@@ -26,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--vision-heads", type=int, default=None, help="CLIP ViT attention heads; None = hidden // 64")
     p.add_argument("--vision-act", default="quick_gelu", help="CLIP ViT activation")
     p.add_argument("--vision-eps", type=float, default=1e-5, help="CLIP ViT LayerNorm eps")
+    p.add_argument("--vision-image-size", type=int, default=None,
+                   help="ConvNeXt input side; None = the '-res<N>' suffix of mm_vision_tower (released: 768)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder / hub id; None = the checkpoint's own files")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     p.add_argument("--hub-endpoint", default=None, help="Hub endpoint for a hub-id SRC (default: HF_ENDPOINT or huggingface.co)")
@@ -62,7 +64,8 @@ def _convert(args) -> int:
 
     opts = ConvertOptions(template=args.template, image_geometry=args.image_geometry,
                           task_token_format=args.task_token_format, dtype=args.dtype, vision_heads=args.vision_heads,
-                          vision_act=args.vision_act, vision_eps=args.vision_eps, tokenizer=args.tokenizer)
+                          vision_act=args.vision_act, vision_eps=args.vision_eps, tokenizer=args.tokenizer,
+                          vision_image_size=args.vision_image_size)
     try:
         rec = convert_reference(args.src, args.dst, opts, overwrite=args.overwrite, endpoint=args.hub_endpoint)
     except UserError as err:

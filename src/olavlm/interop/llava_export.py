@@ -216,9 +216,10 @@ def _processor(tokenizer, cfg, vision_dir: Path, geometry: str, chat_template: s
 
 
 def check_token_ids(processor, tokenizer, template: str, image_id: int, task_ids: list[int],
-                    num_image_tokens: int, side: int) -> list[str]:
+                    num_image_tokens: int, side: int, add_bos=None) -> list[str]:
     """Problems (empty = none) where the exported chat template + processor give other ids than
-    olavlm for the probe conversations (an image turn, a text-only turn, two turns)."""
+    olavlm for the probe conversations (an image turn, a text-only turn, two turns); ``add_bos``:
+    the BOS policy the model was trained with (``data.add_bos``)."""
     from PIL import Image
 
     from olavlm.constants import IMAGE_TOKEN_INDEX
@@ -228,7 +229,7 @@ def check_token_ids(processor, tokenizer, template: str, image_id: int, task_ids
     problems = []
     for i, conv in enumerate(PROBES):
         expected = []
-        for t in encode_prompt(conv, template, tokenizer):
+        for t in encode_prompt(conv, template, tokenizer, add_bos=add_bos):
             expected += [image_id] * num_image_tokens + task_ids if t == IMAGE_TOKEN_INDEX else [t]
         messages = to_hf_messages(conv)
         for m in messages:
@@ -291,8 +292,8 @@ def export_llava(src: str | Path, dst: str | Path, *, template: str | None = Non
     """Write the LLaVA folder; returns the record saved as ``DST/olavlm_export.json``."""
     from transformers import AutoTokenizer
 
-    from olavlm.data.tokenize import tokenizer_adds_bos
-    from olavlm.interop.llava_template import chat_template, text_lead
+    from olavlm.data.tokenize import resolve_bos, tokenizer_adds_bos
+    from olavlm.interop.llava_template import chat_template
     from olavlm.model import io
     from olavlm.model.vision import drop_cls, vision_geometry
 
@@ -308,8 +309,12 @@ def export_llava(src: str | Path, dst: str | Path, *, template: str | None = Non
     geo = vision_geometry(cfg)
     names = task_token_names(cfg)
     image_id, task_ids = _add_tokens(tokenizer, names)
-    adds_bos = tokenizer_adds_bos(base_tok)
-    if adds_bos:  # the chat template writes BOS; a tokenizer adding its own would double it
+    policy = run_info.get("add_bos", "auto")  # the BOS policy the model was trained with
+    try:
+        bos = resolve_bos(policy, template, base_tok)
+    except ValueError as e:
+        raise InteropError(f"{source}: {e}") from None
+    if tokenizer_adds_bos(base_tok):  # the chat template decides on BOS; the tokenizer's own would double it
         tokenizer.add_bos_token = False
         if tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
             raise InteropError(f"{source}: cannot switch off the tokenizer's automatic BOS (add_bos_token)")
@@ -319,7 +324,7 @@ def export_llava(src: str | Path, dst: str | Path, *, template: str | None = Non
     sequence = _sequence_tokens(source, cfg, int(text_cfg["hidden_size"]), geo.num_tokens)
     llava_cfg = _llava_config(cfg, source / "llm", source / "vision", vocab=vocab, image_id=image_id,
                               num_image_tokens=geo.num_tokens, drop_cls=drop_cls(cfg))
-    tpl = chat_template(template, names, add_bos=adds_bos, lead=text_lead(tokenizer))
+    tpl = chat_template(template, names, add_bos=bos)
     tmp = dst.with_name(dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -330,7 +335,8 @@ def export_llava(src: str | Path, dst: str | Path, *, template: str | None = Non
         processor.image_processor.save_pretrained(tmp)  # preprocessor_config.json too, for other loaders
         added = [image_id, *task_ids] if image_id >= len(base_tok) else task_ids
         _generation_config(source, base_tok, template, added).save_pretrained(tmp)
-        problems = check_token_ids(processor, base_tok, template, image_id, task_ids, geo.num_tokens, int(geo.spec.size))
+        problems = check_token_ids(processor, base_tok, template, image_id, task_ids, geo.num_tokens,
+                                   int(geo.spec.size), add_bos=bos)
         if problems and not allow_token_mismatch:
             raise InteropError(f"--template {template}: the exported chat template tokenizes differently from "
                                f"olavlm ({problems[0]}); pass --allow-token-mismatch to export anyway")
@@ -341,7 +347,7 @@ def export_llava(src: str | Path, dst: str | Path, *, template: str | None = Non
                 "image_token": "<image>", "image_token_id": image_id, "num_image_tokens": geo.num_tokens,
                 "task_tokens": names, "task_token_ids": task_ids, "vocab_size": vocab, "source_vocab_rows": rows,
                 "suppressed_ids": _generation_config(source, base_tok, template, added).suppress_tokens,
-                "token_check": {"probes": 3, "problems": problems}, **written}
+                "add_bos": bos, "token_check": {"probes": 3, "problems": problems}, **written}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(info))
         if dst.exists():

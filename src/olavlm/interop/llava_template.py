@@ -7,6 +7,11 @@ task) and ``"\\n"``, at the start of its user turn -- where olavlm's sequence bu
 ``[..., image x P, task tokens x T*K, "\\n", question ...]``, exactly olavlm's sequence. A raw prompt
 that bypasses the chat template must carry the task strings itself (:func:`image_text` gives them).
 
+The ids are the same, not just the text: olavlm tokenizes the whole rendered prompt once with each
+``<image>`` as one atomic token, and the exported tokenizer tokenizes the whole rendered string once
+with ``<image>`` and the task strings as added tokens. Text after an image follows an atomic token in
+both, so it splits the same way (SentencePiece tokenizers such as Phi-3's included, multi-turn too).
+
 The template pieces are not hard-coded: they are read back from olavlm's own renderer
 (:func:`olavlm.data.templates.render_text`) with sentinel messages, so the export renders
 ``llava_llama_3``, ``llava_phi_3`` and ``vicuna_v1`` byte-identically to training.
@@ -62,35 +67,22 @@ def template_parts(template: str) -> TemplateParts:
                          assistant_suffix, generation)
 
 
-def image_text(task_tokens: list[str], lead: str = "") -> str:
-    """What one image becomes in the prompt text: ``<image>`` + the task strings + ``lead`` + ``"\\n"``."""
-    return IMAGE_PLACEHOLDER + "".join(task_tokens) + lead + "\n"
-
-
-def text_lead(tokenizer) -> str:
-    """``" "`` for tokenizers that start every call with a dummy-prefix space (SentencePiece, e.g.
-    Phi-3): olavlm tokenizes the text after an image as a call of its own, so that text starts with
-    the prefix; in one exported string it follows a special token and would not. ``""`` otherwise.
-    Needs ``<image>`` in ``tokenizer``."""
-    probe = "\nWhat is it?"
-    alone = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    for lead in ("", " "):
-        if tokenizer(IMAGE_PLACEHOLDER + lead + probe, add_special_tokens=False)["input_ids"][1:] == alone:
-            return lead
-    return ""  # no simple fix: the export's token check reports the difference
+def image_text(task_tokens: list[str]) -> str:
+    """What one image becomes in the prompt text: ``<image>`` + the task strings + ``"\\n"``."""
+    return IMAGE_PLACEHOLDER + "".join(task_tokens) + "\n"
 
 
 def _lit(text: str) -> str:
     return json.dumps(text)  # a Jinja string literal (same escapes)
 
 
-def chat_template(template: str, task_tokens: list[str], *, add_bos: bool, lead: str = "") -> str:
+def chat_template(template: str, task_tokens: list[str], *, add_bos: bool) -> str:
     """Jinja chat template rendering ``template`` like olavlm (images moved to the start of their user
     turn, each followed by the task strings and a newline; the text then stripped, as in training).
-    ``lead``: see :func:`text_lead`."""
+    ``add_bos``: the template writes the BOS token first (the policy the model was trained with)."""
     p = template_parts(template)
     return "".join([
-        "{%- set image = " + _lit(image_text(task_tokens, lead)) + " -%}",
+        "{%- set image = " + _lit(image_text(task_tokens)) + " -%}",
         "{{- bos_token -}}" if add_bos else "",
         "{{- " + _lit(p.system) + " -}}",
         "{%- for message in messages -%}",

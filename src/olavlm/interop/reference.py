@@ -139,6 +139,12 @@ def plan_task_tokens(ckpt: Checkpoint, groups: KeyGroups, ref: ReferenceConfig) 
     return order, rows
 
 
+def vision_fields(ref: ReferenceConfig, vision: VisionResult) -> dict[str, Any]:
+    """``vision_feature_layer`` / ``vision_drop_cls`` of the converted model: config.json's, unless the
+    tower decides them (a ConvNeXt gives its last stage, whatever ``mm_vision_select_layer`` says)."""
+    return {"vision_feature_layer": ref.vision_feature_layer, "vision_drop_cls": ref.vision_drop_cls, **vision.config}
+
+
 def _model_config(ref: ReferenceConfig, opts: ConvertOptions, vision: VisionResult, order: list[str], plans) -> Any:
     import copy
 
@@ -157,8 +163,8 @@ def _model_config(ref: ReferenceConfig, opts: ConvertOptions, vision: VisionResu
         tasks.setdefault(task, copy.deepcopy(defaults[task]))
         tasks[task].layers, tasks[task].predictor, tasks[task].weight = plan.layers, plan.config, plan.weight
     return ModelConfig(
-        llm="llm", vision_tower="vision", vision_type=vision.vision_type, vision_feature_layer=ref.vision_feature_layer,
-        vision_drop_cls=ref.vision_drop_cls, projector=ref.projector, dtype=opts.dtype,
+        llm="llm", vision_tower="vision", vision_type=vision.vision_type, **vision_fields(ref, vision),
+        projector=ref.projector, dtype=opts.dtype,
         num_task_tokens=ref.num_task_tokens, task_order=order, tasks=tasks,
         pass_text_to_predictors=ref.pass_text_to_predictors, use_contrastive=bool(plans) and ref.use_contrastive,
         contrastive_weight=ref.contrastive_weight)
@@ -169,7 +175,7 @@ def _expected_extras(cfg, out: Path, *, with_predictors: bool) -> dict[str, tupl
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from olavlm.config import ConfigError
-    from olavlm.model.vision import VisionTower, drop_cls, vision_geometry
+    from olavlm.model.vision import VisionTower, drop_cls, tower_type, vision_geometry
     from olavlm.model.vlm import _EXTRA_PREFIXES, OlaVLM
 
     resolved = _resolved(cfg, out)
@@ -179,7 +185,7 @@ def _expected_extras(cfg, out: Path, *, with_predictors: bool) -> dict[str, tupl
 
         def build():
             vision = VisionTower(AutoModel.from_config(vis_cfg), feature_layer=cfg.vision_feature_layer,
-                                 drop_cls=drop_cls(resolved))
+                                 drop_cls=drop_cls(resolved), family=tower_type(resolved).family)
             return OlaVLM(resolved, AutoModelForCausalLM.from_config(llm_cfg), vision, None, geometry,
                           with_predictors=with_predictors)
 
@@ -195,7 +201,7 @@ def _image_tokens(out: Path, vision: VisionResult, ref: ReferenceConfig) -> int:
     from olavlm.model.vision import vision_geometry
 
     return vision_geometry(ModelConfig(vision_tower=str(out / "vision"), vision_type=vision.vision_type,
-                                       vision_drop_cls=ref.vision_drop_cls)).num_tokens
+                                       **vision_fields(ref, vision))).num_tokens
 
 
 def _resolved(cfg, out: Path):
@@ -317,7 +323,7 @@ def _convert_into(out: Path, src: str, ckpt: Checkpoint, groups: KeyGroups, ref:
     out.mkdir(parents=True)
     llm_cfg = _write_llm(ckpt, groups.llm, ref, out / "llm")
     vocab = _write_tokenizer(ckpt.folder, opts, llm_cfg, out)
-    vision = convert_vision(ckpt, groups.vision, opts, out / "vision")
+    vision = convert_vision(ckpt, groups.vision, opts, out / "vision", opts.vision_image_size or ref.vision_image_size)
     shapes = {k: ckpt.shape(k) for k in ckpt.keys()}
     plans = plan_predictors(groups.predictors, shapes, ref, _image_tokens(out, vision, ref)) if ref.pt else {}
     order, rows = plan_task_tokens(ckpt, groups, ref)

@@ -6,7 +6,8 @@ predictors). Their ``config.json`` is the base LLM's config plus the multimodal 
 Not stored, hence :class:`ConvertOptions` with the reference's defaults: the conversation template
 (chosen by a launch flag in the reference), the vision tower's attention heads / activation /
 LayerNorm eps and image preprocessing (the reference reads them from the CLIP hub config), the
-dtype to load in, and -- when the field is absent -- the task-token format.
+dtype to load in, and -- when the field is absent -- the task-token format and the ConvNeXt
+input size (the reference parses it from the tower name, ``...-res768``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class ConvertOptions:
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     tokenizer: str | None = None  # folder or hub id of the tokenizer; None = the checkpoint's own files
+    vision_image_size: int | None = None  # ConvNeXt input side; None = mm_vision_tower's "-res<N>" suffix
 
 
 @dataclass
@@ -64,6 +66,7 @@ class ReferenceConfig:
     num_task_tokens: int  # K (0 = no task tokens)
     task_token_format: str  # expand_emb | emb
     vision_tower: str  # mm_vision_tower (informational)
+    vision_image_size: int | None  # the "-res<N>" suffix of mm_vision_tower (the ConvNeXt input side), if any
     vision_feature_layer: int
     vision_drop_cls: bool
     projector: str
@@ -105,6 +108,14 @@ def parse_layers(value: Any, where: str) -> list[int]:
     if any(l < 1 for l in layers) or len(set(layers)) != len(layers):
         raise InteropError(f"config.json: {where}: {value!r} must list distinct layers >= 1")
     return layers
+
+
+def _res_suffix(tower: str) -> int | None:
+    """``...-res768`` -> 768: the reference reads the ConvNeXt input size from the tower name."""
+    import re
+
+    m = re.search(r"-res(\d+)$", tower)
+    return int(m.group(1)) if m else None
 
 
 def _task_token_format(raw: dict, pt: bool, opts: ConvertOptions) -> str:
@@ -181,6 +192,7 @@ def read_reference_config(folder: Path, opts: ConvertOptions, *, has_task_tokens
         raw=raw, model_type=model_type, family=family, pt=pt, task_order=order, num_task_tokens=k,
         task_token_format=_task_token_format(raw, pt, opts) if k else "expand_emb",
         vision_tower=_get(raw, "mm_vision_tower", str, ""),
+        vision_image_size=_res_suffix(_get(raw, "mm_vision_tower", str, "")),
         vision_feature_layer=_get(raw, "mm_vision_select_layer", int, -2),
         vision_drop_cls=_SELECT_FEATURE[select], projector=_get(raw, "mm_projector_type", str, "linear"),
         image_geometry=opts.image_geometry or _GEOMETRY[aspect], template=template,

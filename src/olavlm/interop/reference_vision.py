@@ -5,15 +5,16 @@
   ``vision_model.`` level when the installed transformers no longer has it). Its config is
   not stored: sizes come from the tensor shapes; attention heads, activation and LayerNorm eps are
   options with the OpenAI CLIP defaults (:class:`~olavlm.interop.reference_config.ConvertOptions`).
-* ConvNeXt (``model.vision_tower.vision_tower.{stem,stages,head.norm}.*``): converted by
-  ``olavlm.model.convnext.convert_reference_tower`` when that module provides it; otherwise a
-  one-line "not supported yet" error.
+* ConvNeXt (``model.vision_tower.vision_tower.{stem,stages,head.norm}.*``): the timm trunk of
+  open_clip's CLIP-ConvNeXt, written as a transformers ``ConvNextModel`` folder by
+  :func:`olavlm.model.convnext.convert_reference_tower` (the one owner of the key mapping). Depths and
+  widths come from the tensors, the LayerNorm eps from timm's choice for that shape, the input size
+  from the ``-res<N>`` suffix of ``mm_vision_tower`` (or ``--vision-image-size``); the olavlm tower
+  reads the raw last stage (``vision_feature_layer`` -1), as the reference does.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class VisionResult:
     hidden_size: int  # feature channels (projector input)
     keys: list[str]  # reference keys consumed
     facts: dict[str, Any] = field(default_factory=dict)  # recorded in olavlm_conversion.json
+    config: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields the tower decides (over config.json's)
 
 
 def tower_kind(keys: list[str]) -> str:
@@ -91,7 +93,9 @@ def preprocessor_config(image_size: int, opts: ConvertOptions) -> dict[str, Any]
             "image_mean": list(opts.image_mean), "image_std": list(opts.image_std), "do_convert_rgb": True}
 
 
-def convert_clip_vit(ckpt: Checkpoint, keys: list[str], opts: ConvertOptions, out: Path) -> VisionResult:
+def convert_clip_vit(ckpt: Checkpoint, keys: list[str], opts: ConvertOptions, out: Path,
+                     image_size: int | None = None) -> VisionResult:
+    """The transformers ``CLIPVisionModel`` (sizes from the tensors; ``image_size`` is not used)."""
     from transformers import CLIPVisionModel
 
     cfg = _clip_config(ckpt, keys, opts)
@@ -114,20 +118,28 @@ def convert_clip_vit(ckpt: Checkpoint, keys: list[str], opts: ConvertOptions, ou
     return VisionResult("clip", cfg.hidden_size, list(keys), facts)
 
 
-def convert_convnext(ckpt: Checkpoint, keys: list[str], opts: ConvertOptions, out: Path) -> VisionResult:
-    """Delegates to ``olavlm.model.convnext.convert_reference_tower(ckpt, keys, prefix, opts, out)``
-    (returning a :class:`VisionResult`) once the ConvNeXt tower provides it."""
-    hook = None
-    if importlib.util.find_spec("olavlm.model.convnext") is not None:
-        hook = getattr(importlib.import_module("olavlm.model.convnext"), "convert_reference_tower", None)
-    if hook is None:
-        raise InteropError(f"{keys[0]}: ConvNeXt vision towers are not supported yet by `olavlm convert "
-                           "reference` (only CLIP ViT checkpoints convert)")
-    return hook(ckpt, keys, PREFIX, opts, out)
+def convert_convnext(ckpt: Checkpoint, keys: list[str], opts: ConvertOptions, out: Path, image_size: int | None) -> VisionResult:
+    """The timm ConvNeXt trunk -> a ``ConvNextModel`` folder (key mapping and checks in
+    :func:`olavlm.model.convnext.convert_reference_tower`); the tower gives its raw last stage."""
+    from olavlm.model.convnext import ConvNextKeyError, convert_reference_tower
+
+    if image_size is None:
+        raise InteropError(f"config.json: mm_vision_tower: no '-res<N>' suffix gives the ConvNeXt input size; "
+                           "pass --vision-image-size (the released models use 768)")
+    try:
+        facts = convert_reference_tower(ckpt, keys, PREFIX, out, image_size=image_size, mean=opts.image_mean,
+                                        std=opts.image_std)
+    except ConvNextKeyError as e:
+        raise InteropError(str(e)) from None
+    facts = {"kind": "convnext", **facts, "image_mean": list(opts.image_mean), "image_std": list(opts.image_std)}
+    return VisionResult("convnext", facts["hidden_sizes"][-1], list(keys), facts,
+                        config={"vision_feature_layer": -1, "vision_drop_cls": None})
 
 
 TOWER_CONVERTERS: dict[str, Callable[..., VisionResult]] = {"clip_vit": convert_clip_vit, "convnext": convert_convnext}
 
 
-def convert_vision(ckpt: Checkpoint, keys: list[str], opts: ConvertOptions, out: Path) -> VisionResult:
-    return TOWER_CONVERTERS[tower_kind(keys)](ckpt, keys, opts, out)
+def convert_vision(ckpt: Checkpoint, keys: list[str], opts: ConvertOptions, out: Path,
+                   image_size: int | None = None) -> VisionResult:
+    """``image_size``: the input side for towers whose weights do not fix it (ConvNeXt)."""
+    return TOWER_CONVERTERS[tower_kind(keys)](ckpt, keys, opts, out, image_size)

@@ -1,7 +1,7 @@
 """Tiny checkpoints in the released OLA-VLM layout (config fields and key names), for tests and demos.
 
-``make_tiny_reference(tiny_dir, out, stage="pt")`` takes the tiny LLM and CLIP tower written by
-``olavlm make-tiny`` and stores them the way the reference's ``OlaLlavaLlamaForCausalLM`` (PT) or
+``make_tiny_reference(tiny_dir, out, stage="pt")`` takes the tiny LLM and CLIP tower (or, with
+``vision="convnext"``, the tiny open_clip ConvNeXt trunk) written by ``olavlm make-tiny`` and stores them the way the reference's ``OlaLlavaLlamaForCausalLM`` (PT) or
 ``LlavaLlamaForCausalLM`` (IFT) checkpoints do: one state dict under the reference key names, split
 into several safetensors shards with an index, a ``config.json`` in the transformers-4.41 style with
 the multimodal fields, and the tokenizer files. Projector, task tokens, predictors and logit scales
@@ -62,7 +62,8 @@ def reference_head(g: torch.Generator, task: str, d_llm: int, *, depth: int = 1)
     return s
 
 
-def _reference_fields(stage: str, llm: str, k: int, p: int, d_vis: int, task_token_format: str | None) -> dict:
+def _reference_fields(stage: str, llm: str, k: int, p: int, d_vis: int, task_token_format: str | None,
+                      tower: str = "openai/clip-vit-large-patch14-336") -> dict:
     pt = stage == "pt"
     fields = {
         "_name_or_path": f"/authors/checkpoints/tiny_gen-depth-seg_{'pretrain' if pt else 'finetune'}_n{k}",
@@ -71,7 +72,7 @@ def _reference_fields(stage: str, llm: str, k: int, p: int, d_vis: int, task_tok
         "sample_tokens": False, "image_generator": "stabilityai/stable-diffusion-2-1-unclip",
         "image_segmentor": "shi-labs/oneformer_coco_swin_large",
         "depth_estimator": "/authors/ckpts/depth_anything_v2_vitl.pth",
-        "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_hidden_size": d_vis,
+        "mm_vision_tower": tower, "mm_hidden_size": d_vis,
         "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_projector_type": "mlp2x_gelu",
         "mm_patch_merge_type": "flat", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
         "use_mm_proj": True, "tune_mm_mlp_adapter": pt, "freeze_mm_mlp_adapter": False, "mm_projector_lr": None,
@@ -103,6 +104,30 @@ def _legacy_llm_config(folder: Path) -> dict:
     return cfg
 
 
+def _tower_tensors(tiny: Path, vision: str, state: dict, dtype) -> tuple[str, int, int]:
+    """Put the tiny tower's tensors into ``state`` under the reference names; (mm_vision_tower, width, tokens)."""
+    from safetensors.torch import load_file
+
+    prefix = "model.vision_tower.vision_tower."
+    if vision == "clip":
+        folder = tiny / "vision-clip"
+        for k, v in load_file(str(folder / "model.safetensors")).items():  # the transformers-4.x CLIP names
+            state[prefix + (k if k.startswith("vision_model.") else "vision_model." + k)] = v.to(dtype)
+        vis = json.loads((folder / "config.json").read_text())
+        return "openai/clip-vit-large-patch14-336", vis["hidden_size"], (vis["image_size"] // vis["patch_size"]) ** 2
+    if vision != "convnext":
+        raise ValueError(f"vision: {vision!r} is not clip or convnext")
+    folder = tiny / "vision-convnext-openclip"  # timm trunk under visual.trunk.; the OLA name replaces the prefix
+    trunk = {k[len("visual.trunk."):]: v for k, v in load_file(str(folder / "open_clip_model.safetensors")).items()
+             if k.startswith("visual.trunk.")}
+    state.update({prefix + k: v.to(dtype) for k, v in trunk.items()})
+    vis = json.loads((tiny / "vision-convnext" / "config.json").read_text())
+    side = vis["image_size"] // (vis["patch_size"] * 2 ** (vis["num_stages"] - 1))
+    # the reference reads the input size from the tower name's "-res<N>" suffix
+    return (f"laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup-res{vis['image_size']}",
+            vis["hidden_sizes"][-1], side * side)
+
+
 def write_shards(state: dict[str, torch.Tensor], out: Path, num_shards: int) -> None:
     from safetensors.torch import save_file
 
@@ -122,26 +147,24 @@ def write_shards(state: dict[str, torch.Tensor], out: Path, num_shards: int) -> 
 
 def make_tiny_reference(tiny_dir: str | Path, out: str | Path, *, stage: str = "pt", llm: str = "llama",
                         num_task_tokens: int = 2, task_token_format: str | None = "expand_emb", seed: int = 0,
-                        num_shards: int = 3, spare_rows: int = 0) -> Path:
+                        num_shards: int = 3, spare_rows: int = 0, vision: str = "clip") -> Path:
     """Write a tiny released-layout checkpoint into ``out``; ``stage`` "pt" (with predictors) or "ift".
-    ``spare_rows``: embedding rows past the tokenizer (Phi-3 has 53: 32,064 rows, 32,011 entries)."""
+    ``spare_rows``: embedding rows past the tokenizer (Phi-3 has 53: 32,064 rows, 32,011 entries).
+    ``vision``: "clip" (the tiny CLIP ViT) or "convnext" (the tiny open_clip ConvNeXt trunk)."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     tiny, out = Path(tiny_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    llm_dir, vis_dir = tiny / f"llm-{llm}", tiny / "vision-clip"
+    llm_dir = tiny / f"llm-{llm}"
     pt = stage == "pt"
     low = torch.bfloat16 if pt else torch.float32  # PT: LLM + tower in bf16, the trained extras in fp32
     state = {k: v.to(low) for k, v in load_file(str(llm_dir / "model.safetensors")).items()}
-    for k, v in load_file(str(vis_dir / "model.safetensors")).items():  # the transformers-4.x CLIP names
-        state[f"model.vision_tower.vision_tower.{k if k.startswith('vision_model.') else 'vision_model.' + k}"] = v.to(low)
+    tower, d_vis, p = _tower_tensors(tiny, vision, state, low)
     d = json.loads((llm_dir / "config.json").read_text())["hidden_size"]
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
         state[key] = torch.cat([state[key], torch.randn(spare_rows, d, generator=g).to(low) / d ** 0.5])
-    vis = json.loads((vis_dir / "config.json").read_text())
-    d_vis, p = vis["hidden_size"], (vis["image_size"] // vis["patch_size"]) ** 2
     _put(state, "model.mm_projector.0", _linear(g, d, d_vis))
     _put(state, "model.mm_projector.2", _linear(g, d, d))
     state["model.special_depth_tokens"] = torch.randn(p, d, generator=g)
@@ -160,7 +183,7 @@ def make_tiny_reference(tiny_dir: str | Path, out: str | Path, *, stage: str = "
     family = {"llama": "Llama", "phi3": "Phi3"}[llm]
     cfg.update(model_type=f"{'ola' if pt else 'llava'}_{llm}",
                architectures=[f"{'OlaLlava' if pt else 'Llava'}{family}ForCausalLM"])
-    cfg.update(_reference_fields(stage, llm, num_task_tokens, p, d_vis, task_token_format))
+    cfg.update(_reference_fields(stage, llm, num_task_tokens, p, d_vis, task_token_format, tower))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     AutoTokenizer.from_pretrained(llm_dir).save_pretrained(out)
     (out / "generation_config.json").write_text(json.dumps(

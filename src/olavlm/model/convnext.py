@@ -18,6 +18,7 @@ Reusable pieces (no timm / open_clip needed)::
     apply_norm_eps(model, eps)                            # exact LayerNorm eps on a built model
     convnext_stride(config), convnext_width(config)       # output stride and channels
     convert_open_clip(src, dst, ...)                      # `olavlm convert open-clip SRC DST`
+    convert_reference_tower(ckpt, keys, prefix, out, ...)  # the trunk inside a sharded OLA-VLM checkpoint
 """
 
 from __future__ import annotations
@@ -323,8 +324,6 @@ def convert_open_clip(src: str, dst: str | Path, *, prefix: str | None = None, i
     preprocessor_config.json: resize shortest side + centre crop, bicubic, CLIP mean/std) from an
     open_clip / timm / OLA-VLM checkpoint. ``norm_eps`` None = what timm uses for the trunk's shape
     (:func:`timm_norm_eps`). Returns a summary dict."""
-    from safetensors.torch import save_file
-
     files, open_cfg = _source_files(src)
     _check_open_clip_config(src, open_cfg)
     state, prefix, skipped = read_trunk_tensors(files, prefix)
@@ -338,11 +337,7 @@ def convert_open_clip(src: str, dst: str | Path, *, prefix: str | None = None, i
 
         hf = {k: v.to(torch_dtype(dtype)) for k, v in hf.items()}
     out = Path(dst)
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(out)
-    save_file({k: v.contiguous() for k, v in hf.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    mean, std = _clip_stats(open_cfg)
-    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(image_size, mean, std), indent=2))
+    _write_folder(out, config, hf, *_clip_stats(open_cfg))
     return {"source": src, "prefix": prefix, "tensors": len(hf), "skipped": skipped,
             "parameters": sum(v.numel() for v in hf.values()), "depths": list(config.depths),
             "hidden_sizes": list(config.hidden_sizes), "norm_eps": config.norm_eps, "image_size": image_size,
@@ -358,3 +353,35 @@ def preprocessor_config(image_size: int, mean, std) -> dict[str, Any]:
             "crop_size": {"height": int(image_size), "width": int(image_size)}, "do_rescale": True,
             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(mean), "image_std": list(std),
             "do_convert_rgb": True}
+
+
+def _write_folder(out: Path, config, hf: dict[str, Tensor], mean, std) -> None:
+    """config.json (with ``norm_eps``), model.safetensors and preprocessor_config.json of a ConvNextModel."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(config.image_size, mean, std), indent=2))
+
+
+def convert_reference_tower(ckpt, keys: list[str], prefix: str, out: str | Path, *, image_size: int,
+                            mean=CLIP_MEAN, std=CLIP_STD, norm_eps: float | None = None) -> dict[str, Any]:
+    """The ConvNeXt trunk of a sharded checkpoint (OLA-VLM: ``prefix`` = ``model.vision_tower.vision_tower.``)
+    -> a ConvNextModel folder ``out``, like :func:`convert_open_clip` writes.
+
+    ``ckpt`` gives ``shape(key)`` and ``get(key)``; ``keys`` are the trunk's keys. Every key and shape is
+    checked on meta tensors before any tensor is read (:class:`ConvNextKeyError`, one line naming the
+    keys). Tensors are copied unchanged (same dtype). Returns a summary dict."""
+    meta = {k: torch.empty(ckpt.shape(k), device="meta") for k in keys}
+    config = convnext_config_from_state(meta, prefix, image_size=image_size, norm_eps=norm_eps)
+    stride = convnext_stride(config)
+    if image_size % stride:
+        raise ConvNextKeyError(f"ConvNeXt trunk under {prefix!r}: image size {image_size} is not a multiple of "
+                               f"its stride {stride}")
+    convnext_state_dict_from_open_clip(meta, prefix, config=config)  # raises on unknown / missing / mis-shaped
+    hf = {_map_key(k[len(prefix):], _TIMM_TO_HF): ckpt.get(k) for k in keys}
+    _write_folder(Path(out), config, hf, mean, std)
+    return {"tensors": len(hf), "parameters": sum(v.numel() for v in hf.values()), "depths": list(config.depths),
+            "hidden_sizes": list(config.hidden_sizes), "norm_eps": config.norm_eps, "image_size": int(image_size),
+            "grid": image_size // stride}
