@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "olavlm.evaluation.cli", # eval cvbench, probe
     "olavlm.shapeworld.cli", # demo
     "olavlm.model.cli",      # make-tiny
+    "olavlm.plan.cli",       # plan
 ]
 
 
