@@ -66,16 +66,17 @@ def _config_of(cls, path: str, subfolder: str | None):
 
 
 @contextlib.contextmanager
-def meta_loading(notes: list[str] | None = None):
+def meta_loading(notes: list[str] | None = None, *, device: str = "meta"):
     """Inside, ``from_pretrained`` builds from config.json on the meta device (see module doc).
-    A missing tokenizer is replaced by a stand-in adding no rows; ``notes`` gets a line about it."""
+    A missing tokenizer is replaced by a stand-in adding no rows; ``notes`` gets a line about it.
+    ``device="cpu"`` builds real modules with random weights instead (the real-size tests)."""
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
     from olavlm.model import io
 
     def pretrained(cls, path, *args, subfolder=None, dtype=None, attn_implementation=None, **kwargs):
         config = _config_of(cls, str(path), subfolder)
-        with torch.device("meta"):
+        with torch.device(device):
             return cls._from_config(config, dtype=dtype)
 
     def auto_pretrained(cls, path, *args, dtype=None, attn_implementation=None, **kwargs):
@@ -84,7 +85,7 @@ def meta_loading(notes: list[str] | None = None):
         except OSError as e:
             raise ConfigError(f"model.llm: {path}: no config.json ({type(e).__name__}); pass --hub-configs DIR "
                               "with a copy of the LLM's config.json") from e
-        with torch.device("meta"):
+        with torch.device(device):
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     real_tokenizer = io.load_tokenizer
