@@ -7,8 +7,8 @@ Layout of one checkpoint, ``RUN_DIR/checkpoints/step-00000200/``::
     optimizer.pt            optimizer state (plain / DDP engines)
     scheduler.pt            LR scheduler state
     rng/rank<R>.pt          python / numpy / torch (CPU + CUDA) RNG states of every rank
-    engine/                 DeepSpeed or FSDP engines: ``accelerator.save_state`` output instead of
-                            trainable.safetensors + optimizer.pt (sharded states, frozen weights excluded)
+    engine/                 DeepSpeed or FSDP engines: their sharded states (``engine.save_engine_state``)
+                            instead of trainable.safetensors + optimizer.pt (frozen weights excluded)
     complete                marker, written last
 
 Everything is first written to ``checkpoints/.tmp-step-<N>/`` and then renamed into place
@@ -166,8 +166,9 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
         (tmp / "rng").mkdir(parents=True)
     accelerator.wait_for_everyone()
     if engine_state:
-        kwargs = {"exclude_frozen_parameters": True} if _is_deepspeed(accelerator) else {}
-        accelerator.save_state(str(tmp / "engine"), **kwargs)
+        from olavlm.train.engine import save_engine_state
+
+        save_engine_state(accelerator, model, optimizer, tmp / "engine")
     elif main:
         save_file(trainable_state_dict(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -206,8 +207,9 @@ def load_checkpoint(path: str | Path, accelerator, model, optimizer, scheduler, 
     if engine_state:
         if not (path / "engine").is_dir():
             raise ValueError(f"{path}: written without DeepSpeed/FSDP (no engine/ folder); resume with the same engine")
-        kwargs = {"load_module_strict": False} if _is_deepspeed(accelerator) else {}
-        accelerator.load_state(str(path / "engine"), **kwargs)
+        from olavlm.train.engine import load_engine_state
+
+        load_engine_state(accelerator, model, optimizer, path / "engine")
     else:
         if not (path / "trainable.safetensors").is_file():
             raise ValueError(f"{path}: written by a DeepSpeed/FSDP run (engine/ folder); resume with the same engine")
@@ -229,8 +231,3 @@ def restore_rng(path: str | Path, rank: int) -> None:
         return
     set_rng_state(torch.load(file, map_location="cpu", weights_only=False))
 
-
-def _is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
