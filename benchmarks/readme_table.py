@@ -203,9 +203,12 @@ def gpu_table(results: dict[str, dict]) -> list[str]:
 def replace_between(text: str, table: str, *, heading: str | None = None) -> str:
     """Put ``table`` between the markers; without markers, append them (under ``heading``)."""
     block = f"{START}\n{table}\n{END}"
-    if START in text and END in text and text.index(START) < text.index(END):
-        return text[:text.index(START)] + block + text[text.index(END) + len(END):]
-    if START in text or END in text:
+    lines = text.split("\n")  # markers count only on a line of their own (prose may quote them)
+    starts = [i for i, line in enumerate(lines) if line.strip() == START]
+    ends = [i for i, line in enumerate(lines) if line.strip() == END]
+    if len(starts) == len(ends) == 1 and starts[0] < ends[0]:
+        return "\n".join([*lines[:starts[0]], block, *lines[ends[0] + 1:]])
+    if starts or ends:
         raise ValueError(f"unbalanced {START} / {END} markers")
     prefix = text.rstrip("\n") + "\n\n" + (f"{heading}\n\n" if heading else "")
     return prefix + block + "\n"
