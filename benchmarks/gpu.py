@@ -86,10 +86,11 @@ def real_config(recipe: str, stage: str, attn: str, text_len: int, *, layers: in
 
 
 def free() -> None:
+    """Release a probe's tensors on the GPU (nothing to reclaim on the CPU, where nothing runs out)."""
     import torch
 
-    gc.collect()
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 

@@ -25,6 +25,7 @@ def results(tmp_path, monkeypatch):
 def _read(folder: Path, name: str) -> dict:
     data = json.loads((folder / f"{name}.json").read_text())
     assert data["name"] == name and data["machine"]["torch"]
+    assert data["threads"]["count"] == data["threads"]["torch_num_threads"] >= 1  # fixed and recorded
     return data
 
 

@@ -19,7 +19,8 @@ the input embeddings, the LM head, the vision tower, and the root (projector, ta
 predictors, logit scales); each unit holds one dtype (trainables fp32, frozen weights in
 ``model.dtype``). Checkpoints are sharded ``torch.distributed.checkpoint`` folders of the trainable
 parameters and the optimizer (every rank writes its shard); ``final/`` is written from the
-gathered parameters (:func:`full_parameters`).
+gathered parameters (:func:`full_parameters`); ``TrainResult.model`` stays sharded (:func:`unsharded`
+gathers it). More in docs/cluster.md.
 """
 
 from __future__ import annotations
