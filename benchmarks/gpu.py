@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention", nargs="+", default=None, help="default: sdpa, and flash_attention_2 if installed")
     ap.add_argument("--text-len", type=int, default=64, help="text tokens per sample (+576 image and 24 task tokens)")
     ap.add_argument("--ift-layers", type=int, default=4, help="LLM layers of the IFT comparison (real width)")
-    ap.add_argument("--max-batch", type=int, default=64, help="largest micro-batch tried")
+    ap.add_argument("--max-batch", type=int, default=32, help="largest micro-batch tried (the recipes use 32 / 16)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--budget", type=float, default=330,
