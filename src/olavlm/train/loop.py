@@ -23,8 +23,8 @@ import torch
 from olavlm.config import ConfigError, RunConfig, explicit_fields
 from olavlm.infer.chat import RUN_INFO  # written into final/: template + geometry for chat / eval
 from olavlm.train import checkpoint as ckpt
-from olavlm.train.engine import (accumulation_steps, build_accelerator, full_parameters, unpartitioned_loading,
-                                 uses_engine_state, world_size)
+from olavlm.train.engine import (accumulation_steps, build_accelerator, check_shared_run_dir, full_parameters,
+                                 prepare, unpartitioned_loading, uses_engine_state, world_size)
 from olavlm.preflight import preflight
 from olavlm.train.metrics import MetricsLogger, StepAccumulator
 from olavlm.train.rundir import (ResumePlan, RunDirLock, choose_checkpoint, finished_summary, is_writer_rank,
@@ -172,9 +172,8 @@ def _train_locked(cfg: RunConfig, accum: int, run_dir: Path, plan: ResumePlan,
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    if t.fsdp:  # FSDP flattens each wrapped unit into one tensor: one dtype (fp32, sharded; bf16 compute)
-        model.float()
-    elif not t.deepspeed:  # fp32 master weights under autocast (DeepSpeed keeps its own master copy)
+    check_shared_run_dir(accelerator, run_dir)  # every rank writes into it (checkpoint shards, RNG states)
+    if not t.deepspeed:  # fp32 master weights under autocast (DeepSpeed keeps its own master copy)
         for p in trainable_parameters(model):
             p.data = p.data.float()
     if t.gradient_checkpointing:
@@ -202,7 +201,7 @@ def _train_locked(cfg: RunConfig, accum: int, run_dir: Path, plan: ResumePlan,
 
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=t.learning_rate, betas=tuple(t.adam_betas),
                                   eps=t.adam_eps, weight_decay=t.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare(accelerator, model, optimizer, t)  # DDP / DeepSpeed wrap; FSDP shards
     from transformers import get_scheduler
 
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total_steps),
@@ -370,9 +369,9 @@ def save_final(cfg: RunConfig, accelerator, model, run_dir: Path, init_dir: Path
     """``RUN_DIR/final/``: model (+ predictors after PT), tokenizer and ``olavlm_run.json``."""
     final = run_dir / "final"
     accelerator.wait_for_everyone()
-    with full_parameters(accelerator, model):
+    with full_parameters(accelerator, model) as whole:  # the model with whole parameters (main process)
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(final, with_predictors=uses_predictors(cfg.train.stage))
+            whole.save_pretrained(final, with_predictors=uses_predictors(cfg.train.stage))
             from olavlm.data.tokenize import resolve_bos
 
             bos = resolve_bos(cfg.data.add_bos, cfg.data.template, accelerator.unwrap_model(model).tokenizer)
