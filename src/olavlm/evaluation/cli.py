@@ -1,4 +1,4 @@
-"""`olavlm eval cvbench ...` and `olavlm probe ...`."""
+"""`olavlm eval cvbench|mmstar|all ...` and `olavlm probe ...`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 
 def register(sub) -> None:
-    ev = sub.add_parser("eval", help="evaluate a trained model on a benchmark (cvbench)")
+    ev = sub.add_parser("eval", help="evaluate a trained model on a benchmark (cvbench, mmstar, all)")
     ev_sub = ev.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     p = ev_sub.add_parser("cvbench", help="CV-Bench protocol (spec §8): accuracy per source/task, 2D, 3D, overall",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -24,6 +24,29 @@ def register(sub) -> None:
                    help="override the image geometry from olavlm_run.json")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None = cuda if available")
     p.set_defaults(func=_cvbench)
+
+    m = ev_sub.add_parser("mmstar", help="MMStar: the benchmark's prompt and matching; overall + per category",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_argument("--model", required=True, help="trained model folder (RUN_DIR/final)")
+    m.add_argument("--data", required=True, help="MMStar.tsv (hub layout) or a jsonl with image paths")
+    m.add_argument("--output", default=None, help="write scores + every item's output here (JSON); "
+                                                  "also makes a killed run resumable")
+    _decoding_args(m)
+    m.set_defaults(func=_mmstar)
+
+    a = ev_sub.add_parser("all", help="every benchmark present (CV-Bench, MMStar): the paper's table as markdown + JSON",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--model", required=True, nargs="+", help="one or more trained model folders (one row each)")
+    a.add_argument("--names", nargs="+", default=None, help="row labels; None = the run folder names")
+    a.add_argument("--data-root", default="datasets", help="where `olavlm data prepare` put cv-bench and mmstar")
+    a.add_argument("--cvbench", default=None, help="CV-Bench test.jsonl; None = DATA_ROOT/CV-Bench/test.jsonl")
+    a.add_argument("--mmstar", default=None, help="MMStar file; None = DATA_ROOT/MMStar/MMStar.tsv")
+    a.add_argument("--output", default="eval_results", help="folder for table.md, table.json and per-model results")
+    a.add_argument("--max-new-tokens", type=int, default=8, help="greedy decoding length")
+    a.add_argument("--batch-size", type=int, default=8)
+    a.add_argument("--limit", type=int, default=None, help="only the first N items of each benchmark")
+    a.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None = cuda if available")
+    a.set_defaults(func=_all)
 
     pr = sub.add_parser("probe", help="probe each LLM layer for a teacher's targets (held-out cosine per layer)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -42,6 +65,39 @@ def register(sub) -> None:
                     help="side of the square the teacher reads; None = what training used (largest teacher input)")
     pr.add_argument("--device", default=None)
     pr.set_defaults(func=_probe)
+
+
+def _decoding_args(p) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=8, help="greedy decoding length")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--template", default=None, help="override the template from olavlm_run.json")
+    p.add_argument("--image-geometry", default=None, choices=["pad", "square", "resize"],
+                   help="override the image geometry from olavlm_run.json")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None = cuda if available")
+
+
+def _mmstar(args) -> int:
+    from olavlm.evaluation.mmstar import format_table, run_mmstar
+
+    res = run_mmstar(args.model, args.data, output=args.output, max_new_tokens=args.max_new_tokens,
+                     batch_size=args.batch_size, limit=args.limit, template=args.template,
+                     image_geometry=args.image_geometry, device=args.device)
+    print(format_table(res))
+    return 0
+
+
+def _all(args) -> int:
+    from pathlib import Path
+
+    from olavlm.evaluation.table import markdown, run_all
+
+    table = run_all(args.model, data_root=args.data_root, cvbench=args.cvbench, mmstar=args.mmstar,
+                    output=args.output, names=args.names, batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens, limit=args.limit, device=args.device)
+    print(markdown(table["rows"]), end="")
+    print(f"wrote {Path(args.output) / 'table.md'} and table.json")
+    return 0
 
 
 def _cvbench(args) -> int:
