@@ -59,6 +59,10 @@ def load_items(path: str | Path) -> list[dict]:
     return items
 
 
+def count_records(path: str | Path) -> int:
+    return len(load_items(path))
+
+
 def image_path(item: dict) -> str | None:
     """Relative image path of a record: ``filename`` (real CV-Bench) or a string ``image``."""
     if isinstance(item.get("filename"), str):
