@@ -27,7 +27,8 @@ class DepthAnythingTeacher(Teacher):
         self.grid = grid  # side of the target token grid
         self.patch_size = int(cfg.patch_size)
         self.hidden = int(cfg.hidden_size)
-        self.blocks = list(blocks)  # 0-based transformer blocks averaged into the target
+        n = int(cfg.num_hidden_layers)  # a negative block counts from the end (-1 = the last block)
+        self.blocks = [int(b) + n if int(b) < 0 else int(b) for b in blocks]  # 0-based blocks averaged into the target
         self.num_prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)  # CLS (+ registers) dropped
         self.mean, self.std = tuple(mean), tuple(std)
         bad = [b for b in self.blocks if not 0 <= b < cfg.num_hidden_layers]

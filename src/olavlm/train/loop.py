@@ -56,6 +56,9 @@ def build_model(cfg: RunConfig):
     from olavlm.model.vlm import OlaVLM
 
     t = cfg.train
+    if t.stage == "probe":  # the frozen init_from model + one probe per (task, layer)
+        from olavlm.evaluation.probe_stage import build_probe_model
+        return build_probe_model(cfg)
     if t.init_from is None:
         if t.stage != "pt":
             log.warning("train.init_from is not set: %s starts from model.llm with a fresh projector", t.stage)

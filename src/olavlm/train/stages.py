@@ -6,6 +6,8 @@ stage      trainable parameter groups (``model.param_groups()``)
 ``pt``     projector + predictors + task_tokens + logit_scales (LLM and vision tower frozen)
 ``vpt``    llm + projector (NTP only; task tokens frozen, predictors dropped)
 ``ift``    llm + projector (same as vpt)
+``probe``  probes only: one per (task, layer) on the frozen model (LLM, tower, projector and task
+           tokens frozen; the overrides below are refused)
 =========  =================================================================================
 
 Overrides: ``train.freeze_task_tokens`` (None = stage default: trainable in PT, frozen after,
@@ -26,13 +28,14 @@ from olavlm.config import ConfigError, Stage, TrainConfig
 
 log = logging.getLogger(__name__)
 
-STAGES = typing.get_args(Stage)  # ("pt", "vpt", "ift")
-GROUPS = ("llm", "vision", "projector", "task_tokens", "predictors", "logit_scales")
+STAGES = typing.get_args(Stage)  # ("pt", "vpt", "ift", "probe")
+GROUPS = ("llm", "vision", "projector", "task_tokens", "predictors", "logit_scales", "probes")
 # groups each stage trains by default (before the two overrides)
 _DEFAULT = {
     "pt": {"projector", "predictors", "task_tokens", "logit_scales"},
     "vpt": {"llm", "projector"},
     "ift": {"llm", "projector"},
+    "probe": {"probes"},
 }
 
 
@@ -42,10 +45,21 @@ def uses_predictors(stage: str) -> bool:
     return stage == "pt"
 
 
+def uses_teachers(stage: str) -> bool:
+    """Whether a stage needs teacher targets (live or cached): PT and the probe stage."""
+    _check_stage(stage)
+    return stage in ("pt", "probe")
+
+
 def trainable_groups(stage: str, train_cfg: TrainConfig) -> set[str]:
     """The parameter groups that train in ``stage`` after applying the config overrides."""
     _check_stage(stage)
     groups = set(_DEFAULT[stage])
+    if stage == "probe":  # the probed model stays exactly as trained
+        if train_cfg.freeze_task_tokens is False or train_cfg.unfreeze_vision_tower:
+            raise ConfigError("train.stage probe trains the probes only: unset train.freeze_task_tokens=false "
+                              "and train.unfreeze_vision_tower")
+        return groups
     if train_cfg.freeze_task_tokens is True:
         groups.discard("task_tokens")
     elif train_cfg.freeze_task_tokens is False:
