@@ -48,11 +48,18 @@ def register(sub) -> None:
     a.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None = cuda if available")
     a.set_defaults(func=_all)
 
-    pr = sub.add_parser("probe", help="probe each LLM layer for a teacher's targets (held-out cosine per layer)",
+    pr = sub.add_parser("probe", help="probe each LLM layer for a teacher's targets (held-out cosine per layer); "
+                                      "`probe eval` scores the probes of `train.stage: probe` runs",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pr.add_argument("--model", required=True, help="trained model folder (RUN_DIR/final)")
-    pr.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL with images (e.g. ShapeWorld probe.json)")
-    pr.add_argument("--teacher", required=True, help="a task of the model (depth, seg, gen) or a teacher name")
+    pr.add_argument("action", nargs="?", choices=["eval"], default=None,
+                    help="eval: stream --data through the probes of --probes runs (JSON + one PNG per teacher)")
+    pr.add_argument("--probes", nargs="+", default=None, help="eval: probe-stage run folders (one curve each)")
+    pr.add_argument("--names", nargs="+", default=None, help="eval: curve labels; None = the run folder names")
+    pr.add_argument("--image-folder", default=None, help="eval: image root of --data; None = the data file's folder")
+    pr.add_argument("--batch-size", type=int, default=8, help="eval: images per forward")
+    pr.add_argument("--model", default=None, help="trained model folder (RUN_DIR/final)")
+    pr.add_argument("--data", default=None, help="LLaVA-format JSON/JSONL with images (e.g. ShapeWorld probe.json)")
+    pr.add_argument("--teacher", default=None, help="a task of the model (depth, seg, gen) or a teacher name")
     pr.add_argument("--teacher-path", default=None, help="teacher weights / ShapeWorld folder; None = the task's")
     pr.add_argument("--teacher-kwargs", default=None, help='JSON, e.g. \'{"dim": 32}\'; None = the task\'s')
     pr.add_argument("--layers", default="all", help="'all' or a comma list of 1-based LLM layers")
@@ -110,8 +117,34 @@ def _cvbench(args) -> int:
     return 0
 
 
+def _probe_eval(args) -> int:
+    from olavlm.errors import UserError
+    from olavlm.evaluation.probe_eval import run_probe_eval
+
+    if not args.probes or not args.data:
+        raise UserError("probe eval: --probes RUN [RUN ...] and --data HELD_OUT are required")
+    res = run_probe_eval(args.probes, args.data, output=args.output, names=args.names,
+                         image_folder=args.image_folder, batch_size=args.batch_size, limit=args.limit,
+                         device=args.device)
+    for name, by_task in res.items():
+        for task, r in by_task.items():
+            print(f"{name} / {task} ({r['n_images']} images; mean-target cosine {r['constant_cosine']:.3f})")
+            for layer, v in r["layers"].items():
+                print(f"  layer {layer:>3}: cosine {v['cosine']:.3f} ± {v['cosine_std']:.3f}   "
+                      f"centred cosine {v['centred_cosine']:.3f}")
+    print(f"wrote {args.output}/probe_eval.json and probe_<task>.png")
+    return 0
+
+
 def _probe(args) -> int:
+    from olavlm.errors import UserError
     from olavlm.evaluation.probe import ProbeSpec, run_probe
+
+    if args.action == "eval":
+        return _probe_eval(args)
+    missing = [f"--{k}" for k in ("model", "data", "teacher") if getattr(args, k) is None]
+    if missing:
+        raise UserError(f"probe: {', '.join(missing)} required (or `olavlm probe eval --probes ...`)")
 
     kwargs = json.loads(args.teacher_kwargs) if args.teacher_kwargs else None
     res = run_probe(args.model, args.data, args.teacher, teacher_path=args.teacher_path, teacher_kwargs=kwargs,
