@@ -58,13 +58,10 @@ def _run_config(folder: Path, data: str, image_folder: str | None):
 def evaluate(folder: str | Path, data: str, *, image_folder: str | None = None, batch_size: int = 8,
              limit: int | None = None, device: str | None = None, progress: bool = True) -> dict:
     """{task: {"layers": {layer: {...}}, "constant_cosine", "n_images", "teacher"}} for one probe run."""
-    from tqdm.auto import tqdm
-
     from olavlm.data.collate import Collator
     from olavlm.data.dataset import LlavaDataset
     from olavlm.evaluation.probe_stage import load_probe_model
     from olavlm.teachers import build_teachers
-    from olavlm.train.loop import model_inputs
 
     model = load_probe_model(folder, device=device)
     folder = Path(folder) / "final" if (Path(folder) / "final").is_dir() else Path(folder)
@@ -82,32 +79,44 @@ def evaluate(folder: str | Path, data: str, *, image_folder: str | None = None, 
         subset = torch.utils.data.Subset(dataset, indices)
         return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collator)
 
+    return stream_scores(model, teachers, loader, dev, progress=progress, where=str(data))
+
+
+def stream_scores(model, teachers, make_loader, device, *, progress: bool = True, where: str = "data",
+                  on_batch=None) -> dict:
+    """The two streamed passes over ``make_loader()``; ``on_batch()`` is called after every batch."""
+    from tqdm.auto import tqdm
+
+    from olavlm.errors import UserError
+    from olavlm.train.loop import model_inputs
+
     tasks = list(model.target_shapes)
     sums = {t: torch.zeros(model.target_shapes[t], dtype=torch.float64) for t in tasks}
     count = 0
     with torch.no_grad():
-        for batch in tqdm(loader(), desc="probe eval: mean target", disable=not progress):
-            targets = model_inputs(batch, dev, teachers).get("targets") or {}
+        for batch in tqdm(make_loader(), desc="probe eval: mean target", disable=not progress):
+            targets = model_inputs(batch, device, teachers).get("targets") or {}
             for t in tasks:
                 if t in targets:
                     sums[t] += targets[t].double().sum(0).cpu()
             count += int(batch["num_images"].sum())
+            if on_batch:
+                on_batch()
         if count == 0:
-            from olavlm.errors import UserError
-
-            raise UserError(f"{data}: no usable image record to evaluate the probes on")
+            raise UserError(f"{where}: no usable image record to evaluate the probes on")
         means = {t: (sums[t] / count).float() for t in tasks}
         acc = {t: {layer: CosineSums() for layer in model.layers} for t in tasks}
         const = {t: CosineSums() for t in tasks}
-        for batch in tqdm(loader(), desc="probe eval: probes", disable=not progress):
-            inputs = model_inputs(batch, dev, teachers)
+        for batch in tqdm(make_loader(), desc="probe eval: probes", disable=not progress):
+            inputs = model_inputs(batch, device, teachers)
             preds, _ = model.predict(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
             for t in tasks:
                 target = inputs["targets"][t].cpu()
-                mean = means[t]
                 for layer, pred in preds[t].items():
-                    acc[t][layer].add(pred.cpu(), target, mean)
-                const[t].add(mean[None].expand_as(target), target, mean)
+                    acc[t][layer].add(pred.cpu(), target, means[t])
+                const[t].add(means[t][None].expand_as(target), target, means[t])
+            if on_batch:
+                on_batch()
     return {t: {"teacher": model.cfg.tasks[t].teacher, "n_images": count,
                 "constant_cosine": const[t].result()["cosine"],
                 "layers": {str(layer): acc[t][layer].result() for layer in model.layers}} for t in tasks}
