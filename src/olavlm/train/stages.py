@@ -92,8 +92,8 @@ def configure_trainable(model: nn.Module, stage: str, train_cfg: TrainConfig) ->
     seen: set[int] = set()
     counts: dict[str, int] = {}
     totals: dict[str, int] = {}
-    for name in GROUPS:
-        params = [p for p in groups.get(name, []) if id(p) not in seen]
+    for name in (g for g in GROUPS if g in groups):  # only the groups this model has
+        params = [p for p in groups[name] if id(p) not in seen]
         seen.update(id(p) for p in params)
         train = name in wanted
         for p in params:
