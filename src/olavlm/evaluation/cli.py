@@ -72,6 +72,34 @@ def register(sub) -> None:
                     help="side of the square the teacher reads; None = what training used (largest teacher input)")
     pr.add_argument("--device", default=None)
     pr.set_defaults(func=_probe)
+    _register_visualize(sub)
+
+
+def _register_visualize(sub) -> None:
+    v = sub.add_parser("visualize", help="decode the distilled layers' predictions of a PT model next to the teachers",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v.add_argument("--model", required=True, help="a PT final folder saved with its predictors")
+    v.add_argument("--image", required=True, nargs="+", help="one or more images (one PNG each)")
+    v.add_argument("--layers", default=None, help="comma list of predictor layers to show; None = all of them")
+    v.add_argument("--output", default="visualize", help="folder for the PNGs")
+    v.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None = cuda if available")
+    v.set_defaults(func=_visualize)
+
+
+def _visualize(args) -> int:
+    from olavlm.errors import UserError
+    from olavlm.infer.visualize import visualize
+
+    try:
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    except ValueError:
+        raise UserError(f"--layers {args.layers!r}: expected a comma list of layer numbers") from None
+    res = visualize(args.model, args.image, layers=layers, output=args.output, device=args.device)
+    for image, r in res.items():
+        print(f"{image} -> {r['png']}")
+    for task, why in next(iter(res.values()))["skipped"].items():
+        print(f"  {task}: skipped ({why})")
+    return 0
 
 
 def _decoding_args(p) -> None:
