@@ -1,5 +1,5 @@
-"""`olavlm visualize` with tiny teachers: the PNG is written and each depth panel is exactly the
-teacher decoder's output for the given features (compared with calling the decoder directly)."""
+"""`olavlm visualize` with tiny teachers: the PNG is written and each depth / segmentation panel is
+exactly the teacher decoder's output for the given features (compared with calling it directly)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_depth_panels_are_the_decoder_outputs(pt_model, tmp_path):
     final, image = pt_model
     res = visualize(final, [image], output=tmp_path / "vis", device="cpu")[str(image)]
     assert res["png"].is_file() and res["png"].stat().st_size > 2000
-    assert "seg" in res["skipped"]  # not decoded: said so, not silently dropped
+    assert "seg" not in res["skipped"] and set(res["panels"]) >= {"depth", "seg"}
     model = OlaVLM.from_pretrained(final).eval()
     depth_layers = sorted(int(k) for k in model.predictors["depth"])
     assert sorted(k for k in res["panels"]["depth"] if k != "teacher") == depth_layers
@@ -67,6 +67,38 @@ def test_depth_panels_are_the_decoder_outputs(pt_model, tmp_path):
     want = dec.model(pixel_values=teacher.preprocess(timg)).predicted_depth
     torch.testing.assert_close(res["panels"]["depth"]["teacher"], _normalise(want)[0])
     assert res["panels"]["depth"][depth_layers[0]].shape == want.shape[1:]
+    # segmentation: real earlier stages + the prediction as last stage, all at the token grid
+    from transformers import OneFormerForUniversalSegmentation
+
+    import torch.nn.functional as F
+
+    seg_teacher = build_teachers(model.cfg, grid=grid, dtype=torch.float32)["seg"]
+    px = seg_teacher.preprocess(teacher_image(img, sq, "square", model.image_spec, seg_teacher.input_size)[None])
+    one = OneFormerForUniversalSegmentation.from_pretrained(model.cfg.tasks["seg"].teacher_path).model.eval()
+
+    def semantic(features, scores=False):
+        dec = one.pixel_level_module.decoder(features)
+        o = one.transformer_module(multi_scale_features=dec.multi_scale_features, mask_features=dec.mask_features,
+                                   task_token=one.task_encoder(torch.zeros(1, one.config.task_seq_len)))
+        masks = F.interpolate(o.prediction_masks, size=px.shape[-2:], mode="bilinear", align_corners=False).sigmoid()
+        per_class = torch.einsum("nqc,nqhw->nchw", o.prediction_class.softmax(-1)[..., :-1], masks)
+        return per_class[0] if scores else per_class.argmax(1)[0]
+
+    with torch.no_grad():
+        stages = list(one.pixel_level_module.encoder(px).feature_maps)
+        assert torch.equal(res["panels"]["seg"]["teacher"], semantic(stages))
+        for layer in sorted(int(k) for k in model.predictors["seg"]):
+            small = [F.interpolate(f, size=(grid, grid), mode="bilinear", align_corners=False) for f in stages[:-1]]
+            assert torch.equal(res["panels"]["seg"][layer], semantic(small + [pred["seg"][layer]]))
+        # the class scores behind the argmax, through the decoder's own entry point
+        from olavlm.teachers.oneformer import SegDecoder
+
+        dec_seg = SegDecoder.from_pretrained(model.cfg.tasks["seg"].teacher_path)
+        layer = sorted(int(k) for k in model.predictors["seg"])[0]
+        torch.testing.assert_close(dec_seg.decode(pred["seg"][layer], px, scores=True)[0],
+                                   semantic(small[:0] + [F.interpolate(f, size=(grid, grid), mode="bilinear",
+                                                                       align_corners=False) for f in stages[:-1]]
+                                            + [pred["seg"][layer]], scores=True))
 
 
 def test_decoder_fed_the_teacher_features_reproduces_the_teacher(pt_model):

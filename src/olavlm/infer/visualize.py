@@ -8,8 +8,9 @@ go:
   panel min-max normalised);
 * gen: the unCLIP pipeline from ``image_embeds`` (diffusers, an optional extra: without it these
   panels are skipped with a message);
-* seg: not decoded yet (the OneFormer pixel + transformer decoder route is not built): skipped
-  with a message.
+* seg: OneFormer's pixel decoder + transformer decoder (task "semantic"), the prediction in place
+  of the last backbone stage and the real image's earlier stages, all resized to the token grid;
+  shown as a semantic label map.
 
 The decoders are loaded here, on request; training never loads them.
 """
@@ -28,6 +29,7 @@ PROMPT = "Describe the image in two lines."
 def load_decoders(model_cfg, tasks: list[str], device) -> tuple[dict, dict[str, str]]:
     """({task: decoder}, {task: why skipped}) for the model's tasks."""
     from olavlm.teachers.depth_anything import DepthDecoder
+    from olavlm.teachers.oneformer import SegDecoder
     from olavlm.teachers.unclip import UnCLIPDecoder
 
     decoders, skipped = {}, {}
@@ -36,6 +38,9 @@ def load_decoders(model_cfg, tasks: list[str], device) -> tuple[dict, dict[str, 
         if tc.teacher == "depth_anything":
             decoders[task] = DepthDecoder.from_pretrained(tc.teacher_path)
             decoders[task].model.to(device)
+        elif tc.teacher == "oneformer":
+            decoders[task] = SegDecoder.from_pretrained(tc.teacher_path)
+            decoders[task].model.to(device)
         elif tc.teacher == "unclip":
             try:
                 decoders[task] = UnCLIPDecoder.from_pretrained(tc.teacher_path)
@@ -43,7 +48,7 @@ def load_decoders(model_cfg, tasks: list[str], device) -> tuple[dict, dict[str, 
             except ImportError as e:
                 skipped[task] = str(e)
         else:
-            skipped[task] = f"no decoder for teacher {tc.teacher!r} (only depth_anything and unclip are decoded)"
+            skipped[task] = f"no decoder for teacher {tc.teacher!r} (depth_anything, oneformer, unclip are decoded)"
     return decoders, skipped
 
 
@@ -76,6 +81,11 @@ def panels_for(model, teachers, decoders: dict, image, *, template: str, geometr
             panels = {"teacher": _normalise(dec.teacher_depth(teacher.preprocess(timg)))[0].cpu()}
             for layer in want:
                 panels[layer] = _normalise(dec.decode(out.predictions[task][layer], grid))[0].cpu()
+        elif hasattr(dec, "teacher_segmentation"):
+            px = teacher.preprocess(timg)
+            panels = {"teacher": dec.teacher_segmentation(px)[0].cpu()}
+            for layer in want:
+                panels[layer] = dec.decode(out.predictions[task][layer], px)[0].cpu()
         else:
             panels = {"teacher": dec.decode(teacher.encode(timg))[0]}
             for layer in want:
@@ -100,7 +110,12 @@ def save_figure(image, panels: dict, path: Path, skipped: dict[str, str]) -> Non
     for r, (task, by_key) in enumerate(panels.items()):
         for c, (key, panel) in enumerate(by_key.items(), 1):
             ax = axes[r, c]
-            ax.imshow(panel.numpy() if torch.is_tensor(panel) else panel, cmap="inferno" if torch.is_tensor(panel) else None)
+            if not torch.is_tensor(panel):  # an unCLIP image
+                ax.imshow(panel)
+            elif panel.is_floating_point():  # depth in [0, 1]
+                ax.imshow(panel.numpy(), cmap="inferno")
+            else:  # semantic labels
+                ax.imshow(panel.numpy() % 20, cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
             ax.set_title(f"{task}: {'teacher' if key == 'teacher' else f'layer {key}'}", fontsize=8)
     if skipped:
         fig.text(0.01, 0.01, "; ".join(f"{t}: {why}" for t, why in skipped.items()), fontsize=6)
