@@ -272,3 +272,22 @@ def test_memory_does_not_grow_with_the_number_of_images(setup, monkeypatch):
     # two steps at least: from the first optimizer step on, gradients and AdamW moments exist
     small, big = train_peaks(2), train_peaks(20)
     assert big[0] <= 1.1 * small[0] and big[1] <= 1.1 * small[1], (small, big)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
+def test_probe_stage_on_two_processes(setup, tmp_path, engine):
+    """torchrun, two CPU processes (gloo): DDP, DeepSpeed ZeRO-2 and ZeRO-3 train the probes and the ranks agree."""
+    from test_train_dist import _assert_agree, _ranks, _torchrun
+
+    _, overrides = setup
+    extra = ["--train.global_batch_size=4", "--train.micro_batch_size=1", "--train.max_steps=2"]
+    if engine != "ddp":
+        extra.append(f"--train.deepspeed=configs/deepspeed/{engine}.json")
+    out = tmp_path / engine
+    _torchrun(PT, out, overrides + extra)
+    a, b = _ranks(out)
+    _assert_agree(a, b)
+    assert all(k.startswith("probes.") for k in a["trainable"])
+    assert a["summary"]["world_size"] == 2 and a["summary"]["steps"] == 2
+    assert (out / "final" / PROBES_FILE).is_file()
