@@ -291,3 +291,37 @@ def test_probe_stage_on_two_processes(setup, tmp_path, engine):
     assert all(k.startswith("probes.") for k in a["trainable"])
     assert a["summary"]["world_size"] == 2 and a["summary"]["steps"] == 2
     assert (out / "final" / PROBES_FILE).is_file()
+
+
+def test_probe_stage_reads_a_target_cache(setup):
+    """Cached targets: a PT cache serves the probes with the training depth target; the last-block
+    target (other teacher settings) is refused by the cache check, not silently mixed."""
+    from olavlm.teachers.precompute import precompute
+    from olavlm.train.loop import build_data, build_teachers_if_needed
+
+    root, _ = setup
+    cache = root / "cache"
+    pt = load_config(PT, _pt_overrides(setup) + [f"--data.target_cache={cache}"])
+    precompute(pt, batch_size=4, progress=False, device="cpu", dtype=torch.float32)
+    cfg = _cfg(setup, f"--data.target_cache={cache}", "--train.probe_depth_target=training",
+               f"--train.output_dir={root / 'cached'}", "--train.max_steps=2")
+    res = train(cfg, resume="none")
+    assert res.summary["finished"]
+    # the cached targets are the live teachers' targets for the same images
+    model = res.model
+    dataset, collator = build_data(cfg, model, None)
+    batch = collator([dataset[i] for i in range(2)])
+    live_cfg = _cfg(setup, "--train.probe_depth_target=training")
+    teachers = build_teachers_if_needed(live_cfg, model, torch.device("cpu"), torch.float32)
+    live_ds, live_col = build_data(live_cfg, model, teachers)
+    live = model_inputs(live_col([live_ds[i] for i in range(2)]), torch.device("cpu"), teachers)["targets"]
+    for task in ("depth", "seg"):
+        torch.testing.assert_close(batch["targets"][task].float(), live[task].float(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(Exception, match="teacher_kwargs"):
+        train(_cfg(setup, f"--data.target_cache={cache}", f"--train.output_dir={root / 'cached2'}",
+                   "--train.max_steps=1"), resume="none")
+
+
+def _pt_overrides(setup):
+    """The PT recipe's overrides of the fixture (without the probe-stage ones)."""
+    return [o for o in setup[1] if not o.startswith(("--train.stage", "--train.init_from", "--train.probe"))]
