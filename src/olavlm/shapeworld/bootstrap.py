@@ -46,7 +46,7 @@ class BootstrapSpec:
 
     seed: int = 0
     vocab_size: int = 512  # BPE vocabulary (special tokens included)
-    llm_hidden: int = 64  # LlamaForCausalLM hidden size
+    llm_hidden: int = 128  # LlamaForCausalLM hidden size (64 learns the answer format, not the image)
     llm_layers: int = 4  # decoder layers (the probe reports one value per layer)
     llm_heads: int = 4
     llm_steps: int = 120  # LM optimisation steps on the world's conversations

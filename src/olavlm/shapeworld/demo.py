@@ -38,24 +38,24 @@ class DemoSettings:
 
     world: WorldSpec = field(default_factory=WorldSpec)
     bootstrap: BootstrapSpec = field(default_factory=BootstrapSpec)
-    pt_epochs: int = 4  # passes over pretrain.json
+    pt_epochs: int = 2  # passes over pretrain.json
     ift_epochs: int = 2  # passes over instruct.json
     max_steps: int | None = None  # cap per stage (quick mode)
     batch_size: int = 16  # global = micro batch of PT and IFT
-    probe_steps: int = 200  # optimisation steps of each probe set
+    probe_steps: int = 100  # optimisation steps of each probe set
     # which final model is probed for which teacher: the PT model shows what the embedding losses
     # alone changed (its LLM is frozen); the IFT model is the one the paper probes
     probe_plan: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"pt": ("depth",),
                                                                             "ift": ("depth", "seg", "gen")})
-    eval_batch_size: int = 16
+    eval_batch_size: int = 32
 
 
 def settings_for(quick: bool, seed: int) -> DemoSettings:
     if not quick:
-        return DemoSettings(world=WorldSpec(seed=seed, n_probe=600), bootstrap=BootstrapSpec(seed=seed))
+        return DemoSettings(world=WorldSpec(seed=seed), bootstrap=BootstrapSpec(seed=seed))
     return DemoSettings(
         world=WorldSpec(seed=seed, n_pretrain=48, n_instruct=48, n_text_only=8, n_cvbench=16, n_probe=24),
-        bootstrap=BootstrapSpec(seed=seed, llm_steps=8, llm_batch=8, vision_steps=8, vision_batch=16),
+        bootstrap=BootstrapSpec(seed=seed, llm_hidden=64, llm_steps=8, llm_batch=8, vision_steps=8, vision_batch=16),
         pt_epochs=1, ift_epochs=1, max_steps=3, batch_size=8, probe_steps=20,
         probe_plan={"ift": ("depth", "seg", "gen")},
     )

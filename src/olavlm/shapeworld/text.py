@@ -225,11 +225,36 @@ def _open_questions(scene: dict, rng: np.random.Generator) -> list[tuple[str, st
     return qa
 
 
+def _skill_questions(scene: dict, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Open questions whose answer names the object the CV-Bench tasks need found: the nearest one,
+    the leftmost / rightmost one, the one closest to another (each only where it is clear)."""
+    objs = scene["objects"]
+    if len(objs) < 2:
+        return []
+    qa = []
+    near = min(objs, key=lambda o: o["Z"])
+    if all(depth_readable(near, o) for o in objs if o is not near):
+        qa.append(("Which object is the closest to the camera?", f"The {name(near)}."))
+    side = str(rng.choice(["leftmost", "rightmost"]))
+    pick = (min if side == "leftmost" else max)(objs, key=centre_x)
+    qa.append((f"Which object is the {side} one?", f"The {name(pick)}."))
+    if len(objs) == 3:
+        ref = objs[int(rng.integers(3))]
+        a, b = (o for o in objs if o is not ref)
+        closest = _closest_to(ref, a, b)
+        if closest is not None:
+            qa.append((f"Which object is the closest to the {name(ref)}?", f"The {name(closest)}."))
+    return qa
+
+
 def instruction_turns(scene: dict, rng: np.random.Generator, n_mc: int, n_open: int = 1) -> list[tuple[str, str]]:
-    """``n_open`` open questions then ``n_mc`` CV-Bench-format multiple-choice turns (answers "(X)"),
+    """``n_open`` open questions (those that name the object a task needs first) then ``n_mc``
+    CV-Bench-format multiple-choice turns (answers "(X)"),
     each of a task drawn at random (a draw the scene cannot support is redrawn)."""
-    pool = _open_questions(scene, rng)
-    turns = [pool[int(i)] for i in rng.choice(len(pool), size=min(n_open, len(pool)), replace=False)]
+    skills, pool = _skill_questions(scene, rng), _open_questions(scene, rng)
+    turns = [skills[int(i)] for i in rng.choice(len(skills), size=min(n_open, len(skills)), replace=False)]
+    rest = n_open - len(turns)
+    turns += [pool[int(i)] for i in rng.choice(len(pool), size=min(rest, len(pool)), replace=False)]
     mcs = []
     for k in range(8 * n_mc):
         if len(mcs) >= n_mc:

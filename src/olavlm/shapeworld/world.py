@@ -83,10 +83,10 @@ class WorldSpec:
     seed: int = 0  # the one seed every byte depends on
     size: int = 64  # image side in pixels (must match the vision tower input)
     n_pretrain: int = 600  # images with a short caption (pretrain.json) and a long one (allava_caption.json)
-    n_instruct: int = 600  # images with multi-turn QA (instruct.json)
+    n_instruct: int = 1200  # images with multi-turn QA (instruct.json)
     n_text_only: int = 40  # text-only conversations mixed into instruct.json
-    ift_mc_turns: int = 4  # CV-Bench-format multiple-choice turns per instruct.json image
-    ift_open_turns: int = 1  # open questions (count, colour, left/right, nearer) per instruct.json image
+    ift_mc_turns: int = 2  # CV-Bench-format multiple-choice turns per instruct.json image
+    ift_open_turns: int = 2  # open questions (nearest / leftmost / closest-to first) per instruct.json image
     ift_object_weights: tuple[float, ...] = (1.0, 3.0, 3.0)  # instruct.json scenes with 1, 2, 3 ... objects
     n_cvbench: int = 200  # held-out images, one CV-Bench question each (cvbench.jsonl)
     n_probe: int = 160  # held-out images for probing (probe.json)
