@@ -197,8 +197,8 @@ def summary_lines(info: dict, agg: dict, table: dict) -> list[str]:
         ok = [t for t, row in table.items() if row[v]["mean"] is not None and row[v]["mean"] >= _target(row)
               and row[v]["mean"] > row["best_constant"]]
         grounded.append(f"{v} {len(ok)}/{len(table)}")
-    lines.append("5. **Answers from the image** (task at target - 2-choice >= 75 %, 4-choice >= 50 % - and above "
-                 "the best constant letter): " + ", ".join(grounded) + " tasks.")
+    lines.append("5. **Answers from the image** (tasks at target: 2-choice >= 75 %, 4-choice >= 50 %, and above "
+                 "the best constant letter): " + ", ".join(grounded) + ".")
     return lines
 
 
@@ -242,7 +242,7 @@ def markdown(info: dict, agg: dict, runs: list[dict]) -> str:
               "5. `eval cvbench` on the held-out cvbench.jsonl (greedy); `probe` of every LLM layer for each "
               "teacher's targets on held-out probe images.", "",
               "## Training", "",
-              "| variant | seed | PT steps | PT final loss | IFT steps | IFT final loss | PT s | IFT s | eval + probe s |",
+              "| variant | seed | PT steps | PT final loss (NTP + embedding) | IFT steps | IFT final loss | PT s | IFT s | eval + probe s |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         ptl, iftl = _read_metrics(info["root"] / r["metrics"]["pt"]), _read_metrics(info["root"] / r["metrics"]["ift"])
