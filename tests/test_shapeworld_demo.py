@@ -92,3 +92,13 @@ def test_bootstrap_is_cached(demo_dir):
     out, _ = demo_dir
     again = bootstrap(out / "world", out / "bootstrap", settings_for(True, 0).bootstrap)
     assert again.cached and (again.llm / "config.json").is_file() and (again.vision / "preprocessor_config.json").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [(["--seeds", "0"], "--seeds must be >= 1"),
+                                           (["--threads", "0"], "--threads must be >= 1"),
+                                           (["--variants", "ola,bogus"], "--variants: expected")])
+def test_bad_demo_arguments_are_one_line_errors(argv, message, tmp_path, capsys):
+    assert main(["demo", "--output-dir", str(tmp_path / "d"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("olavlm demo: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "d").exists()  # refused before anything ran
