@@ -1,4 +1,4 @@
-"""CV-Bench evaluation (spec §8): prompt, answer parsing, accuracy per source / task / type.
+"""CV-Bench evaluation (docs/method.md, "Inference"): prompt, answer parsing, accuracy per source / task / type.
 
 Works on the real ``nyu-visionx/CV-Bench`` ``test.jsonl`` layout (fields ``idx, type, task,
 question, choices, answer "(A)", prompt, filename, source, ...``) and on ShapeWorld's
@@ -9,7 +9,7 @@ Protocol:
   ``question`` + ``choices`` when absent) + :data:`SUFFIX`;
 * the answer is the first ``(X)`` in the output, else its first non-blank character when that
   is a letter; nothing else counts. Each item is parsed on its own (the reference leaks the
-  previous item's prediction, D24);
+  previous item's prediction, as the reference's parser did);
 * accuracy per source and per task; 2D = mean over the 2D sources (ADE20K, COCO), 3D = mean over
   the 3D sources (Omni3D), overall = mean(2D, 3D).
 """

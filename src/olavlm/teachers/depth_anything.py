@@ -1,8 +1,8 @@
-"""Depth teacher: the DINOv2 backbone of Depth-Anything (v2), spec §3.1.
+"""Depth teacher: the DINOv2 backbone of Depth-Anything (v2) (docs/method.md, "Teachers and targets").
 
 Target = mean over the selected backbone blocks of their hidden states after the backbone's final
 LayerNorm, CLS (and register) tokens removed: (grid * grid, hidden) in the "tokens" layout, e.g.
-(24*24, 1024) for ViT-L/14 at 336 px. Unlike the reference (D11), the encoder sees RGB, normalised
+(24*24, 1024) for ViT-L/14 at 336 px. Unlike the reference (which fed BGR), the encoder sees RGB, normalised
 with the checkpoint's own mean/std (ImageNet for DA-v2). Only the backbone is kept in memory; the
 DPT neck and head are dropped after loading.
 """
@@ -45,7 +45,7 @@ class DepthAnythingTeacher(Teacher):
         """``path``: hub id or folder of a ``DepthAnythingForDepthEstimation`` checkpoint.
 
         ``blocks`` (0-based) default to the checkpoint's DPT read-out blocks (backbone
-        ``out_indices`` - 1), which are [4, 11, 17, 23] for the ViT-L checkpoints (spec §3.1).
+        ``out_indices`` - 1), which are [4, 11, 17, 23] for the ViT-L checkpoints.
         ``mean``/``std`` default to the checkpoint's preprocessor config (ImageNet when absent).
         """
         from transformers import DepthAnythingForDepthEstimation

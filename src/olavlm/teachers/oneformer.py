@@ -1,4 +1,4 @@
-"""Segmentation teacher: the Swin backbone of OneFormer, spec §3.2.
+"""Segmentation teacher: the Swin backbone of OneFormer (docs/method.md, "Teachers and targets").
 
 Target = the backbone's last stage (after its per-stage LayerNorm; 1536 channels, stride 32 for
 Swin-L), bilinearly resized to the image-token grid: (C, grid, grid) in the "grid" layout, e.g.

@@ -1,4 +1,4 @@
-"""Generation teacher: the CLIP image encoder of Stable-Diffusion-2.1-unCLIP, spec §3.3.
+"""Generation teacher: the CLIP image encoder of Stable-Diffusion-2.1-unCLIP (docs/method.md, "Teachers and targets").
 
 Target = ``CLIPVisionModelWithProjection(...).image_embeds`` -> (1, C) in the "vector" layout,
 (1, 1024) for the unCLIP ViT-H/14 encoder. Preprocessing follows the pipeline's

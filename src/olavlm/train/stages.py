@@ -1,4 +1,4 @@
-"""What trains in each stage (spec §5.1, §5.2): the ONE place that states the policy.
+"""What trains in each stage (docs/method.md, "Stages"): the ONE place that states the policy.
 
 =========  =================================================================================
 stage      trainable parameter groups (``model.param_groups()``)
@@ -18,7 +18,7 @@ With ``train.lora`` the ``lora`` group (peft adapters, see olavlm.train.lora) tr
 ``llm``, whose base weights stay frozen.
 
 Overrides: ``train.freeze_task_tokens`` (None = stage default: trainable in PT, frozen after,
-spec §2.3 / fix D8) and ``train.unfreeze_vision_tower`` (adds the vision tower in any stage).
+docs/method.md, "One task-token policy in every stage") and ``train.unfreeze_vision_tower`` (adds the vision tower in any stage).
 VPT/IFT models are built or loaded ``with_predictors=False``; a model that still carries predictor
 or logit-scale parameters there is refused instead of silently training dead weights.
 """
