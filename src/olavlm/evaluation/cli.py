@@ -9,7 +9,7 @@ import json
 def register(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a trained model on a benchmark (cvbench, mmstar, all)")
     ev_sub = ev.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
-    p = ev_sub.add_parser("cvbench", help="CV-Bench protocol (docs/method.md, "Inference"): accuracy per source/task, 2D, 3D, overall",
+    p = ev_sub.add_parser("cvbench", help="CV-Bench protocol (docs/evaluation.md): accuracy per source/task, 2D, 3D, overall",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="trained model folder (RUN_DIR/final)")
     p.add_argument("--data", required=True, help="CV-Bench test.jsonl (real layout) or ShapeWorld cvbench.jsonl")
