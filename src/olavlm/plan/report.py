@@ -46,7 +46,8 @@ def render(plan: dict[str, Any]) -> str:
            f"{plan['model']['image_tokens']} image + {plan['model']['tokens_per_image'] - plan['model']['image_tokens']} "
            f"task tokens per image", ""]
     p = plan["parameters"]
-    out.append("Parameters (exact; trainable per stage from olavlm.train.stages)")
+    out.append(f"Parameters (exact; params: the {plan['stage']} model; trainable per stage from olavlm.train.stages, "
+               "each stage's model carrying the predictors of the tasks active in it)")
     stages = list(p["stages"])
     rows = []
     for group, c in p["groups"].items():
