@@ -125,7 +125,7 @@ def test_flop_formulas_equal_the_flop_counter(tiny_dir, llm, stage):
 
 
 @pytest.mark.parametrize("name,folder", [("depth_anything", "teacher-depth"), ("oneformer", "teacher-seg"),
-                                         ("unclip", "teacher-gen")])
+                                         ("unclip", "teacher-gen"), ("dinov2", "teacher-dinov2")])
 def test_teacher_flop_formulas_equal_the_flop_counter(tiny_dir, name, folder):
     from olavlm.teachers import build_teacher
 
@@ -250,3 +250,123 @@ def test_cli_errors_are_one_line(capsys, args, message):
     assert main(["plan", str(ROOT / "configs/llama3_8b_clip336/pt.yaml"), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+# -- alignment (VIRAL-style) tasks, the DINOv2 teacher and ConvNeXt towers ---------------------------
+
+def _tiny_viral_config(tiny_dir, vision: str = "clip"):
+    from olavlm.config import PredictorConfig, TaskConfig
+
+    cfg = tiny_model_config(tiny_dir, vision=vision)
+    cfg.tasks["viral"] = TaskConfig(kind="alignment", teacher="dinov2", layers=[2, 4], weight=0.5,
+                                    teacher_path=str(tiny_dir / "teachers" / "teacher-dinov2"),
+                                    predictor=PredictorConfig(out_dim=32, mlp_dim=16))
+    return cfg
+
+
+def test_alignment_counts_equal_an_instantiated_model(tiny_dir):
+    cfg = _tiny_viral_config(tiny_dir)
+    meta = meta_model(cfg, with_predictors=True, tasks=["viral"])  # what IFT trains
+    real = OlaVLM.from_config(cfg, with_predictors=True, tasks=["viral"])
+    assert _state(meta) == _state(real)
+    counts = predictor_counts(meta)
+    assert counts == predictor_counts(real) and list(counts) == ["viral"]
+    d, p = real.llm.config.hidden_size, real.num_image_tokens
+    each = d * 16 + 16 + 16 * 16 + 16 + 16 * 32 + 32  # Linear d->16, 16->16, 16->32
+    assert counts["viral"]["per_layer"] == {2: each, 4: each} and counts["viral"]["stages"] == ["ift"]
+    assert counts["viral"]["output_shape"] == [p, 32]
+    planned = stage_counts(meta, "ift", TrainConfig(stage="ift"))
+    trained = configure_trainable(real, "ift", TrainConfig(stage="ift"))
+    assert {g: v["trainable"] for g, v in planned.items()} == {g: trained.get(g, 0) for g in planned}
+    assert planned["predictors"]["trainable"] == 2 * each
+
+
+def test_alignment_flops_equal_the_flop_counter(tiny_dir):
+    """An IFT step with the alignment MLPs (token-wise over the image tokens), counted by torch."""
+    torch.manual_seed(0)
+    cfg = _tiny_viral_config(tiny_dir)
+    model = OlaVLM.from_config(cfg, with_predictors=True, tasks=["viral"])
+    configure_trainable(model, "ift", TrainConfig(stage="ift"))
+    batch = _tiny_batch(model)
+    n = batch["input_ids"].shape[0]
+    batch["targets"] = {"viral": torch.randn(n, *model.target_shapes["viral"])}
+    length = batch["input_ids"].shape[1] - 1 + model.tokens_per_image
+    supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) // n
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.projector.modules())
+    d = LLMDims.of(model.llm)
+    est = F.micro_batch_flops(llm=d, vision=VisionDims.of(model.vision, cfg.vision_type),
+                              projector=(model.vision.hidden_size, d.hidden, linears),
+                              predictors=predictor_counts(model), stage="ift", length=length, supervised=supervised,
+                              batch=n, world=1, image_tokens=model.num_image_tokens, teachers=None)
+    assert est["forward"]["predictors"] == 2 * 2 * n * model.num_image_tokens * (d.hidden * 16 + 16 * 16 + 16 * 32)
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as fwd:
+            out = model(**batch)
+        assert "loss/viral" in out.metrics
+        with FlopCounterMode(display=False) as step:
+            model(**batch).loss.backward()
+    assert fwd.get_total_flops() == F.total(est["forward"])
+    assert step.get_total_flops() == F.total(est["train"])
+
+
+def test_convnext_tower_flops_equal_the_flop_counter(tiny_dir):
+    model = OlaVLM.from_config(tiny_model_config(tiny_dir, vision="convnext"), with_predictors=False)
+    v = VisionDims.of(model.vision, "convnext")
+    side = model.image_spec.size
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model.vision(torch.randn(2, 3, side, side))
+    assert fc.get_total_flops() == 2 * F.total(F.vision_forward(v)) > 0
+
+
+def _dinov2_base_params() -> int:
+    """ViT-B/14 at 518 px (37 x 37 + CLS positions), layer scale, qkv bias: from the architecture."""
+    h, mlp, layers = 768, 4 * 768, 12
+    embed = 3 * h * 14 * 14 + h + h + h + (37 * 37 + 1) * h  # patch conv + bias, CLS, mask token, positions
+    block = 2 * 2 * h + 4 * (h * h + h) + 2 * h + (h * mlp + mlp) + (mlp * h + h)  # 2 LN, qkv+out, 2 scales, MLP
+    return embed + layers * block + 2 * h
+
+
+@pytest.fixture(scope="module")
+def llama_viral_plan():
+    cfg = load_config(ROOT / "configs/llama3_8b_clip336/viral_ift.yaml")
+    return make_plan(cfg, gpus=8, hub_configs=REAL)
+
+
+def test_real_size_plan_of_the_llama3_viral_recipe(llama_viral_plan):
+    plan = llama_viral_plan
+    mlp = 4096 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 768 + 768
+    viral = plan["parameters"]["predictors"]["viral"]
+    assert viral["per_layer"] == {16: mlp} and viral["stages"] == ["ift"] and viral["output_shape"] == [576, 768]
+    stages = plan["parameters"]["stages"]
+    assert stages["ift"]["predictors"]["trainable"] == mlp  # the alignment MLP trains in IFT ...
+    ola = sum(v for t in ("gen", "depth", "seg") for v in plan["parameters"]["predictors"][t]["per_layer"].values())
+    assert stages["pt"]["predictors"]["trainable"] == ola  # ... and not in PT (the OLA predictors do)
+    assert stages["ift"]["llm"]["trainable"] == plan["parameters"]["groups"]["llm"]["params"]
+    assert plan["teachers"] == {"viral": {"class": "Dinov2Teacher", "source": str(REAL / "facebook/dinov2-base"),
+                                          "params": _dinov2_base_params(), "dtype": "bfloat16", "input_size": 336,
+                                          "target_shape": [576, 768], "online": True}}
+    assert _dinov2_base_params() == 86_580_480  # the published size of facebook/dinov2-base
+    # FLOPs per step (global batch 128): MLP forward + input and weight gradients; DINOv2-B at 336 px forward
+    per_step = 128
+    assert plan["flops"]["per_step"]["predictors"] == per_step * 3 * 2 * 576 * (4096 * 2048 + 2048 * 2048 + 2048 * 768)
+    tokens = 24 * 24 + 1
+    dino = 2 * 576 * 768 * 3 * 14 * 14 + 12 * (2 * tokens * (4 * 768 * 768 + 2 * 768 * 3072) + 4 * tokens * tokens * 768)
+    assert plan["flops"]["per_step"]["teachers"] == per_step * dino
+    assert plan["memory"]["ddp"]["teachers"] == 2 * 86_580_480  # bf16 weights while online
+    cache = plan["target_cache"]
+    assert cache["shapes"] == {"viral": [576, 768]} and cache["bytes_per_image"] == 576 * 768 * 2
+    assert cache["bytes"] == 665_298 * 576 * 768 * 2
+
+
+def test_plan_of_the_convnext_recipe_offline():
+    cfg = load_config(ROOT / "configs/llama3_8b_convnext/pt.yaml")
+    plan = make_plan(cfg, gpus=8, hub_configs=REAL)
+    # convnext_xxlarge from its architecture: stem, 3 downsamplings, 40 blocks, the final pooled LayerNorm
+    depths, widths = (3, 4, 30, 3), (384, 768, 1536, 3072)
+    want = 3 * 384 * 16 + 384 + 2 * 384 + 2 * widths[-1]
+    for s, (n, c) in enumerate(zip(depths, widths)):
+        if s:
+            want += 2 * widths[s - 1] + widths[s - 1] * c * 4 + c
+        want += n * (49 * c + c + 2 * c + c * 4 * c + 4 * c + 4 * c * c + c + c)
+    assert plan["parameters"]["groups"]["vision"]["params"] == want == 843_398_016
+    assert plan["model"]["image_tokens"] == 576 and plan["flops"]["per_step"]["vision"] > 0

@@ -102,3 +102,48 @@ def test_bad_demo_arguments_are_one_line_errors(argv, message, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("olavlm demo: error:") and message in err and "\n" not in err
     assert not (tmp_path / "d").exists()  # refused before anything ran
+
+
+@pytest.mark.slow  # a third model (about a minute on 2 shared cores)
+def test_quick_demo_with_viral_lists_three_methods(tmp_path):
+    """`olavlm demo --quick --variants ola,baseline,viral`: VIRAL = the baseline's PT run (trained once)
+    then configs/shapeworld/viral_ift.yaml; the report puts the three side by side."""
+    out = tmp_path / "demo"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "olavlm.cli", "demo", "--quick", "--output-dir", str(out),
+                           "--no-progress", "--variants", "ola,baseline,viral"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    runs = {r["variant"]: r for r in report["runs"]}
+    assert list(runs) == ["ola", "baseline", "viral"]
+    assert runs["viral"]["recipes"] == {"pt": "pt.yaml", "ift": "viral_ift.yaml"}
+    # the baseline's PT run is reused, not trained twice; VIRAL has no PT folder of its own
+    assert runs["viral"]["pt"]["reused"] and not runs["baseline"]["pt"].get("reused")
+    assert runs["viral"]["metrics"]["pt"] == runs["baseline"]["metrics"]["pt"]
+    assert not (out / "runs/seed0/viral/pt").exists()
+    ift_cfg = (out / "runs/seed0/viral/ift/config.yaml").read_text()
+    assert "baseline/pt" in ift_cfg and "kind: alignment" in ift_cfg
+    # only the VIRAL IFT trained with the alignment loss (-cosine: it falls below 0); the others are NTP only
+    for variant, has_loss in (("viral", True), ("baseline", False), ("ola", False)):
+        rows = [json.loads(x) for x in (out / f"runs/seed0/{variant}/ift/metrics.jsonl").read_text().splitlines()]
+        assert all(("loss/viral" in r) == has_loss for r in rows), variant
+    rows = [json.loads(x) for x in (out / "runs/seed0/viral/ift/metrics.jsonl").read_text().splitlines()]
+    assert min(r["loss/viral"] for r in rows) < 0
+    # probes: the shared teachers for all three, VIRAL's own task on its model only
+    for variant in runs:
+        assert {"depth", "seg", "gen"} <= set(runs[variant]["probe"]["ift"])
+    assert "viral" in runs["viral"]["probe"]["ift"] and "viral" not in runs["ola"]["probe"]["ift"]
+    assert sorted(runs["viral"]["probe"]["ift"]["viral"]["layers"]) == ["1", "2", "3", "4"]
+    md = (out / "report.md").read_text()
+    assert ("| task | items | chance | best constant letter | ola | baseline | viral | OLA - baseline | "
+            "VIRAL - baseline |") in md
+    assert "| task | ola | baseline | viral |" in md  # letter histogram
+    assert "**viral** (model after IFT)" in md and "| layer | viral centred | viral raw |" in md
+    lines = md.splitlines()
+    assert "OLA - baseline" in lines[4] and "VIRAL - baseline" in lines[4]
+    for task, row in report["tasks"].items():
+        acc = {v: r["cvbench"]["by_task"][task] for v, r in runs.items()}
+        assert row["viral_diff"]["mean"] == pytest.approx(acc["viral"] - acc["baseline"])
+        assert row["diff"]["mean"] == pytest.approx(acc["ola"] - acc["baseline"])

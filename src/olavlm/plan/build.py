@@ -23,6 +23,7 @@ from olavlm.plan.counts import LLMDims, VisionDims, group_counts, nbytes, numel,
     trainable_split
 from olavlm.plan.hardware import lookup
 from olavlm.plan.meta import meta_model, meta_teachers, resolve_paths
+from olavlm.train.stages import active_tasks
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +100,22 @@ def make_plan(run: RunConfig, *, gpus: int = 8, nodes: int = 1, gpu: str = "h100
     world = gpus * nodes
     t, d = run.train, run.data
     mcfg = resolve_paths(run.model, hub_configs)
-    with_pred = meta_model(mcfg, with_predictors=True, notes=notes)
-    without = meta_model(mcfg, with_predictors=False)
-    model = with_pred if t.stage == "pt" else without
+    with_pred = meta_model(mcfg, with_predictors=True, notes=notes)  # every task with layers (counts, cache)
+
+    built: dict[tuple[str, ...], Any] = {}
+
+    def stage_model(stage: str):
+        """The model ``stage`` trains: the predictors of its active tasks only (PT: OLA's, IFT: VIRAL's)."""
+        active = tuple(active_tasks(mcfg, stage))
+        if active not in built:
+            built[active] = meta_model(mcfg, with_predictors=bool(active), tasks=list(active))
+        return built[active]
+
+    models = {s: stage_model(s) for s in STAGES}
+    model = models[t.stage]
     llm, vis = LLMDims.of(model.llm), VisionDims.of(model.vision, mcfg.vision_type)
     preds = predictor_counts(with_pred)
+    active_preds = predictor_counts(model)  # the predictors this stage runs
     length = seq_len or d.max_length
     micro = t.micro_batch_size
     supervised = max(1, length - model.tokens_per_image)
@@ -112,22 +124,21 @@ def make_plan(run: RunConfig, *, gpus: int = 8, nodes: int = 1, gpu: str = "h100
         notes.append(f"train.global_batch_size {t.global_batch_size} is not divisible by micro {micro} x world "
                      f"{world}: the run would refuse to start")
     tdtype = teacher_dtype(run)
-    online = t.stage == "pt" and (d.target_cache is None or d.cache_miss == "online")
-    teachers = meta_teachers(with_pred.cfg, with_pred.geometry.grid, tdtype, with_pred.target_shapes) \
-        if (t.stage == "pt" and with_pred.target_shapes) else None
+    online = bool(model.target_shapes) and (d.target_cache is None or d.cache_miss == "online")
+    teachers = meta_teachers(model.cfg, model.geometry.grid, tdtype, model.target_shapes,
+                             tasks=list(model.predictors)) if model.target_shapes else None
 
     # -- parameters ---------------------------------------------------------------------------
     params = {"groups": {g: vars(c) for g, c in group_counts(model).items()},
               "predictors": preds, "total": numel(model.parameters()),
-              "stages": {s: stage_counts(with_pred if s == "pt" else without, s, t) for s in STAGES}}
+              "stages": {s: stage_counts(models[s], s, t) for s in STAGES}}
     teacher_info = {task: {"class": type(tt).__name__, "source": tt.source, "params": numel(tt.parameters()),
                            "dtype": str(tdtype).replace("torch.", ""), "input_size": tt.input_size,
                            "target_shape": list(tt.target_shape), "online": online}
                     for task, tt in (teachers.teachers.items() if teachers else [])}
-
     # -- memory --------------------------------------------------------------------------------
     act_bytes = 2 if t.bf16 else 4
-    common = dict(llm=llm, vision=vis, predictors=preds, stage=t.stage, batch=micro, length=length, act_bytes=act_bytes)
+    common = dict(llm=llm, vision=vis, predictors=active_preds, stage=t.stage, batch=micro, length=length, act_bytes=act_bytes)
     act, act_ckpt = M.activations(**common, checkpointing=False), M.activations(**common, checkpointing=True)
     online_teachers = list(teachers.teachers.values()) if (teachers and online) else []
     t_weights = sum(nbytes(tt.parameters()) for tt in online_teachers)
@@ -139,7 +150,7 @@ def make_plan(run: RunConfig, *, gpus: int = 8, nodes: int = 1, gpu: str = "h100
 
     # -- FLOPs and time --------------------------------------------------------------------------
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.projector.modules())
-    mb = F.micro_batch_flops(llm=llm, vision=vis, projector=(vis.hidden, llm.hidden, linears), predictors=preds,
+    mb = F.micro_batch_flops(llm=llm, vision=vis, projector=(vis.hidden, llm.hidden, linears), predictors=active_preds,
                              stage=t.stage, length=length, supervised=supervised, batch=micro, world=world,
                              image_tokens=model.num_image_tokens, teachers=online_teachers,
                              vision_trains=t.unfreeze_vision_tower)
@@ -159,11 +170,11 @@ def make_plan(run: RunConfig, *, gpus: int = 8, nodes: int = 1, gpu: str = "h100
 
     # -- disk ------------------------------------------------------------------------------------
     elem = torch.empty((), dtype=tdtype).element_size()
-    per_image = sum(math.prod(s) for s in with_pred.target_shapes.values()) * elem
+    shapes = model.target_shapes  # the targets of the tasks this stage trains (PT: OLA's; IFT: VIRAL's)
+    per_image = sum(math.prod(s) for s in shapes.values()) * elem
     cache = {"bytes_per_image": per_image, "dtype": str(tdtype).replace("torch.", ""),
-             "images": n if t.stage == "pt" else None,
-             "bytes": per_image * n if (n and t.stage == "pt") else None,
-             "shapes": {k: list(s) for k, s in with_pred.target_shapes.items()}}
+             "images": n if shapes else None, "bytes": per_image * n if (n and shapes) else None,
+             "shapes": {k: list(s) for k, s in shapes.items()}}
     if length == d.max_length:
         notes.append(f"sequence length = data.max_length ({length}), the longest sample the run accepts: memory "
                      "and time are upper bounds; pass --seq-len with your data's typical expanded length")

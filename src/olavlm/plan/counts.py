@@ -59,15 +59,25 @@ class VisionDims:
     intermediate: int
     patch: int
     image_size: int
-    tokens: int  # sequence inside the tower (patches + CLS)
+    tokens: int  # sequence inside the tower (patches + CLS); ConvNeXt: positions of its last stage
     channels: int = 3
+    depths: tuple[int, ...] = ()  # ConvNeXt only: blocks per stage (empty = a ViT)
+    widths: tuple[int, ...] = ()  # ConvNeXt only: channels per stage
 
     @classmethod
     def of(cls, tower: nn.Module, vision_type: str) -> "VisionDims":
-        """Dims of a ViT tower (``vision_type`` names its registry entry, which says if it has a CLS token)."""
+        """Dims of a ViT tower (``vision_type`` names its registry entry, which says if it has a CLS
+        token) or of a ConvNeXt tower (stem patch, blocks and widths per stage)."""
         from olavlm.model.vision import TOWERS
 
         c = tower.model.config
+        if TOWERS[vision_type].family == "convnext":
+            patch = c.patch_size if isinstance(c.patch_size, int) else c.patch_size[0]
+            side = int(c.image_size) // (int(patch) * 2 ** (len(c.depths) - 1))
+            widths = tuple(int(w) for w in c.hidden_sizes)
+            return cls(layers=sum(c.depths), hidden=widths[-1], intermediate=4 * widths[-1], patch=int(patch),
+                       image_size=int(c.image_size), tokens=side * side, channels=int(getattr(c, "num_channels", 3)),
+                       depths=tuple(int(d) for d in c.depths), widths=widths)
         grid = int(c.image_size) // int(c.patch_size)
         has_cls = TOWERS[vision_type].has_cls
         return cls(layers=int(c.num_hidden_layers), hidden=int(c.hidden_size), intermediate=int(c.intermediate_size),
@@ -97,10 +107,20 @@ def group_counts(model) -> dict[str, GroupCount]:
 def predictor_counts(model) -> dict[str, dict[str, Any]]:
     """{task: {"per_layer": {layer: params}, "output_mlp": params of the supervised output MLP per layer,
     "dim": D, "queries": Q, "out_dim": C, "output_shape": [...]}}."""
+    from olavlm.config import task_stages
+
     out: dict[str, dict[str, Any]] = {}
     for task, by_layer in model.predictors.items():
         first = next(iter(by_layer.values()))
-        out[task] = {
+        tc = model.cfg.tasks[task]
+        if tc.kind == "alignment":  # token-wise MLP d -> m -> m -> C on each of the P image tokens
+            lin = [m for m in first.mlp if isinstance(m, torch.nn.Linear)]
+            out[task] = {"kind": "alignment", "stages": list(task_stages(tc)),
+                         "per_layer": {int(layer): numel(p.parameters()) for layer, p in by_layer.items()},
+                         "mlp_dim": lin[0].out_features, "out_dim": first.out_dim, "tokens": first.num_tokens,
+                         "output_shape": list(first.output_shape)}
+            continue
+        out[task] = {"kind": "embedding", "stages": list(task_stages(tc)),
             "per_layer": {int(layer): numel(p.parameters()) for layer, p in by_layer.items()},
             "output_mlp": numel(first.output_mlp.parameters()) if first.output_mlp is not None else 0,
             "dim": first.proj_in.out_features, "queries": first.num_queries, "out_dim": first.out_dim,

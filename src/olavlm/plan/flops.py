@@ -36,7 +36,22 @@ def vit_forward(*, layers: int, hidden: int, intermediate: int, tokens: int, pat
     return {"matmul": conv + layers * per_layer, "attention": layers * 4 * tokens * tokens * hidden}
 
 
+def convnext_forward(v: VisionDims) -> dict[str, int]:
+    """A ConvNeXt trunk: stem (patch x patch, stride patch), per stage a 2x2 stride-2 downsampling
+    (after the first), and per block a 7x7 depthwise conv + Linear C->4C + Linear 4C->C."""
+    side = v.image_size // v.patch
+    matmul = 2 * side * side * v.widths[0] * v.channels * v.patch * v.patch
+    for s, (depth, c) in enumerate(zip(v.depths, v.widths)):
+        if s:
+            side //= 2
+            matmul += 2 * side * side * v.widths[s - 1] * c * 4
+        matmul += depth * 2 * side * side * (49 * c + 8 * c * c)
+    return {"matmul": matmul, "attention": 0}
+
+
 def vision_forward(v: VisionDims) -> dict[str, int]:
+    if v.depths:
+        return convnext_forward(v)
     grid = v.image_size // v.patch
     return vit_forward(layers=v.layers, hidden=v.hidden, intermediate=v.intermediate, tokens=v.tokens,
                        patch=v.patch, grid=grid, channels=v.channels)
@@ -66,6 +81,13 @@ def predictor_forward(p: dict[str, Any], llm_dim: int, length: int, batch: int) 
     attention = 4 * n * Q * keys * inner
     head = 2 * n * Q * D * C + (2 * 2 * n * Q * C * C if p["output_mlp"] else 0)
     return {"matmul": states + queries + p["blocks"] * per_block + head, "attention": p["blocks"] * attention}
+
+
+def alignment_forward(p: dict[str, Any], llm_dim: int, batch: int) -> dict[str, int]:
+    """One (alignment task, layer) token-wise MLP (d -> m -> m -> C) on the P image tokens of each of
+    ``batch`` one-image samples; the -cosine loss is element-wise (0 FLOPs by the convention)."""
+    m, c, tokens = p["mlp_dim"], p["out_dim"], p["tokens"]
+    return {"matmul": 2 * batch * tokens * (llm_dim * m + m * m + m * c), "attention": 0}
 
 
 def contrastive_forward(output_shape: list[int], batch: int, world: int) -> int:
@@ -103,6 +125,12 @@ def teacher_forward(teacher) -> dict[str, int]:
         return vit_forward(layers=max(teacher.blocks) + 1, hidden=c.hidden_size,
                            intermediate=int(c.hidden_size * c.mlp_ratio), tokens=grid * grid + teacher.num_prefix,
                            patch=teacher.patch_size, grid=grid)
+    if name == "dinov2":  # ViT at grid x patch px: the grid's patch tokens + CLS (+ registers)
+        c = teacher.model.config
+        tokens = teacher.grid * teacher.grid + 1 + int(getattr(c, "num_register_tokens", 0) or 0)
+        return vit_forward(layers=c.num_hidden_layers, hidden=c.hidden_size,
+                           intermediate=int(c.hidden_size * c.mlp_ratio), tokens=tokens,
+                           patch=teacher.patch_size, grid=teacher.grid, channels=c.num_channels)
     if name == "oneformer":
         return swin_forward(teacher.backbone.config, teacher.input_size)
     if name == "unclip":
@@ -137,8 +165,14 @@ def micro_batch_flops(*, llm: LLMDims, vision: VisionDims, projector: tuple[int,
              "vision": batch * ((3 * vis["matmul"] + 3 * vis["attention"]) if vision_trains else total(vis)),
              "projector": batch * (2 * proj["first"] + 3 * proj["rest"])}
     fwd["predictors"] = fwd["losses"] = train["predictors"] = train["losses"] = 0
-    if pt:
-        for p in predictors.values():
+    for p in predictors.values():  # ``predictors``: the tasks active in ``stage``
+        if p.get("kind") == "alignment":
+            for _ in p["per_layer"]:
+                f = alignment_forward(p, llm.hidden, batch)
+                fwd["predictors"] += total(f)
+                train["predictors"] += 3 * total(f)  # trainable, and its input gradient reaches the LLM
+            continue
+        if pt:
             for _ in p["per_layer"]:
                 f = predictor_forward(p, llm.hidden, length, batch)
                 fwd["predictors"] += total(f)

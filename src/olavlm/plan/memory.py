@@ -101,8 +101,10 @@ def activations(*, llm: LLMDims, vision: VisionDims, predictors: dict, stage: st
       (V x (a + 8) bytes per row);
     * predictors (PT): :func:`predictor_elements` x a each, plus the fp32 flattened, normalised
       predictions and targets of the losses (3 x F x 4 bytes per image);
-    * the vision tower runs before the LLM without gradients: all its hidden states (layers + 1)
-      and one block's working set, freed before the LLM runs (a separate peak).
+    * alignment MLPs (their stage): P x (d + 4m + C) x a per image and layer (gathered tokens, two
+      Linear + SiLU outputs, the output) plus 3 x P x C x 4 bytes of fp32 cosine rows;
+    * the vision tower runs before the LLM without gradients: :func:`vision_elements`, freed before
+      the LLM runs (a separate peak).
     """
     per_layer = llm_layer_bytes(llm, stage, batch=batch, length=length, act_bytes=act_bytes)
     tokens = batch * length
@@ -113,15 +115,33 @@ def activations(*, llm: LLMDims, vision: VisionDims, predictors: dict, stage: st
     body += 3 * llm.hidden * tokens * act_bytes
     head = min(tokens, HEAD_CHUNK) * llm.vocab * (act_bytes + 8)
     pred = 0
-    if stage == "pt":
-        for p in predictors.values():
+    for p in predictors.values():  # the tasks active in ``stage``
+        if p.get("kind") == "alignment":  # gathered tokens, two (Linear, SiLU) pairs, the output, fp32 loss rows
+            per_image = p["tokens"] * (llm.hidden + 4 * p["mlp_dim"] + p["out_dim"])
+            pred += len(p["per_layer"]) * batch * (per_image * act_bytes + 3 * p["tokens"] * p["out_dim"] * 4)
+            continue
+        if stage == "pt":
             flat = 1
             for s in p["output_shape"]:
                 flat *= s
             for _ in p["per_layer"]:
                 pred += predictor_elements(p, llm.hidden, length, batch) * act_bytes + 3 * batch * flat * 4
-    vis = batch * vision.tokens * (vision.hidden * (vision.layers + 1) + 3 * vision.hidden + vision.intermediate)
+    vis = batch * vision_elements(vision)
     return {"llm": body, "head": head, "predictors": pred, "vision_transient": vis * act_bytes}
+
+
+def vision_elements(v: VisionDims) -> int:
+    """Elements per image the tower holds at its peak (no gradients). ViT: all its hidden states
+    (layers + 1) and one block's working set. ConvNeXt: at its widest stage, the stage input, the
+    block input and output, the depthwise output and the 4C hidden layer (8C per position)."""
+    if not v.depths:
+        return v.tokens * (v.hidden * (v.layers + 1) + 3 * v.hidden + v.intermediate)
+    side = v.image_size // v.patch
+    peak = 0
+    for s, c in enumerate(v.widths):
+        side = side // 2 if s else side
+        peak = max(peak, side * side * 8 * c)
+    return peak
 
 
 def teacher_transient(teachers, batch: int, act_bytes: int) -> int:
@@ -134,6 +154,9 @@ def teacher_transient(teachers, batch: int, act_bytes: int) -> int:
             c = t.backbone.config
             side = t.input_size // t.patch_size
             peak = max(peak, (side * side + 1) * (4 * c.hidden_size + int(c.mlp_ratio * c.hidden_size)))
+        elif name == "dinov2":
+            c = t.model.config
+            peak = max(peak, (t.grid * t.grid + 1) * (4 * c.hidden_size + int(c.mlp_ratio * c.hidden_size)))
         elif name == "oneformer":
             c = t.backbone.config
             side = t.input_size // c.patch_size

@@ -110,19 +110,22 @@ def meta_loading(notes: list[str] | None = None, *, device: str = "meta"):
         yield
 
 
-def meta_model(model_cfg: ModelConfig, *, with_predictors: bool, notes: list[str] | None = None):
-    """The OlaVLM a run builds from ``model_cfg``, on the meta device (attention backend irrelevant)."""
+def meta_model(model_cfg: ModelConfig, *, with_predictors: bool, notes: list[str] | None = None,
+               tasks: list[str] | None = None):
+    """The OlaVLM a run builds from ``model_cfg``, on the meta device (attention backend irrelevant);
+    ``tasks``: the tasks that get predictors (default: every task with layers)."""
     from olavlm.model.vlm import OlaVLM
 
     cfg = copy.deepcopy(model_cfg)
     cfg.attn_implementation = "sdpa"  # flash-attn need not be installed to plan
     with meta_loading(notes):
-        return OlaVLM.from_config(cfg, with_predictors=with_predictors)
+        return OlaVLM.from_config(cfg, with_predictors=with_predictors, tasks=tasks)
 
 
-def meta_teachers(model_cfg: ModelConfig, grid: int, dtype: torch.dtype, expected=None):
-    """The run's TeacherSet (teachers of tasks with predictor layers) on the meta device."""
+def meta_teachers(model_cfg: ModelConfig, grid: int, dtype: torch.dtype, expected=None,
+                  tasks: list[str] | None = None):
+    """The run's TeacherSet (teachers of ``tasks``, default every task with layers) on the meta device."""
     from olavlm.teachers import build_teachers
 
     with meta_loading():
-        return build_teachers(model_cfg, grid=grid, dtype=dtype, expected=expected)
+        return build_teachers(model_cfg, grid=grid, dtype=dtype, expected=expected, tasks=tasks)

@@ -32,6 +32,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), "  " + "  ".join("-" * w for w in widths), *[line(r) for r in rows]]
 
 
+def _width(v: dict[str, Any]) -> str:
+    if v.get("kind") == "alignment":  # token-wise MLP over the P image tokens
+        return f"MLP d->{v['mlp_dim']}->{v['mlp_dim']}->{v['out_dim']} on {v['tokens']} image tokens"
+    return f"D={v['dim']} Q={v['queries']} C={v['out_dim']}"
+
+
 def render(plan: dict[str, Any]) -> str:
     w, g, b = plan["world"], plan["gpu"], plan["batch"]
     out = [f"olavlm plan: {plan['config'] or 'run config'} -- stage {plan['stage']}, engine {plan['engine']}, "
@@ -40,7 +46,8 @@ def render(plan: dict[str, Any]) -> str:
            f"{plan['model']['image_tokens']} image + {plan['model']['tokens_per_image'] - plan['model']['image_tokens']} "
            f"task tokens per image", ""]
     p = plan["parameters"]
-    out.append("Parameters (exact; trainable per stage from olavlm.train.stages)")
+    out.append(f"Parameters (exact; params: the {plan['stage']} model; trainable per stage from olavlm.train.stages, "
+               "each stage's model carrying the predictors of the tasks active in it)")
     stages = list(p["stages"])
     rows = []
     for group, c in p["groups"].items():
@@ -50,11 +57,11 @@ def render(plan: dict[str, Any]) -> str:
     rows.append(["total", _n(p["total"]), "", *[_n(sum(v["trainable"] for v in p["stages"][s].values())) for s in stages]])
     out += _table(["group", "params", "dtype", *[f"trains in {s}" for s in stages]], rows)
     if p["predictors"]:
-        out += ["", "Predictors (per task and LLM layer)"]
+        out += ["", "Predictors (per task and LLM layer; trained in their stages only)"]
         rows = [[task, ", ".join(str(layer) for layer in v["per_layer"]), _n(next(iter(v["per_layer"].values()))),
-                 f"D={v['dim']} Q={v['queries']} C={v['out_dim']}", "x".join(map(str, v["output_shape"]))]
+                 _width(v), "x".join(map(str, v["output_shape"])), ", ".join(v["stages"])]
                 for task, v in p["predictors"].items()]
-        out += _table(["task", "layers", "params each", "width", "output"], rows)
+        out += _table(["task", "layers", "params each", "width", "output", "stages"], rows)
     if plan["teachers"]:
         out += ["", "Teachers (frozen, outside the model; kept modules only)"]
         rows = [[task, v["class"], _n(v["params"]), v["dtype"], str(v["input_size"]), "x".join(map(str, v["target_shape"])),
@@ -84,8 +91,8 @@ def render(plan: dict[str, Any]) -> str:
         out.append(f"Time at {t['mfu']:.0%} MFU of {t['peak_tflops_per_gpu']:g} TFLOP/s per GPU: "
                    f"{t['seconds_per_step']:,.2f} s per step{hours}")
     c, k = plan["target_cache"], plan["checkpoints"]
-    if plan["stage"] == "pt":
-        out.append(f"Target cache: {_size(c['bytes_per_image'])} per image ({c['dtype']}) -> {_size(c['bytes'])} "
+    if c["shapes"]:
+        out.append(f"Target cache ({', '.join(c['shapes'])}): {_size(c['bytes_per_image'])} per image ({c['dtype']}) -> {_size(c['bytes'])} "
                    f"for {_n(c['images'])} images")
     out.append("Checkpoints: periodic " + ", ".join(f"{e} {_size(v)}" for e, v in k["periodic"].items())
                + f" (x keep_last {k['keep_last']}); final/ " + ", ".join(f"{e} {_size(v)}" for e, v in k["final"].items()))

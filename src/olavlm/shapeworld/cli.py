@@ -12,7 +12,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the bootstrap and the first run")
     p.add_argument("--quick", action="store_true", help="smoke-test size (about a minute)")
     p.add_argument("--variants", default="ola,baseline",
-                   help="comma list of ola (NTP + embedding losses), baseline (NTP only); both = side by side")
+                   help="comma list of ola (NTP + embedding losses in PT), baseline (NTP only), viral (baseline PT, "
+                        "then NTP + alignment loss in IFT); all listed run side by side")
     p.add_argument("--seeds", type=int, default=1, help="repeat PT/IFT/eval for seeds seed..seed+N-1 (mean ± std)")
     p.add_argument("--config-dir", default=None, help="folder with pt.yaml / ift.yaml; None = the repository's configs/shapeworld")
     p.add_argument("--threads", type=int, default=None,

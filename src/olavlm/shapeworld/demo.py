@@ -8,9 +8,12 @@ Stages (each logged as ``[demo k/6] ...``):
   4. IFT with ``configs/shapeworld/ift.yaml`` (NTP only, task tokens kept frozen);
   5. ``eval cvbench`` on the held-out cvbench.jsonl and ``probe`` (depth, seg, gen) on probe.json;
   6. report.md, report.json, loss.png, probe.png.
-Every run trains both variants side by side: ``ola`` and ``baseline`` (identical, embedding losses
-off: tasks keep their tokens but ``layers: []``); with ``seeds > 1`` everything after the bootstrap
-repeats per seed and the report gives mean ± std.
+By default it trains two variants side by side: ``ola`` and ``baseline`` (identical, embedding losses
+off: tasks keep their tokens but ``layers: []``); ``viral`` (the baseline's PT, then
+``configs/shapeworld/viral_ift.yaml``: NTP + alignment in IFT) is a third on request. The recipes and
+extra overrides of each come from :mod:`olavlm.methods`; a PT run two variants share (baseline and
+viral) trains once. With ``seeds > 1`` everything after the bootstrap repeats per seed and the
+report gives mean ± std.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from olavlm.shapeworld.bootstrap import BootstrapSpec
 from olavlm.shapeworld.world import WorldSpec
 
 log = logging.getLogger("olavlm.demo")
-VARIANTS = ("ola", "baseline")
+VARIANTS = ("ola", "baseline", "viral")  # the methods of olavlm.methods
+DEFAULT_VARIANTS = ("ola", "baseline")  # `make demo` (time budget); viral on request
 PROBE_TASKS = ("depth", "seg", "gen")
 
 
@@ -93,7 +97,7 @@ def ensure_world(root: Path, spec: WorldSpec) -> Path:
 
 def stage_config(config_file: Path, *, llm: Path, vision: Path, world: Path, data_file: str, run_dir: Path,
                  seed: int, epochs: int, batch: int, max_steps: int | None, init_from: Path | None,
-                 baseline: bool):
+                 extra: list[str] = ()):
     """The recipe with the demo's paths and sizes filled in (the same overrides `olavlm train` takes)."""
     from olavlm.config import load_config
 
@@ -104,8 +108,7 @@ def stage_config(config_file: Path, *, llm: Path, vision: Path, world: Path, dat
     overrides += [f"model.tasks.{t}.teacher_path={world}" for t in PROBE_TASKS]
     if init_from is not None:
         overrides.append(f"train.init_from={init_from}")
-    if baseline:
-        overrides += [f"model.tasks.{t}.layers=[]" for t in PROBE_TASKS]
+    overrides += list(extra)  # the method's own (olavlm.methods.shapeworld_stage_overrides)
     return load_config(config_file, overrides)
 
 
@@ -123,27 +126,43 @@ def run_stage(cfg) -> dict:
     return train(cfg, resume="none").summary
 
 
+def _pt_dir(out: Path, variant: str, seed: int) -> Path:
+    """The PT run of ``variant``: methods with the same PT recipe and overrides share one run folder."""
+    from olavlm.methods import shapeworld_plan
+
+    plan = shapeworld_plan(variant)
+    owner = next(v for v in VARIANTS if (shapeworld_plan(v).pt_recipe, shapeworld_plan(v).pt_embedding_losses)
+                 == (plan.pt_recipe, plan.pt_embedding_losses))
+    return out / "runs" / f"seed{seed}" / owner / "pt"
+
+
 def run_variant(out: Path, variant: str, seed: int, st: DemoSettings, boot, world: Path, config_dir: Path,
                 progress: bool) -> dict:
     from olavlm.evaluation.cvbench import format_table, load_items, run_cvbench
+    from olavlm.methods import shapeworld_plan, shapeworld_stage_overrides
 
     base = out / "runs" / f"seed{seed}" / variant
+    pt_dir = _pt_dir(out, variant, seed)
     common = dict(llm=boot.llm, vision=boot.vision, world=world, seed=seed, batch=st.batch_size,
-                  max_steps=st.max_steps, baseline=variant == "baseline")
-    t0 = _stage(3, f"PT ({variant}, seed {seed}): NTP{' + depth/seg/gen embedding losses' if variant == 'ola' else ' only (embedding losses off)'}")
-    pt_cfg = stage_config(config_dir / "pt.yaml", data_file="pretrain.json", run_dir=base / "pt",
-                          epochs=st.pt_epochs, init_from=None, **common)
+                  max_steps=st.max_steps)
+    plan = shapeworld_plan(variant)
+    pt_file, pt_extra = shapeworld_stage_overrides(variant, "pt", world)
+    t0 = _stage(3, f"PT ({variant}, seed {seed}): NTP{' + depth/seg/gen embedding losses' if plan.pt_embedding_losses else ' only (embedding losses off)'}"
+                   f"{'' if pt_dir.parent == base else f' = the {pt_dir.parent.name} PT run'}")
+    pt_cfg = stage_config(config_dir / pt_file, data_file="pretrain.json", run_dir=pt_dir,
+                          epochs=st.pt_epochs, init_from=None, extra=pt_extra, **common)
     pt = run_stage(pt_cfg)
-    t1 = _stage(4, f"IFT ({variant}, seed {seed}) from {base / 'pt'} [PT took {time.perf_counter() - t0:.0f} s]")
-    ift_cfg = stage_config(config_dir / "ift.yaml", data_file="instruct.json", run_dir=base / "ift",
-                           epochs=st.ift_epochs, init_from=base / "pt", **common)
+    ift_file, ift_extra = shapeworld_stage_overrides(variant, "ift", world)
+    t1 = _stage(4, f"IFT ({variant}, seed {seed}) with {ift_file} from {pt_dir} [PT took {time.perf_counter() - t0:.0f} s]")
+    ift_cfg = stage_config(config_dir / ift_file, data_file="instruct.json", run_dir=base / "ift",
+                           epochs=st.ift_epochs, init_from=pt_dir, extra=ift_extra, **common)
     ift = run_stage(ift_cfg)
     t2 = _stage(5, f"evaluate ({variant}, seed {seed}): CV-Bench format + probes "
                    f"[IFT took {time.perf_counter() - t1:.0f} s]")
     cvb = run_cvbench(base / "ift" / "final", world / "cvbench.jsonl", world, output=base / "cvbench.json",
                       batch_size=st.eval_batch_size, progress=progress)
     log.info("%s seed %d:\n%s", variant, seed, format_table(cvb))
-    probes = probe_models(base, world, st, progress)
+    probes = probe_models(base, world, st, progress, pt_dir=pt_dir, extra_ift=plan.probe_tasks)
     n_choices = {it["idx"]: len(it["choices"]) for it in load_items(world / "cvbench.jsonl")}
     items = [{"task": p["task"], "answer": p["answer"], "prediction": p["prediction"], "correct": p["correct"],
               "n_choices": n_choices.get(p["idx"])} for p in cvb["per_item"]]
@@ -151,12 +170,15 @@ def run_variant(out: Path, variant: str, seed: int, st: DemoSettings, boot, worl
             "cvbench": {k: v for k, v in cvb.items() if k != "per_item"},
             "probe": probes, "seconds": {"pt": round(t1 - t0, 1), "ift": round(t2 - t1, 1),
                                          "eval": round(time.perf_counter() - t2, 1)},
-            "metrics": {"pt": str((base / "pt" / "metrics.jsonl").relative_to(out)),
+            "recipes": {"pt": pt_file, "ift": ift_file},
+            "metrics": {"pt": str((pt_dir / "metrics.jsonl").relative_to(out)),
                         "ift": str((base / "ift" / "metrics.jsonl").relative_to(out))}}
 
 
-def probe_models(base: Path, world: Path, st: DemoSettings, progress: bool) -> dict:
-    """Probe results {stage: {task: train_probes result}} for the configured stages' final models."""
+def probe_models(base: Path, world: Path, st: DemoSettings, progress: bool, *, pt_dir: Path | None = None,
+                 extra_ift: tuple[str, ...] = ()) -> dict:
+    """Probe results {stage: {task: train_probes result}} for the configured stages' final models
+    (``extra_ift``: the method's own tasks, probed on its IFT model too)."""
     import json as _json
 
     from olavlm.evaluation.probe import ProbeSpec, collect_states, parse_layers, resolve_teacher, train_probes
@@ -166,7 +188,8 @@ def probe_models(base: Path, world: Path, st: DemoSettings, progress: bool) -> d
     records = _json.loads((world / "probe.json").read_text())
     out = {}
     for stage, tasks in st.probe_plan.items():
-        em = load_eval_model(base / stage / "final")
+        tasks = tuple(tasks) + (tuple(t for t in extra_ift if t not in tasks) if stage == "ift" else ())
+        em = load_eval_model((pt_dir or base / "pt") / "final" if stage == "pt" else base / stage / "final")
         layers = parse_layers("all", em.model.llm.config.num_hidden_layers)
         teachers = {}
         for task in tasks:
@@ -199,7 +222,7 @@ def _portable(path: Path) -> str:
 
 
 def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool = False, seeds: int = 1,
-             variants: tuple[str, ...] = VARIANTS, config_dir: str | Path | None = None, progress: bool = True) -> dict:
+             variants: tuple[str, ...] = DEFAULT_VARIANTS, config_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Run the demo; returns the report dict (also written to ``output_dir/report.json``)."""
     import torch
 
@@ -227,7 +250,7 @@ def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool
         for variant in variants:
             runs.append(run_variant(out, variant, s, st, boot, world, cfg_dir, progress))
     _stage(6, f"report -> {out / 'report.md'}")
-    trained = [r for r in runs if not (r["pt"].get("reused") and r["ift"].get("reused"))] or runs
+    trained = [r for r in runs if not r["ift"].get("reused")] or runs
     per_model = sum(sum(r["seconds"].values()) for r in trained) / len(trained)  # reused runs took ~0 s
     info = {"seed": seed, "seeds": list(range(seed, seed + seeds)), "quick": quick, "variants": list(variants),
             "settings": dataclasses.asdict(st), "config_dir": _portable(cfg_dir), "threads": torch.get_num_threads(),

@@ -29,7 +29,7 @@ def aggregate(runs: list[dict]) -> dict:
         tasks = sorted({t for r in rs for t in r["cvbench"]["by_task"]}, key=lambda t: (t not in TASK_ORDER, TASK_ORDER.index(t) if t in TASK_ORDER else 0, t))
         for t in tasks:
             cvb[t] = _stats([r["cvbench"]["by_task"].get(t) for r in rs])
-        probe: dict = {}
+        probe: dict = {}  # a variant's own tasks (viral) are probed on its model only
         for stage in rs[0]["probe"]:
             probe[stage] = {}
             for task in rs[0]["probe"][stage]:
@@ -78,7 +78,7 @@ def plot_losses(runs: list[dict], out: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=120)
-    colours = {"ola": "tab:blue", "baseline": "tab:orange"}
+    colours = {"ola": "tab:blue", "baseline": "tab:orange", "viral": "tab:green"}
     seen = set()
     for r in runs:
         if r["variant"] in seen:  # first seed of each variant
@@ -86,18 +86,18 @@ def plot_losses(runs: list[dict], out: Path, path: Path) -> None:
         seen.add(r["variant"])
         colour = colours.get(r["variant"], "tab:grey")
         for ax, stage, keys in ((axes[0], "pt", ("loss/ntp",)), (axes[1], "pt", ("loss/depth", "loss/seg", "loss/gen")),
-                                (axes[2], "ift", ("loss/ntp",))):
+                                (axes[2], "ift", ("loss/ntp", "loss/viral"))):
             rows = _read_metrics(out / r["metrics"][stage])
             for k, key in enumerate(keys):
                 pts = [(m["step"], m[key]) for m in rows if m.get(key) is not None]
                 if not pts:
                     continue
                 xs, ys = zip(*pts)
-                c = colour if len(keys) == 1 else f"C{k + 2}"
+                c = colour if k == 0 and stage == "ift" or len(keys) == 1 else f"C{k + 2}"
                 ax.plot(xs, ys, color=c, alpha=0.25, lw=0.7)
                 ax.plot(xs, _smooth(list(ys), max(1, len(ys) // 15)), color=c, lw=1.6,
                         label=f"{r['variant']} {key.split('/')[1]}")
-    for ax, title in zip(axes, ("PT: next-token loss", "PT: embedding losses (OLA only)", "IFT: next-token loss")):
+    for ax, title in zip(axes, ("PT: next-token loss", "PT: embedding losses (OLA only)", "IFT: next-token (+ alignment, VIRAL)")):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("optimizer step")
         if ax.lines:
@@ -125,7 +125,7 @@ def plot_probes(agg: dict, path: Path) -> None:
                 ys = [entry[k]["mean"] for k in entry]
                 es = [entry[k]["std"] or 0.0 for k in entry]
                 ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2,
-                            ls="-" if variant == "ola" else "--", label=f"{variant} after {stage.upper()}")
+                            ls={"ola": "-", "viral": ":"}.get(variant, "--"), label=f"{variant} after {stage.upper()}")
         ax.axhline(0.0, color="grey", lw=0.6)
         ax.set_title(f"{task} probe", fontsize=8)
         ax.set_xlabel("LLM layer")
@@ -136,9 +136,18 @@ def plot_probes(agg: dict, path: Path) -> None:
     plt.close(fig)
 
 
+DIFFS = (("ola", "diff", "OLA - baseline"), ("viral", "viral_diff", "VIRAL - baseline"))  # (variant, key, column)
+
+
+def _diffs(variants) -> list[tuple[str, str, str]]:
+    """The (variant, key, column) of each "<method> - baseline" column the variants allow."""
+    return [d for d in DIFFS if "baseline" in variants and d[0] in variants]
+
+
 def task_table(runs: list[dict]) -> dict:
-    """Per CV-Bench task: accuracy per variant (stats over seeds), OLA - baseline (stats of the
-    per-seed differences), chance, the best constant-letter answer and the predicted-letter counts."""
+    """Per CV-Bench task: accuracy per variant (stats over seeds), OLA - baseline and VIRAL - baseline
+    (stats of the per-seed differences), chance, the best constant-letter answer and the
+    predicted-letter counts."""
     tasks = sorted({i["task"] for r in runs for i in r["cvbench_items"]},
                    key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER), t))
     variants = list(dict.fromkeys(r["variant"] for r in runs))
@@ -155,9 +164,9 @@ def task_table(runs: list[dict]) -> dict:
             row[v] = _stats(list(acc[v].values()))
             row[f"{v}_letters"] = dict(sorted(Counter(i["prediction"] or "none" for r in runs if r["variant"] == v
                                                       for i in r["cvbench_items"] if i["task"] == t).items()))
-        if {"ola", "baseline"} <= set(variants):
-            seeds = sorted(set(acc["ola"]) & set(acc["baseline"]))
-            row["diff"] = _stats([acc["ola"][s] - acc["baseline"][s] for s in seeds])
+        for v, key, _ in _diffs(variants):
+            seeds = sorted(set(acc[v]) & set(acc["baseline"]))
+            row[key] = _stats([acc[v][s] - acc["baseline"][s] for s in seeds])
         out[t] = row
     return out
 
@@ -172,24 +181,28 @@ def _pp(s: dict | None, signed: bool = False) -> str:
 def summary_lines(info: dict, agg: dict, table: dict) -> list[str]:
     """The five lines the report opens with."""
     sec, seeds = info["seconds"], info["seeds"]
-    both = {"ola", "baseline"} <= set(agg)
+    diffs = _diffs(agg)
+    both = bool(diffs)
     over = {v: _pp(agg[v]["cvbench"]["overall"]) for v in agg}
-    over_diff = _stats([a - b for a, b in zip(agg["ola"]["cvbench"]["overall"]["values"],
-                                              agg["baseline"]["cvbench"]["overall"]["values"])]) if both else None
+    over_diff = {key: _stats([a - b for a, b in zip(agg[v]["cvbench"]["overall"]["values"],
+                                                     agg["baseline"]["cvbench"]["overall"]["values"])])
+                 for v, key, _ in diffs}
     n_items = sum(row["n"] for row in table.values())
     lines = [
         f"1. **What ran**: ShapeWorld (world seed {info['seed']}) -> bootstrap -> PT -> IFT -> held-out CV-Bench-format "
-        f"eval + probes, for {' and '.join(agg)} ({'identical except the embedding losses' if both else 'one variant'}), "
+        f"eval + probes, for {', '.join(agg)} ({_what_differs(agg)}), "
         f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}{' (quick smoke size)' if info['quick'] else ''}.",
         f"2. **Time**: {sec['total']:.0f} s in all (generate {sec['generate']:.0f} s, bootstrap {sec['bootstrap']:.0f} s"
         f"{' cached' if info['bootstrap'].get('cached') else ''}, {sec['per_model']:.0f} s per trained model on average); "
         f"{info['threads']} torch thread(s); load average {info['load_start']} at start, {info['load_end']} at the end.",
         f"3. **CV-Bench format, overall** ({n_items} held-out items): " + ", ".join(f"{v} {over[v]} %" for v in agg)
-        + (f"; OLA - baseline {_pp(over_diff, signed=True)} points" if both else "") + ".",
+        + "".join(f"; {col} {_pp(over_diff[key], signed=True)} points" for _, key, col in diffs) + ".",
     ]
     if both:
-        lines.append("4. **OLA - baseline per task** (points" + (", mean ± std over seeds" if len(seeds) > 1 else "")
-                     + "): " + ", ".join(f"{t} {_pp(row['diff'], signed=True)}" for t, row in table.items()) + ".")
+        lines.append("4. **" + " and ".join(col for *_, col in diffs) + " per task** (points"
+                     + (", mean ± std over seeds" if len(seeds) > 1 else "") + "): "
+                     + "; ".join(", ".join(f"{t} {_pp(row[key], signed=True)}" for t, row in table.items())
+                                 + (f" ({col.split()[0]})" if len(diffs) > 1 else "") for _, key, col in diffs) + ".")
     else:
         lines.append("4. **Per task**: " + ", ".join(f"{t} {_pp(row[next(iter(agg))])} %" for t, row in table.items()) + ".")
     grounded = []
@@ -202,6 +215,14 @@ def summary_lines(info: dict, agg: dict, table: dict) -> list[str]:
     return lines
 
 
+def _what_differs(agg: dict) -> str:
+    if len(agg) == 1:
+        return "one variant"
+    parts = [{"ola": "ola adds the embedding losses in PT", "viral": "viral adds the alignment loss in IFT"}[v]
+             for v in agg if v in ("ola", "viral")]
+    return "same data, models and steps; " + "; ".join(parts) if parts else "same data, models and steps"
+
+
 def _target(row: dict) -> float:
     return 0.75 if row["chance"] >= 0.5 else 0.5
 
@@ -211,18 +232,18 @@ def markdown(info: dict, agg: dict, runs: list[dict]) -> str:
     boot = info["bootstrap"]
     table = task_table(runs)
     multi = len(info["seeds"]) > 1
+    diffs = _diffs(variants)
     lines = ["# ShapeWorld demo report", "", *summary_lines(info, agg, table), "",
              "## CV-Bench-format accuracy per task (%, held-out items" + (", mean ± std over seeds" if multi else "") + ")",
-             "", "| task | items | chance | best constant letter | " + " | ".join(variants)
-             + (" | OLA - baseline |" if "diff" in next(iter(table.values())) else " |"),
-             "|---|---|---|---|" + "---|" * len(variants) + ("---|" if "diff" in next(iter(table.values())) else "")]
+             "", "| task | items | chance | best constant letter | " + " | ".join(variants + [c for *_, c in diffs]) + " |",
+             "|---|---|---|---|" + "---|" * (len(variants) + len(diffs))]
     for t, row in table.items():
-        cells = [_pp(row[v]) for v in variants] + ([_pp(row["diff"], signed=True)] if "diff" in row else [])
+        cells = [_pp(row[v]) for v in variants] + [_pp(row[key], signed=True) for _, key, _ in diffs]
         lines.append(f"| {t} | {row['n']} | {100 * row['chance']:.0f} | {100 * row['best_constant']:.0f} "
                      f"{row['best_constant_letter']} | " + " | ".join(cells) + " |")
     for m in ("overall", "2D", "3D"):
         lines.append(f"| {m} | | | | " + " | ".join(_pp(agg[v]["cvbench"][m]) for v in variants)
-                     + (" | |" if "diff" in next(iter(table.values())) else " |"))
+                     + " |" * len(diffs) + " |")
     lines += ["", "Predicted letters per task (all seeds together; one letter for every item = the model ignores "
               "the image for that task):", "", "| task | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     for t, row in table.items():
@@ -238,7 +259,10 @@ def markdown(info: dict, agg: dict, runs: list[dict]) -> str:
               f"{boot['vision']['loss_last']:.3f} in {boot['vision']['steps']} steps.",
               f"3. PT with `{info['config_dir']}/pt.yaml` through `olavlm train` (ola: NTP + depth/seg/gen embedding "
               "losses vs the oracle teachers; baseline: the same with every task's `layers: []`).",
-              f"4. IFT with `{info['config_dir']}/ift.yaml` through `olavlm train` (NTP only; task tokens frozen).",
+              f"4. IFT with `{info['config_dir']}/ift.yaml` through `olavlm train` (NTP only; task tokens frozen)"
+              + (f"; viral: `{info['config_dir']}/viral_ift.yaml` from the baseline's PT run (NTP + 0.5 x "
+                 "alignment of layer-2 image tokens to the patch oracle, token-wise MLP, -cosine)" if "viral" in variants
+                 else "") + ".",
               "5. `eval cvbench` on the held-out cvbench.jsonl (greedy); `probe` of every LLM layer for each "
               "teacher's targets on held-out probe images.", "",
               "## Training", "",
@@ -261,19 +285,23 @@ def _probe_lines(agg: dict, variants: list[str]) -> list[str]:
              "target: how much of the image-specific part of the teacher's target the layer carries (0 = no "
              "better than a constant). The raw cosine (the paper's metric) is shown too; with ShapeWorld's "
              "near-identical backgrounds the constant mean target already scores close to 1 on it.", ""]
-    first = next(iter(agg.values()))["probe"]
-    for stage in first:
-        for task in first[stage]:
-            layers = list(agg[variants[0]]["probe"][stage][task]["centred"])
+    order: dict = {}  # stage -> tasks, over every variant (viral's own task is probed on its model only)
+    for v in variants:
+        for stage, per_task in agg[v]["probe"].items():
+            order.setdefault(stage, dict.fromkeys(())).update(dict.fromkeys(per_task))
+    for stage, tasks in order.items():
+        for task in tasks:
+            have = [v for v in variants if task in agg[v]["probe"].get(stage, {})]
+            layers = list(agg[have[0]]["probe"][stage][task]["centred"])
             lines += [f"**{task}** (model after {stage.upper()})", "",
-                      "| layer | " + " | ".join(f"{v} centred | {v} raw" for v in variants) + " |",
-                      "|---|" + "---|---|" * len(variants)]
+                      "| layer | " + " | ".join(f"{v} centred | {v} raw" for v in have) + " |",
+                      "|---|" + "---|---|" * len(have)]
             for lay in layers:
                 cells = [f"{_fmt(agg[v]['probe'][stage][task]['centred'][lay])} | "
-                         f"{_fmt(agg[v]['probe'][stage][task]['cosine'][lay])}" for v in variants]
+                         f"{_fmt(agg[v]['probe'][stage][task]['cosine'][lay])}" for v in have]
                 lines.append(f"| {lay} | " + " | ".join(cells) + " |")
             lines.append("| constant (mean target) | " + " | ".join(
-                f"0 | {_fmt(agg[v]['probe'][stage][task]['constant'])}" for v in variants) + " |")
+                f"0 | {_fmt(agg[v]['probe'][stage][task]['constant'])}" for v in have) + " |")
             lines.append("")
     return lines
 
