@@ -123,7 +123,7 @@ def test_predictions_read_the_image_spans_and_skip_text_only(ift_model):
     b = _batch(m.tokenizer, [(False, "Only text, and a rather long answer of many words here."),
                              (True, "A circle."), (True, "Two red squares and one blue triangle.")])
     px = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    out = m(**b, pixel_values=px, predict=True)
+    out = m(**b, pixel_values=px, mode="predict")
     states, layout = m.layer_states(b["input_ids"], b["attention_mask"], px, [2, 4])
     assert layout.image_sample.tolist() == [1, 2]  # the text-only sample has no image row
     for layer in (2, 4):
