@@ -232,7 +232,7 @@ def test_tiny_dinov2_targets_have_the_image_token_grid(tiny_dir, grid):
 
     from olavlm.teachers import build_teacher
     from olavlm.teachers.base import prepare_pixels
-    from olavlm.teachers.specs import target_spec
+    from olavlm.teachers.registry import target_spec
 
     path = tiny_dir / "teachers" / "teacher-dinov2"
     teacher = build_teacher("dinov2", str(path), grid=grid)
@@ -262,7 +262,7 @@ def world(tmp_path_factory):
 
 def test_shapeworld_patch_oracle(world):
     from olavlm.teachers import build_teacher
-    from olavlm.teachers.specs import target_spec
+    from olavlm.teachers.registry import target_spec
 
     root = world.root
     t = build_teacher("shapeworld_patches", str(root), grid=8, dim=16)

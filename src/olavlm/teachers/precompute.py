@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from olavlm.teachers.cache import (DIGEST_SUFFIX, FORMAT, INDEX, VERSION, CacheError, TargetCache, config_fingerprints,
+from olavlm.teachers.cache import (DIGEST_SUFFIX, FORMAT, INDEX, VERSION, CacheError, config_fingerprints,
                                    dtype_name, file_sha256, geometry_fingerprint, shard_name)
 
 log = logging.getLogger(__name__)
@@ -304,10 +304,3 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
                   f"{index['present_shards']}/{len(shards)} shards present -> {root / INDEX}", flush=True)
     barrier()
     return summary
-
-
-def open_cache(run_cfg) -> TargetCache:
-    """The run's target cache (``data.target_cache``)."""
-    if not run_cfg.data.target_cache:
-        raise CacheError("data.target_cache: not set")
-    return TargetCache.open(run_cfg.data.target_cache)
