@@ -1,8 +1,10 @@
-"""Shared benchmark plumbing: machine description, repeated timing with medians, JSON results.
+"""Shared benchmark plumbing: thread policy, machine description, interleaved timing (wall and CPU
+time, min and median), JSON results.
 
-Every benchmark measures its comparison side by side in ONE process run (machines are noisy), warms
-up, repeats, and writes ``benchmarks/results/<name>.json`` with the machine, versions, config, raw
-timings, medians, spread and ratios.
+Every benchmark measures its comparison side by side in ONE process run (machines are noisy): it
+fixes the torch thread count first (:func:`bench_threads`, recorded in the JSON), warms up, repeats
+with the variants interleaved, and writes ``benchmarks/results/<name>.json`` with the machine,
+versions, threads, config, raw wall and CPU seconds, min, median, spread and ratios.
 """
 
 from __future__ import annotations
@@ -16,6 +18,26 @@ from pathlib import Path
 from typing import Any, Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"  # committed results; OLAVLM_BENCH_RESULTS overrides
+_THREADS: dict[str, Any] = {}  # what bench_threads chose, written into every result
+
+
+def bench_threads(requested: int | None = None) -> int:
+    """Fix torch's intra-op thread count for this benchmark process (``olavlm.threads``: an explicit
+    ``--threads``, else OMP_NUM_THREADS, else 1) and remember it for the JSON record."""
+    from olavlm.threads import choose_threads, configure_threads
+
+    n, why = choose_threads(requested)
+    configure_threads(n, quiet=True)
+    _THREADS.update(count=n, reason=why if requested is None else "--threads")
+    return n
+
+
+def threads_record() -> dict[str, Any]:
+    import torch
+
+    return {**_THREADS, "torch_num_threads": torch.get_num_threads()} if _THREADS else {
+        "count": torch.get_num_threads(), "reason": "not fixed by the benchmark (torch default)",
+        "torch_num_threads": torch.get_num_threads()}
 
 
 def results_dir() -> Path:
@@ -47,35 +69,49 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def timed(fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
 def timeit(fn: Callable[[], Any], *, warmup: int = 2, repeat: int = 5,
-           sync: Callable[[], None] | None = None) -> list[float]:
-    """Wall seconds of ``repeat`` calls after ``warmup`` calls."""
+           sync: Callable[[], None] | None = None, cpu: list[float] | None = None) -> list[float]:
+    """Wall seconds of ``repeat`` calls after ``warmup`` calls (their CPU seconds appended to ``cpu``)."""
     for _ in range(warmup):
         fn()
     if sync:
         sync()
     times = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t0)
+        wall, used = timed(fn, sync)
+        times.append(wall)
+        if cpu is not None:
+            cpu.append(used)
     return times
 
 
-def summarize(times: list[float]) -> dict[str, float]:
-    """Median and spread (min, max, relative IQR-ish half-range) of a list of timings."""
+def summarize(times: list[float], cpu: list[float] | None = None) -> dict[str, Any]:
+    """Median, min (the least disturbed repeat), max and spread of wall timings; with ``cpu`` the same
+    of the CPU seconds and their ratio to wall time (about the thread count when the process has
+    the cores to itself, much less when it waits for them)."""
     med = statistics.median(times)
-    return {"median": med, "min": min(times), "max": max(times),
-            "spread": (max(times) - min(times)) / med if med else 0.0, "n": len(times)}
+    out: dict[str, Any] = {"median": med, "min": min(times), "max": max(times),
+                           "spread": (max(times) - min(times)) / med if med else 0.0, "n": len(times)}
+    if cpu:
+        cmed = statistics.median(cpu)
+        out.update(cpu_raw=list(cpu), cpu_median=cmed, cpu_min=min(cpu), cpu_over_wall=cmed / med if med else None)
+    return out
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
     payload = {"name": name, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "machine": machine(), **payload}
+               "machine": machine(), "threads": threads_record(), **payload}
     path = out / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
@@ -117,6 +153,8 @@ def step_parser(description: str):
                     help="skip counting FLOPs (torch's FlopCounterMode costs ~ms per op, once per variant)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="peak dense bf16 TFLOP/s of the device for MFU (default: known GPUs, else none)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: OMP_NUM_THREADS, else 1; recorded in the result)")
     return ap
 
 
@@ -130,10 +168,12 @@ def repeats(args) -> tuple[int, int]:
 def timeit_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 2, repeat: int = 5,
                        sync: Callable[[], None] | None = None,
                        peak_memory: Callable[[], int | None] | None = None,
-                       reset_peak: Callable[[], None] | None = None) -> tuple[dict[str, list[float]], dict]:
+                       reset_peak: Callable[[], None] | None = None,
+                       cpu: dict[str, list[float]] | None = None) -> tuple[dict[str, list[float]], dict]:
     """Time several variants side by side: after each variant's warm-up, the timed rounds alternate
     A B C, C B A, ... so slow drifts of a shared machine hit every variant alike. Returns
-    ``({name: [seconds]}, {name: peak bytes during its warm-up or None})`` (peaks need warmup >= 1)."""
+    ``({name: [wall seconds]}, {name: peak bytes during its warm-up or None})`` (peaks need
+    warmup >= 1); the CPU seconds of every timed call go to ``cpu[name]`` when given."""
     peaks: dict[str, int | None] = {}
     for name, fn in fns.items():
         if reset_peak:
@@ -147,23 +187,28 @@ def timeit_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 2, re
     order = list(fns)
     for r in range(repeat):
         for name in (order if r % 2 == 0 else order[::-1]):
-            t0 = time.perf_counter()
-            fns[name]()
-            if sync:
-                sync()
-            times[name].append(time.perf_counter() - t0)
+            wall, used = timed(fns[name], sync)
+            times[name].append(wall)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(used)
     return times, peaks
 
 
 def ratio(numerator: dict[str, float], denominator: dict[str, float], *, goal: float | None = None,
           better: str = "lower", what: str = "") -> dict[str, Any]:
     """Ratio of two :func:`summarize` medians with its goal: ``better="lower"`` passes when
-    ratio <= goal, ``"higher"`` when ratio >= goal; no goal -> ``pass`` is None. The ``range`` is the
-    ratio of the extremes (min/max, max/min) -- how far noise could move it."""
+    ratio <= goal, ``"higher"`` when ratio >= goal; no goal -> ``pass`` is None. Also the ratio of
+    the minima (``value_min``: each side's least disturbed repeat), of the median CPU seconds when
+    both sides have them, and the ``range``, the ratio of the extremes (min/max, max/min) -- how far
+    noise could move it."""
     value = numerator["median"] / denominator["median"]
     lo, hi = numerator["min"] / denominator["max"], numerator["max"] / denominator["min"]
     passed = None if goal is None else (value <= goal if better == "lower" else value >= goal)
-    return {"value": value, "range": [lo, hi], "goal": goal, "better": better, "pass": passed, "what": what}
+    out = {"value": value, "value_min": numerator["min"] / denominator["min"], "range": [lo, hi], "goal": goal,
+           "better": better, "pass": passed, "what": what}
+    if numerator.get("cpu_median") and denominator.get("cpu_median"):
+        out["value_cpu"] = numerator["cpu_median"] / denominator["cpu_median"]
+    return out
 
 
 def memory_probes(dev) -> tuple[Callable[[], int | None] | None, Callable[[], None] | None]:

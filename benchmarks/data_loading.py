@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import summarize, write_result  # noqa: E402
+from benchmarks.common import bench_threads, summarize, write_result  # noqa: E402
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 WORDS = ("the a red blue green small large circle square triangle left right of is on near image shows "
@@ -93,16 +93,19 @@ def bench_loader(data: Path, images: Path, tokenizer, *, workers: int, batches: 
                                          num_workers=workers, persistent_workers=False, prefetch_factor=4)
     it = iter(loader)
     next(it)  # worker start-up + first batch are excluded
-    t0, n, times = time.perf_counter(), 0, []
+    t0, c0, n, times, cpu = time.perf_counter(), time.process_time(), 0, [], []
     for _ in range(batches):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         batch = next(it)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         n += batch["input_ids"].shape[0]
-    wall = time.perf_counter() - t0
+    wall, used = time.perf_counter() - t0, time.process_time() - c0
     del it
     return {"workers": workers, "micro_batch": micro, "batches": batches, "teacher_image_size": teacher_size,
-            "samples_per_s": n / wall, "batch_wait_s": summarize(times)}
+            "samples_per_s": n / wall, "wall_s": wall, "main_process_cpu_s": used,
+            "cpu_note": "CPU time of the main process only (the workers decode and tokenize)",
+            "batch_wait_s": summarize(times, cpu)}
 
 
 def bench_per_sample(data: Path, images: Path, tokenizer, n: int) -> dict:
@@ -169,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--index-records", type=int, default=None, help="records of the index benchmark (665,298)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: OMP_NUM_THREADS, else 1; recorded in the result)")
     args = ap.parse_args(argv)
+    bench_threads(args.threads)
     n_images = 48 if args.quick else 512
     n_records = 4 * n_images
     batches = 4 if args.quick else 40

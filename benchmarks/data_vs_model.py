@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,29 +50,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     ap.add_argument("--loader-batches", type=int, default=None, help="batches per loader round (default 8, quick 3)")
     args = ap.parse_args(argv)
-    import torch
-
-    from benchmarks import models as M
+    from benchmarks.common import timed
     from benchmarks.data_loading import WORDS, bench_loader
     from benchmarks.harness import record
+    from benchmarks.models import sync_fn
+    from benchmarks.steps import StepBench
     from olavlm.model.tiny import _CORPUS, train_tokenizer
 
-    M.quiet()
-    bc = M.load_bench_config(args.config, quick=args.quick, text_len=args.text_len,
-                             micro_batch=args.batch or (8 if args.quick else 16), overrides=args.override,
-                             bf16=args.bf16)
-    micro, bf16 = bc.micro_batch, bc.run.train.bf16
-    dev = M.device()
-    model, opt, counts = M.build_olavlm(bc, "pt")
-    batch = M.to_device(M.synthetic_batch(model, micro, bc.text_len), dev)
-    target_dtype = torch.bfloat16 if bf16 else torch.float32
-    batch["targets"] = M.to_device(M.random_targets(model.target_shapes, micro, target_dtype), dev)
-    step = M.make_step(model, opt, batch, bf16=bf16, max_grad_norm=bc.run.train.max_grad_norm)
-    sync = M.sync_fn(dev)
+    sb = StepBench.from_args(args, micro_batch=8 if args.quick else 16)
+    bc, micro, bf16 = sb.bc, sb.n, sb.bf16
+    pt = sb.olavlm("pt")
+    model, counts = pt.model, pt.counts
+    step = sb.step(pt, {**sb.batch(model), "targets": sb.targets(model)})
+    sync = sync_fn(sb.dev)
     warmup, rounds = repeats(args)
     loader_batches = args.loader_batches or (3 if args.quick else 8)
     tokenizer = train_tokenizer(_CORPUS + [" ".join(WORDS)])
-    loader_rates, step_times = [], []
+    loader_rates, step_times, step_cpu = [], [], []
     with tempfile.TemporaryDirectory(prefix="olavlm-dvm-") as tmp:
         data, images = write_data(Path(tmp), 32 if args.quick else 128)
         for _ in range(warmup):
@@ -82,16 +75,14 @@ def main(argv: list[str] | None = None) -> int:
             r = bench_loader(data, images, tokenizer, workers=args.workers, batches=loader_batches, micro=micro,
                              teacher_size=None)
             loader_rates.append(r["samples_per_s"])
-            t0 = time.perf_counter()
-            step()
-            if sync:
-                sync()
-            step_times.append(time.perf_counter() - t0)
+            wall, used = timed(step, sync)
+            step_times.append(wall)
+            step_cpu.append(used)
     model_rates = [micro / t for t in step_times]
     loader_s, model_s = summarize(loader_rates), summarize(model_rates)
     ratios = {"loader_over_model": ratio(loader_s, model_s, goal=GOAL, better="higher",
                                          what=f"loader samples/s ({args.workers} workers) / model samples/s")}
-    variants = {"model_pt_step": {"raw": step_times, **summarize(step_times), "throughput": None}}
+    variants = {"model_pt_step": {"raw": step_times, **summarize(step_times, step_cpu), "throughput": None}}
     extra = {"loader_samples_per_s": {"raw": loader_rates, **loader_s},
              "model_samples_per_s": {"raw": model_rates, **model_s},
              "loader": {"workers": args.workers, "batches_per_round": loader_batches, "micro_batch": micro,

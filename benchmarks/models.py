@@ -15,6 +15,8 @@ A step = forward under the trainer's autocast (bf16 when ``train.bf16``), backwa
 at ``train.max_grad_norm``, AdamW step, zero_grad -- the body of ``olavlm.train.loop.train`` without
 Accelerate's bookkeeping. Trainable parameters are fp32 master weights, frozen ones stay in
 ``model.dtype``, exactly as the loop sets them up.
+
+The comparisons put these together through ``benchmarks.steps.StepBench``.
 """
 
 from __future__ import annotations
@@ -254,13 +256,16 @@ def to_device(batch: dict, dev: torch.device) -> dict:
             for k, v in batch.items()}
 
 
-def build_olavlm(bc: BenchConfig, stage: str, *, plain: bool = False):
+def build_olavlm(bc: BenchConfig, stage: str, *, plain: bool = False, random_weights: bool = False):
     """OlaVLM for ``stage`` (predictors only in PT), frozen per the stage policy, fp32 master
     weights for what trains, on the benchmark device; returns (model, optimizer, trainable counts).
-    ``plain``: no tasks at all (no task tokens, no predictors) -- the LLaVA-1.5 model."""
+    ``plain``: no tasks at all (no task tokens, no predictors) -- the LLaVA-1.5 model.
+    ``random_weights``: build from the config files alone, random weights on the device (real-size
+    configs without a download, ``olavlm.plan.meta``)."""
     import dataclasses
 
     from olavlm.model.vlm import OlaVLM
+    from olavlm.plan.meta import meta_loading
     from olavlm.train.stages import configure_trainable, uses_predictors
 
     mcfg = bc.run.model
@@ -268,7 +273,9 @@ def build_olavlm(bc: BenchConfig, stage: str, *, plain: bool = False):
         mcfg = dataclasses.replace(mcfg, num_task_tokens=0, task_order=[], tasks={}, layer_spec=None,
                                    weight_spec=None)
     train_cfg = dataclasses.replace(bc.run.train, stage=stage)
-    model = OlaVLM.from_config(mcfg, with_predictors=uses_predictors(stage) and not plain)
+    loading = meta_loading(device=device().type) if random_weights else contextlib.nullcontext()
+    with loading:
+        model = OlaVLM.from_config(mcfg, with_predictors=uses_predictors(stage) and not plain)
     counts = configure_trainable(model, stage, train_cfg)
     model.to(device())
     if bc.run.train.gradient_checkpointing:
@@ -311,3 +318,4 @@ def make_step(model, optimizer, inputs: dict, *, bf16: bool, max_grad_norm: floa
         return float(loss.detach())
 
     return step
+

@@ -32,37 +32,28 @@ def main(argv: list[str] | None = None) -> int:
     args = step_parser(__doc__.splitlines()[0]).parse_args(argv)
     import torch
 
-    from benchmarks import models as M
     from benchmarks.flops import teacher_forward
     from benchmarks.harness import measure, print_summary, record
-    from olavlm.teachers import build_teachers
+    from benchmarks.models import write_small_teachers
+    from benchmarks.steps import StepBench
 
-    M.quiet()
-    bc = M.load_bench_config(args.config, quick=args.quick, text_len=args.text_len, micro_batch=args.batch,
-                             overrides=args.override, bf16=args.bf16)
-    M.write_small_teachers(bc)
-    dev, bf16, clip = M.device(), bc.run.train.bf16, bc.run.train.max_grad_norm
-    n = bc.micro_batch
-    model, opt, counts = M.build_olavlm(bc, "pt")
-    teacher_dtype = getattr(torch, bc.run.train.teacher_dtype) if bc.run.train.teacher_dtype else (
-        torch.bfloat16 if bf16 else torch.float32)
-    teachers = build_teachers(model.cfg, grid=model.geometry.grid, device=dev, dtype=teacher_dtype,
-                              expected=model.target_shapes)
+    sb = StepBench.from_args(args)
+    write_small_teachers(sb.bc)
+    pt = sb.olavlm("pt")
+    model, n = pt.model, sb.n
+    teachers, teacher_dtype = sb.teachers(model)
     side = teachers.input_size
     g = torch.Generator().manual_seed(2)
-    images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g).to(dev)
-    batch = M.to_device(M.synthetic_batch(model, n, bc.text_len), dev)
-    cached = {k: v.to(dev) for k, v in teachers.encode(images).items()}  # what the cache would hold
+    images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g).to(sb.dev)
+    batch = sb.batch(model)
+    cached = {k: v.to(sb.dev) for k, v in teachers.encode(images).items()}  # what the cache would hold
 
     def online(inputs: dict) -> dict:
         return {**inputs, "targets": teachers.encode(images)}
 
-    steps = {
-        "pt_cached": M.make_step(model, opt, {**batch, "targets": cached}, bf16=bf16, max_grad_norm=clip),
-        "pt_online": M.make_step(model, opt, batch, bf16=bf16, max_grad_norm=clip, before=online),
-        "teachers_only": lambda: teachers.encode(images),
-    }
-    variants = measure(steps, args=args, dev=dev)
+    steps = {"pt_cached": sb.step(pt, {**batch, "targets": cached}), "pt_online": sb.step(pt, batch, before=online),
+             "teachers_only": lambda: teachers.encode(images)}
+    variants = measure(steps, args=args, dev=sb.dev)
     v = variants
     ratios = {"pt_online_over_pt_cached": ratio(v["pt_online"], v["pt_cached"],
                                                 what="PT step with online teachers / with cached targets"),
@@ -73,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                            "target_shape": list(t.target_shape)} for task, t in teachers.teachers.items()}
     extra = {"teachers": teacher_info, "teacher_dtype": str(teacher_dtype).replace("torch.", ""),
              "teacher_forward_flops": teacher_forward(teachers, images), "teacher_image_side": side,
-             "trainable": counts}
-    path = record("online_vs_cached", args=args, bc=bc, variants=variants, ratios=ratios, extra=extra)
-    print(f"online_vs_cached ({'bf16 autocast' if bf16 else 'fp32'}, batch {n}, text {bc.text_len}, device {dev.type})")
+             "trainable": pt.counts}
+    path = record("online_vs_cached", args=args, bc=sb.bc, variants=variants, ratios=ratios, extra=extra)
+    print(sb.describe("online_vs_cached"))
     print_summary(variants, ratios)
     print(f"wrote {path}")
     return 0

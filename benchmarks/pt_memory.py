@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (bench_env, load_average, ratio, summarize, timeit_interleaved,  # noqa: E402
+from benchmarks.common import (bench_env, bench_threads, load_average, ratio, summarize, timeit_interleaved,  # noqa: E402
                                write_result)
 
 SIZES = {  # the small config (knobs of the benchmark, not of the method)
@@ -184,9 +184,12 @@ def main() -> None:
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 model + autocast (default: on CUDA only; CPUs without AVX512-BF16/AMX run "
                          "bf16 matmuls far slower than fp32)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: OMP_NUM_THREADS, else 1; recorded in the result)")
     ap.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_paths", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    bench_threads(args.threads)
     batch = args.batch or (4 if args.quick else 8)
     import torch
 
@@ -209,13 +212,14 @@ def main() -> None:
         sync = torch.cuda.synchronize if dev.type == "cuda" else None
         peak_fn = torch.cuda.max_memory_allocated if dev.type == "cuda" else None
         reset = torch.cuda.reset_peak_memory_stats if dev.type == "cuda" else None
+        cpu: dict[str, list[float]] = {}
         times, gpu_peaks = timeit_interleaved(steps, warmup=1, repeat=repeat, sync=sync,
-                                              peak_memory=peak_fn, reset_peak=reset)
+                                              peak_memory=peak_fn, reset_peak=reset, cpu=cpu)
         if dev.type == "cuda":
             peaks = {k: {"step_peak_bytes": v, "how": "torch.cuda.max_memory_allocated"} for k, v in gpu_peaks.items()}
         else:
             peaks = cpu_peaks(paths, batch, args.text_len, bf16)
-    med = {k: summarize(v) for k, v in times.items()}
+    med = {k: summarize(v, cpu[k]) for k, v in times.items()}
     mem_ratio = peaks["olavlm"]["step_peak_bytes"] / max(1, peaks["reference"]["step_peak_bytes"])
     result = {
         "config": {"sizes": SIZES, "vocab": vocab, "batch": batch, "text_len": args.text_len,

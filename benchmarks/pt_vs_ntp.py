@@ -30,28 +30,19 @@ GOAL = 1.10  # issue 8 / 5(a): PT step with cached targets costs at most 10 % mo
 
 def main(argv: list[str] | None = None) -> int:
     args = step_parser(__doc__.splitlines()[0]).parse_args(argv)
-    import torch
-
-    from benchmarks import models as M
     from benchmarks.flops import forward_split
     from benchmarks.harness import measure, print_summary, record
+    from benchmarks.models import autocast
+    from benchmarks.steps import StepBench
 
-    M.quiet()
-    bc = M.load_bench_config(args.config, quick=args.quick, text_len=args.text_len, micro_batch=args.batch,
-                             overrides=args.override, bf16=args.bf16)
-    dev, bf16, clip = M.device(), bc.run.train.bf16, bc.run.train.max_grad_norm
-    n = bc.micro_batch
-    model, opt, counts = M.build_olavlm(bc, "pt")
-    batch = M.to_device(M.synthetic_batch(model, n, bc.text_len), dev)
-    target_dtype = torch.bfloat16 if bf16 else torch.float32
-    targets = M.to_device(M.random_targets(model.target_shapes, n, target_dtype), dev)
-    plain, plain_opt, plain_counts = M.build_olavlm(bc, "pt", plain=True)
-    steps = {
-        "pt_cached": M.make_step(model, opt, {**batch, "targets": targets}, bf16=bf16, max_grad_norm=clip),
-        "ntp": M.make_step(model, opt, batch, bf16=bf16, max_grad_norm=clip),
-        "ntp_plain": M.make_step(plain, plain_opt, batch, bf16=bf16, max_grad_norm=clip),
-    }
-    variants = measure(steps, args=args, dev=dev)
+    sb = StepBench.from_args(args)
+    pt, plain = sb.olavlm("pt"), sb.olavlm("pt", plain=True)
+    model = pt.model
+    batch = sb.batch(model)
+    targets = sb.targets(model)
+    steps = {"pt_cached": sb.step(pt, {**batch, "targets": targets}), "ntp": sb.step(pt, batch),
+             "ntp_plain": sb.step(plain, batch)}
+    variants = measure(steps, args=args, dev=sb.dev)
     v = variants
     ratios = {
         "pt_cached_over_ntp": ratio(v["pt_cached"], v["ntp"], goal=GOAL,
@@ -60,10 +51,12 @@ def main(argv: list[str] | None = None) -> int:
                                           what="PT step / NTP step of the LLaVA-1.5 model (no task tokens)"),
         "ntp_over_ntp_plain": ratio(v["ntp"], v["ntp_plain"], what="cost of the task tokens in the sequence"),
     }
-    extra = {"trainable": {"olavlm_pt": counts, "plain": plain_counts},
-             "sequence": {"tokens_per_image": model.tokens_per_image, "plain_tokens_per_image": plain.tokens_per_image,
-                          "expanded_length": bc.text_len - 1 + model.tokens_per_image,
-                          "plain_expanded_length": bc.text_len - 1 + plain.tokens_per_image},
+    t = sb.bc.text_len
+    extra = {"trainable": {"olavlm_pt": pt.counts, "plain": plain.counts},
+             "sequence": {"tokens_per_image": model.tokens_per_image,
+                          "plain_tokens_per_image": plain.model.tokens_per_image,
+                          "expanded_length": t - 1 + model.tokens_per_image,
+                          "plain_expanded_length": t - 1 + plain.model.tokens_per_image},
              "target_shapes": {k: list(s) for k, s in model.target_shapes.items()}}
     if not args.no_flops:
         # how much of the time ratio is more work (counted FLOPs) and how much per-kernel overhead
@@ -72,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         # forward FLOPs per component (module attribution is exact in forward)
         parts = {name: f"OlaVLM.{name}" for name in ("llm", "vision", "projector", "predictors")}
         extra["forward_flops_by_component"] = forward_split(model, {**batch, "targets": targets}, parts,
-                                                            autocast=M.autocast(dev, bf16))
-    path = record("pt_vs_ntp", args=args, bc=bc, variants=variants, ratios=ratios, extra=extra)
-    print(f"pt_vs_ntp ({'bf16 autocast' if bf16 else 'fp32'}, batch {n}, text {bc.text_len}, device {dev.type})")
+                                                            autocast=autocast(sb.dev, sb.bf16))
+    path = record("pt_vs_ntp", args=args, bc=sb.bc, variants=variants, ratios=ratios, extra=extra)
+    print(sb.describe("pt_vs_ntp"))
     print_summary(variants, ratios)
     print(f"wrote {path}")
     return 0

@@ -120,14 +120,16 @@ def verdict(value: float | None, row: Row) -> str:
 
 def render(folder: Path | None = None) -> str:
     results = load(folder or results_dir())
-    lines = ["| # | comparison | measured (range) | goal | verdict | setup |", "|---|---|---|---|---|---|"]
+    lines = ["| # | comparison | median (min; range) | goal | verdict | setup |", "|---|---|---|---|---|---|"]
     for row in ROWS:
         data = results.get(row.result)
         value = dig(data, row.path) if data else None
         shown = f"{value:.2f}" if isinstance(value, (int, float)) else "not run"
         span = dig(data, (*row.path[:-1], "range")) if data else None
+        low = dig(data, (*row.path[:-1], "value_min")) if data else None
         if isinstance(value, (int, float)) and isinstance(span, list) and len(span) == 2:
-            shown += f" ({span[0]:.2f}–{span[1]:.2f})"  # ratio of the extremes: how far noise could move it
+            best = f"min {low:.2f}; " if isinstance(low, (int, float)) else ""
+            shown += f" ({best}{span[0]:.2f}–{span[1]:.2f})"  # ratio of the minima; of the extremes
         goal = f"{row.op} {row.goal:g}" if row.goal is not None else "-"
         lines.append(f"| {row.goal_no} | {row.label} | {shown} | {goal} | {verdict(value, row)} | "
                      f"{setup_of(data) if data else ''} |")
@@ -151,6 +153,8 @@ def render(folder: Path | None = None) -> str:
             lines.append(f"| {r['text_len']} | {r['batch']} | {r['sequence_len']} | {r['median_ms']:.0f} | "
                          f"{r['us_per_token']:.0f} | {r['time_ratio']:.2f} | {r['flops_ratio']:.2f} | "
                          f"{r['time_over_flops_ratio']:.2f} |")
+    lines += ["", *gpu_table(results)]
+    results = {k: v for k, v in results.items() if not k.startswith("gpu-")}
     dates = sorted(d.get("written", "") for d in results.values() if d.get("written"))
     machine = next((d.get("machine") for d in results.values() if d.get("machine")), {})
     if dates:
@@ -163,12 +167,54 @@ def render(folder: Path | None = None) -> str:
     return "\n".join(lines)
 
 
+GPU_ROWS = [  # (stage, path to the ratio, path to the variants, variant shown, label)
+    ("pt", ("ratios", "pt_cached_over_ntp"), ("variants",), "pt_cached", "PT step, cached targets ÷ NTP step"),
+    ("pt", ("online", "ratios", "pt_online_over_pt_cached"), ("online", "variants"), "pt_online",
+     "PT step, online teachers ÷ cached targets"),
+    ("ift", ("ratios", "ift_over_llava"), ("variants",), "olavlm_ift", "IFT step ÷ `LlavaForConditionalGeneration` step"),
+]
+
+
+def gpu_table(results: dict[str, dict]) -> list[str]:
+    """Rows of ``benchmarks/results/gpu-*.json`` (``make bench-gpu``), or a line saying there are none."""
+    runs = {k: v for k, v in sorted(results.items()) if k.startswith("gpu-") and not v.get("config", {}).get("smoke")}
+    if not runs:
+        return ["GPU (real size, `make bench-gpu`): not run yet -- no GPU was available where this table was made."]
+    lines = ["GPU, real-size models with random weights (`make bench-gpu`; MFU = counted step FLOPs ÷ (median step "
+             "time × dense bf16 peak)):", "",
+             "| run | comparison | median (min) | goal | verdict | micro-batch | tokens/s | MFU | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, data in runs.items():
+        label = f"{data.get('gpu', {}).get('name', '?')}, {name[4:]}"
+        for stage, ratio_path, variants_path, variant, what in GPU_ROWS:
+            block = data.get(stage) or {}
+            r = dig(block, ratio_path)
+            if not r:
+                reason = block.get("error") or block.get("skipped") or dig(block, (ratio_path[0], "error")) \
+                    or dig(block, (ratio_path[0], "skipped")) or "not measured"
+                lines.append(f"| {label} | {what} | {reason} | | | | | | |")
+                continue
+            v = dig(block, (*variants_path, variant)) or {}
+            goal = f"<= {r['goal']:g}" if r.get("goal") is not None else "-"
+            ok = "-" if r.get("pass") is None else ("pass" if r["pass"] else "**miss**")
+            tp = v.get("throughput") or {}
+            mfu = f"{tp['mfu']:.1%}" if tp.get("mfu") else "-"
+            mem = f"{v['peak_memory_bytes'] / 2**30:.1f}" if v.get("peak_memory_bytes") else "-"
+            tok = f"{v['tokens_per_s']:,.0f}" if v.get("tokens_per_s") else "-"
+            lines.append(f"| {label} | {what} | {r['value']:.3f} ({r['value_min']:.3f}) | {goal} | {ok} | "
+                         f"{block.get('micro_batch', '-')} | {tok} | {mfu} | {mem} |")
+    return lines
+
+
 def replace_between(text: str, table: str, *, heading: str | None = None) -> str:
     """Put ``table`` between the markers; without markers, append them (under ``heading``)."""
     block = f"{START}\n{table}\n{END}"
-    if START in text and END in text and text.index(START) < text.index(END):
-        return text[:text.index(START)] + block + text[text.index(END) + len(END):]
-    if START in text or END in text:
+    lines = text.split("\n")  # markers count only on a line of their own (prose may quote them)
+    starts = [i for i, line in enumerate(lines) if line.strip() == START]
+    ends = [i for i, line in enumerate(lines) if line.strip() == END]
+    if len(starts) == len(ends) == 1 and starts[0] < ends[0]:
+        return "\n".join([*lines[:starts[0]], block, *lines[ends[0] + 1:]])
+    if starts or ends:
         raise ValueError(f"unbalanced {START} / {END} markers")
     prefix = text.rstrip("\n") + "\n\n" + (f"{heading}\n\n" if heading else "")
     return prefix + block + "\n"

@@ -32,24 +32,18 @@ def grid(text_len: int, batch: int, quick: bool) -> list[tuple[int, int]]:
 def main(argv: list[str] | None = None) -> int:
     ap = step_parser(__doc__.splitlines()[0])
     args = ap.parse_args(argv)
-    import torch
-
-    from benchmarks import models as M
     from benchmarks.harness import measure, record
+    from benchmarks.steps import StepBench
 
-    M.quiet()
-    bc = M.load_bench_config(args.config, quick=args.quick, text_len=args.text_len, micro_batch=args.batch,
-                             overrides=args.override, bf16=args.bf16)
-    dev, bf16, clip = M.device(), bc.run.train.bf16, bc.run.train.max_grad_norm
-    model, opt, counts = M.build_olavlm(bc, "pt")
-    target_dtype = torch.bfloat16 if bf16 else torch.float32
+    sb = StepBench.from_args(args)
+    bc, dev, bf16 = sb.bc, sb.dev, sb.bf16
+    pt = sb.olavlm("pt")
+    model, counts = pt.model, pt.counts
     points = grid(bc.text_len, bc.micro_batch, args.quick)
     steps, shapes = {}, {}
     for t, b in points:
         name = f"T{t}_B{b}"
-        batch = M.to_device(M.synthetic_batch(model, b, t), dev)
-        batch["targets"] = M.to_device(M.random_targets(model.target_shapes, b, target_dtype), dev)
-        steps[name] = M.make_step(model, opt, batch, bf16=bf16, max_grad_norm=clip)
+        steps[name] = sb.step(pt, {**sb.batch(model, b, t), "targets": sb.targets(model, b)})
         shapes[name] = (t, b, t - 1 + model.tokens_per_image)
     variants = measure(steps, args=args, dev=dev, count_flops=True)  # the table compares time with FLOPs
     base = f"T{bc.text_len}_B{bc.micro_batch}"

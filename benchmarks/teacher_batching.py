@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import summarize, timeit, write_result  # noqa: E402
+from benchmarks.common import bench_threads, summarize, timeit_interleaved, write_result  # noqa: E402
 
 TEACHERS = {"depth": ("depth_anything", "teacher-depth"), "seg": ("oneformer", "teacher-seg"),
             "gen": ("unclip", "teacher-gen")}
@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=None)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: OMP_NUM_THREADS, else 1; recorded in the result)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    bench_threads(args.threads)
     n = args.batch or (8 if args.quick else 16)
     scale = args.scale or (2 if args.quick else 3)
     repeat = args.repeat or (3 if args.quick else 5)
@@ -68,13 +68,18 @@ def main(argv: list[str] | None = None) -> int:
             teacher = build_teacher(name, str(paths[folder]), grid=grid).to(device=device, dtype=dtype)
             gen = torch.Generator().manual_seed(0)
             images = torch.randint(0, 256, (n, 3, 96, 96), dtype=torch.uint8, generator=gen)
-            batched = timeit(lambda: teacher.encode(images), repeat=repeat, sync=sync)
-            loop = timeit(lambda: [teacher.encode(images[i:i + 1]) for i in range(n)], repeat=repeat, sync=sync)
-            b, lo = summarize(batched), summarize(loop)
+            cpu: dict[str, list[float]] = {}
+            times, _ = timeit_interleaved({"batched": lambda: teacher.encode(images),
+                                           "loop": lambda: [teacher.encode(images[i:i + 1]) for i in range(n)]},
+                                          warmup=2, repeat=repeat, sync=sync, cpu=cpu)
+            batched, loop = times["batched"], times["loop"]
+            b, lo = summarize(batched, cpu["batched"]), summarize(loop, cpu["loop"])
             params = sum(p.numel() for p in teacher.parameters())
             results[task] = {"teacher": name, "params": params, "input_size": teacher.input_size,
                              "target_shape": list(teacher.target_shape), "raw": {"batched": batched, "loop": loop},
-                             "batched": b, "loop": lo, "ratio_loop_over_batched": lo["median"] / b["median"]}
+                             "batched": b, "loop": lo, "ratio_loop_over_batched": lo["median"] / b["median"],
+                             "ratio_loop_over_batched_min": lo["min"] / b["min"],
+                             "ratio_loop_over_batched_cpu": lo["cpu_median"] / b["cpu_median"]}
             table.append(f"{task:6s} {name:15s} {params / 1e6:6.2f}M params  in {teacher.input_size:3d}px  "
                          f"batched {b['median'] * 1e3:8.1f} ms  loop {lo['median'] * 1e3:8.1f} ms  "
                          f"ratio {lo['median'] / b['median']:5.2f}x")

@@ -25,6 +25,7 @@ def results(tmp_path, monkeypatch):
 def _read(folder: Path, name: str) -> dict:
     data = json.loads((folder / f"{name}.json").read_text())
     assert data["name"] == name and data["machine"]["torch"]
+    assert data["threads"]["count"] == data["threads"]["torch_num_threads"] >= 1  # fixed and recorded
     return data
 
 
@@ -144,3 +145,70 @@ def test_subtree_flops_counts_uncalled_containers_once():
     assert subtree_flops(per_module, "M.predictors") == 6
     assert subtree_flops(per_module, "M.vision") == 7  # not M.visionx
     assert subtree_flops(per_module, "M.absent") == 0
+
+
+def test_gpu_benchmark_code_path_on_cpu(results):
+    """`benchmarks.gpu --smoke`: the real-size benchmark's code (batch search, interleaved variants,
+    online teachers, Llava pair, JSON) on the small models; without --smoke it refuses a GPU-less machine."""
+    import torch
+
+    from benchmarks import gpu
+
+    assert gpu.main(["--smoke", "--max-batch", "2"]) == 0
+    d = _read(results, "gpu-smoke-sdpa")
+    assert d["threads"]["count"] >= 1 and d["config"]["smoke"] is True
+    pt, ift = d["pt"], d["ift"]
+    assert pt["micro_batch"] == 2 and [s["batch"] for s in pt["batch_search"]] == [1, 2]
+    _check_variants(pt, ["pt_cached", "ntp"])
+    _check_variants(pt["online"], ["pt_cached", "pt_online", "teachers_only"])
+    _check_variants(ift, ["olavlm_ift", "llava_hf"])
+    assert abs(ift["loss_check"]["olavlm"] - ift["loss_check"]["llava_hf"]) < 1e-4  # same weights, same sequence
+    for v in (pt["variants"]["pt_cached"], ift["variants"]["llava_hf"]):
+        assert v["tokens_per_s"] == pytest.approx(v["tokens_per_step"] / v["median"])
+        assert v["cpu_median"] > 0 and len(v["cpu_raw"]) == v["n"]
+    r = pt["ratios"]["pt_cached_over_ntp"]
+    assert r["goal"] == 1.05 and r["value_min"] == pytest.approx(pt["variants"]["pt_cached"]["min"]
+                                                                 / pt["variants"]["ntp"]["min"])
+    if not torch.cuda.is_available():
+        assert gpu.main([]) == 2
+
+
+def test_largest_batch_search():
+    from benchmarks.gpu import largest_batch
+
+    for limit, cap in [(5, 64), (0, 8), (64, 64), (100, 48), (1, 8)]:
+        def make(b, limit=limit):
+            if b > limit:
+                raise __import__("torch").cuda.OutOfMemoryError("too big")
+            return []
+        log: list = []
+        assert largest_batch(make, cap, log) == min(limit, cap)
+        assert len(log) <= 2 * cap.bit_length() + 1
+
+
+@pytest.mark.parametrize("recipe", ["llama3_8b_clip336", "phi3_mini_clip336"])
+def test_gpu_benchmark_configs_build_at_real_size_on_meta(recipe, tmp_path):
+    """The configs the GPU benchmark builds (random weights) are valid real-size models: full LLM for PT,
+    the LLM cut to 4 layers at real width for IFT (checked weight-free on the meta device)."""
+    from benchmarks.gpu import real_config
+    from olavlm.plan.meta import meta_model
+
+    pt = real_config(recipe, "pt", "sdpa", 64, layers=None, tmp=tmp_path)
+    ift = real_config(recipe, "ift", "sdpa", 64, layers=4, tmp=tmp_path)
+    assert pt.run.train.bf16 and pt.run.model.dtype == "bfloat16" and ift.run.train.stage == "ift"
+    a = meta_model(pt.run.model, with_predictors=True)
+    b = meta_model(ift.run.model, with_predictors=False)
+    assert a.llm.config.num_hidden_layers == 32 and b.llm.config.num_hidden_layers == 4
+    assert a.llm.config.hidden_size == b.llm.config.hidden_size and a.num_image_tokens == 576
+    assert a.target_shapes == {"gen": (1, 1024), "depth": (576, 1024), "seg": (1536, 24, 24)}
+
+
+def test_gpu_key_names_the_hardware_table():
+    from benchmarks.gpu import gpu_key
+
+    assert gpu_key("NVIDIA H100 80GB HBM3", 79.6) == "h100"
+    assert gpu_key("NVIDIA H100 PCIe", 79.6) == "h100-pcie"
+    assert gpu_key("NVIDIA H200", 139.8) == "h200"
+    assert gpu_key("NVIDIA A100-SXM4-40GB", 39.4) == "a100-40gb"
+    assert gpu_key("AMD Instinct MI300X", 191.5) == "mi300x"
+    assert gpu_key("Tesla T4", 15) is None

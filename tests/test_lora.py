@@ -208,7 +208,7 @@ def test_lora_packed_ift_zero2_two_processes_with_resume(tiny_dir, tmp_path):
         "--train.init_from=null", "--train.global_batch_size=4", "--train.micro_batch_size=2", "--train.max_steps=3",
         "--train.deepspeed=configs/deepspeed/zero2.json", "--train.lora={r: 4, alpha: 8}", "--data.packing=true"]
     _torchrun(IFT, out, overrides, OLAVLM_TEST_STOP_AFTER="2")
-    assert [p.name for p in ckpt.list_checkpoints(out)][-1] == "step-00000002"
+    assert ckpt.list_checkpoints(out)[-1].name == "step-00000002"
     _torchrun(IFT, out, overrides)
     a, b = _ranks(out)
     _assert_agree(a, b)

@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "olavlm.shapeworld.cli", # demo
     "olavlm.model.cli",      # make-tiny
     "olavlm.interop.cli",    # convert reference, export llava
+    "olavlm.plan.cli",       # plan
 ]
 
 

@@ -22,7 +22,11 @@ import torch.distributed as dist  # noqa: E402
 
 
 def _full(model: torch.nn.Module):
-    """Context in which a ZeRO-3 partitioned model holds its full parameters (no-op otherwise)."""
+    """Context in which a ZeRO-3 partitioned or FSDP-sharded model holds its full parameters."""
+    from olavlm.train.engine import is_sharded, unsharded
+
+    if is_sharded(model):
+        return unsharded(model)
     params = list(model.parameters())
     if not any(hasattr(p, "ds_id") for p in params):
         return contextlib.nullcontext()

@@ -1,4 +1,4 @@
-"""Running under partitioned parameters (DeepSpeed ZeRO-3).
+"""Running under partitioned parameters (DeepSpeed ZeRO-3, torch FSDP).
 
 ZeRO-3 leaves each rank a shard of every parameter and gathers a module's parameters, collectively,
 around each call of that module (forward, and again in backward). Every rank must therefore call the
@@ -18,6 +18,13 @@ from olavlm.objectives.ntp import chunks_needed
 def is_partitioned(param: torch.Tensor) -> bool:
     """DeepSpeed ZeRO-3 marks each parameter it manages with ``ds_id`` (its own ``is_zero_param`` test)."""
     return hasattr(param, "ds_id")
+
+
+def is_fully_sharded(module: torch.nn.Module) -> bool:
+    """torch FSDP (``fully_shard``) gathers each unit's parameters collectively around its calls too."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def agreed_ntp_chunks(labels: torch.Tensor) -> int:

@@ -23,7 +23,7 @@ from olavlm.model import io
 from olavlm.model.predictor import predictors_keepalive, task_predictors
 from olavlm.model.projector import build_projector
 from olavlm.model.decode import decode
-from olavlm.model.lockstep import agreed_ntp_chunks, is_partitioned
+from olavlm.model.lockstep import agreed_ntp_chunks, is_fully_sharded, is_partitioned
 from olavlm.model.sequence import SequenceLayout, assemble_embeddings, build_layout
 from olavlm.model.task_tokens import LogitScales, TaskTokens, tasks_with_rows
 from olavlm.model.vision import VisionGeometry, VisionTower, vision_geometry
@@ -216,8 +216,8 @@ class OlaVLM(nn.Module):
 
     @property
     def lockstep(self) -> bool:
-        """Parameters partitioned across ranks (ZeRO-3): every rank calls every module (see lockstep.py)."""
-        return is_partitioned(self.projector_weight)
+        """Parameters partitioned across ranks (ZeRO-3, FSDP): every rank calls every module (see lockstep.py)."""
+        return is_partitioned(self.projector_weight) or is_fully_sharded(self)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         from olavlm.train.lora import is_adapter_param  # LoRA: adapters are their own group, the base is "llm"

@@ -8,8 +8,8 @@ Layout of one checkpoint, ``RUN_DIR/checkpoints/step-00000200/``::
     optimizer.pt            optimizer state (plain / DDP engines): tensors and numbers only
     scheduler.pt            LR scheduler state: numbers only
     rng/rank<R>.json        python / numpy / torch (CPU + CUDA) RNG states of every rank, as JSON
-    engine/                 DeepSpeed or FSDP engines: ``accelerator.save_state`` output instead of
-                            trainable.safetensors + optimizer.pt (sharded states, frozen weights excluded)
+    engine/                 DeepSpeed or FSDP engines: their sharded states (``engine.save_engine_state``)
+                            instead of trainable.safetensors + optimizer.pt (frozen weights excluded)
     manifest.json           size and sha256 of every file above (see manifest.py)
     complete                marker, written last
 
@@ -304,8 +304,9 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
         (tmp / "rng").mkdir(parents=True)
     accelerator.wait_for_everyone()
     if engine_state:
-        kwargs = {"exclude_frozen_parameters": True} if _is_deepspeed(accelerator) else {}
-        accelerator.save_state(str(tmp / "engine"), **kwargs)
+        from olavlm.train.engine import save_engine_state
+
+        save_engine_state(accelerator, model, optimizer, tmp / "engine")
     elif main:
         save_file(trainable_state_dict(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -353,11 +354,12 @@ def load_checkpoint(path: str | Path, accelerator, model, optimizer, scheduler, 
         if not (path / "engine").is_dir():
             raise CheckpointError(f"{path}: written without DeepSpeed/FSDP (no engine/ folder); "
                                   "resume with the same engine")
-        kwargs = {"load_module_strict": False} if _is_deepspeed(accelerator) else {}
+        from olavlm.train.engine import load_engine_state
+
         try:
             with weights_only_loads():
-                accelerator.load_state(str(path / "engine"), **kwargs)
-        except Exception as e:  # DeepSpeed / Accelerate raise many types for unreadable files
+                load_engine_state(accelerator, model, optimizer, path / "engine")
+        except Exception as e:  # DeepSpeed / Accelerate / torch.distributed.checkpoint raise many types
             raise _refusal(path / "engine", e) from None
     else:
         weights = path / "trainable.safetensors"
@@ -387,8 +389,3 @@ def _load_into(obj, file: Path) -> None:
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{file}: does not fit this run's {type(obj).__name__} ({e})") from None
 
-
-def _is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED

@@ -25,8 +25,8 @@ import torch
 from olavlm.config import ConfigError, RunConfig, explicit_fields
 from olavlm.infer.chat import RUN_INFO  # written into final/: template + geometry for chat / eval
 from olavlm.train import checkpoint as ckpt
-from olavlm.train.engine import (accumulation_steps, apply_precision_policy, build_accelerator, full_parameters,
-                                 unpartitioned_loading, uses_engine_state, world_size)
+from olavlm.train.engine import (accumulation_steps, apply_precision_policy, build_accelerator, check_shared_run_dir,
+                                 full_parameters, prepare, unpartitioned_loading, uses_engine_state, world_size)
 from olavlm.preflight import preflight
 from olavlm.train.metrics import MetricsLogger, StepAccumulator, fold_counters, log_due
 from olavlm.train.rundir import ResumePlan, RunDirLock, finished_summary, is_writer_rank, plan_resume, resume_state
@@ -223,6 +223,7 @@ def setup(cfg: RunConfig, accum: int, run_dir: Path, plan: ResumePlan) -> Run:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    check_shared_run_dir(accelerator, run_dir)  # every rank writes into it (checkpoint shards, RNG states)
     apply_precision_policy(model, t)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # non-reentrant: gradients reach the spliced inputs anyway
@@ -265,7 +266,7 @@ def _prepare_optimization(run: Run) -> None:
     t = run.cfg.train
     optimizer = torch.optim.AdamW(trainable_parameters(run.model), lr=t.learning_rate, betas=tuple(t.adam_betas),
                                   eps=t.adam_eps, weight_decay=t.weight_decay)
-    run.model, run.optimizer = run.accelerator.prepare(run.model, optimizer)
+    run.model, run.optimizer = prepare(run.accelerator, run.model, optimizer, t)  # DDP / DeepSpeed wrap; FSDP shards
     run.scheduler = get_scheduler(t.lr_scheduler, run.optimizer, num_training_steps=run.total_steps,
                                   num_warmup_steps=math.ceil(t.warmup_ratio * run.total_steps))
 
@@ -381,9 +382,9 @@ def save_final(cfg: RunConfig, accelerator, model, run_dir: Path, init_dir: Path
     """``RUN_DIR/final/``: model (+ predictors after PT), tokenizer and ``olavlm_run.json``."""
     final = run_dir / "final"
     accelerator.wait_for_everyone()
-    with full_parameters(accelerator, model):
+    with full_parameters(accelerator, model) as whole:  # the model with whole parameters (main process)
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(final, with_predictors=uses_predictors(cfg.train.stage))
+            whole.save_pretrained(final, with_predictors=uses_predictors(cfg.train.stage))
             from olavlm.data.tokenize import resolve_bos
 
             bos = resolve_bos(cfg.data.add_bos, cfg.data.template, accelerator.unwrap_model(model).tokenizer)

@@ -1,0 +1,187 @@
+"""`olavlm plan`: everything a person wants to know before asking for GPUs, from configs alone.
+
+:func:`make_plan` builds the run's model (and teachers) on the meta device with olavlm's own
+builders and returns a plain dict (the ``--json`` output): exact parameter counts per group,
+predictor and stage; memory per GPU for DDP / ZeRO-2 / ZeRO-3 / FSDP; FLOPs per optimizer step
+per component; the step count; the time at a stated MFU; target-cache and checkpoint sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from olavlm.config import RunConfig
+from olavlm.plan import flops as F
+from olavlm.plan import memory as M
+from olavlm.plan.counts import LLMDims, VisionDims, group_counts, nbytes, numel, predictor_counts, stage_counts, \
+    trainable_split
+from olavlm.plan.hardware import lookup
+from olavlm.plan.meta import meta_model, meta_teachers, resolve_paths
+
+log = logging.getLogger(__name__)
+
+# Sizes of the public data files the recipes name (used when the file itself is not on this machine).
+KNOWN_SAMPLES = {"blip_laion_cc_sbu_558k.json": 558_128, "llava_v1_5_mix665k.json": 665_298}
+EXTRA_GROUPS = ("projector", "task_tokens", "predictors", "logit_scales")
+
+
+def count_samples(train_file: str, override: int | None) -> tuple[int | None, str]:
+    """(samples, where the number comes from)."""
+    if override is not None:
+        return override, "--samples"
+    path = Path(train_file) if train_file else None
+    if path is not None and path.is_file():
+        if path.suffix == ".jsonl":
+            with path.open() as f:
+                return sum(1 for line in f if line.strip()), str(path)
+        data = json.loads(path.read_text())
+        return (len(data), str(path)) if isinstance(data, list) else (None, f"{path} is not a JSON list")
+    if path is not None and path.name in KNOWN_SAMPLES:
+        return KNOWN_SAMPLES[path.name], f"known size of {path.name} (file not on this machine)"
+    return None, "unknown: data.train_file not found; pass --samples"
+
+
+def _deepspeed_settings(path: str | None) -> dict[str, int]:
+    if not path or not Path(path).is_file():
+        return {}
+    z = json.loads(Path(path).read_text()).get("zero_optimization", {})
+    keys = {"reduce_bucket_size": "reduce_bucket", "allgather_bucket_size": "allgather_bucket",
+            "stage3_max_live_parameters": "max_live"}
+    return {ours: int(z[k]) for k, ours in keys.items() if isinstance(z.get(k), (int, float))}
+
+
+def _static_inputs(model, stage: str, run: RunConfig, world: int) -> M.StaticInputs:
+    from olavlm.model.io import decoder_of
+
+    train, frozen = trainable_split(model, stage, run.train)
+    train_ids = {id(p) for p in train}
+    groups = model.param_groups()
+    root = 4 * sum(numel(p for p in groups[g] if id(p) in train_ids) for g in EXTRA_GROUPS)
+    _, layers = decoder_of(model.llm)
+    layer = max(layers, key=lambda m: numel(m.parameters()))
+    layer_params = list(layer.parameters())
+    layer_trains = any(id(p) in train_ids for p in layer_params)
+    return M.StaticInputs(
+        world=world, trainable=numel(train), frozen=numel(frozen), frozen_bytes=nbytes(frozen), root_bytes=root,
+        largest_layer=numel(layer_params),
+        largest_layer_bytes=4 * numel(layer_params) if layer_trains else nbytes(layer_params),
+        weight_bytes=2 if run.train.bf16 else 4, autocast_copies=run.train.bf16,
+        **_deepspeed_settings(run.train.deepspeed))
+
+
+def _checkpoints(model, stage: str, run: RunConfig) -> dict[str, Any]:
+    """Bytes of one periodic checkpoint per engine and of ``final/``."""
+    train, frozen = trainable_split(model, stage, run.train)
+    pt = numel(train)
+    w = 2 if run.train.bf16 else 4
+    final_plain = nbytes(frozen) + 4 * pt  # trainables are fp32 master weights at the end
+    final_ds = w * (numel(frozen) + pt)  # DeepSpeed holds every weight in its bf16 module
+    return {"periodic": {"ddp": 12 * pt, "fsdp": 12 * pt, "deepspeed": (w + 12) * pt},
+            "final": {"ddp": final_plain, "fsdp": final_plain, "deepspeed": final_ds},
+            "keep_last": run.train.keep_last}
+
+
+def make_plan(run: RunConfig, *, gpus: int = 8, nodes: int = 1, gpu: str = "h100", mfu: float = 0.4,
+              peak_tflops: float | None = None, gpu_memory: float | None = None, seq_len: int | None = None,
+              samples: int | None = None, hub_configs: str | Path | None = None,
+              config_path: str | None = None) -> dict[str, Any]:
+    from olavlm.teachers.precompute import teacher_dtype
+    from olavlm.train.stages import STAGES
+
+    notes: list[str] = []
+    device = lookup(gpu, peak_tflops=peak_tflops, memory_gib=gpu_memory)
+    world = gpus * nodes
+    t, d = run.train, run.data
+    mcfg = resolve_paths(run.model, hub_configs)
+    with_pred = meta_model(mcfg, with_predictors=True, notes=notes)
+    without = meta_model(mcfg, with_predictors=False)
+    model = with_pred if t.stage == "pt" else without
+    llm, vis = LLMDims.of(model.llm), VisionDims.of(model.vision, mcfg.vision_type)
+    preds = predictor_counts(with_pred)
+    length = seq_len or d.max_length
+    micro = t.micro_batch_size
+    supervised = max(1, length - model.tokens_per_image)
+    accum = t.global_batch_size // (micro * world) if t.global_batch_size % (micro * world) == 0 else None
+    if accum is None:
+        notes.append(f"train.global_batch_size {t.global_batch_size} is not divisible by micro {micro} x world "
+                     f"{world}: the run would refuse to start")
+    tdtype = teacher_dtype(run)
+    online = t.stage == "pt" and (d.target_cache is None or d.cache_miss == "online")
+    teachers = meta_teachers(with_pred.cfg, with_pred.geometry.grid, tdtype, with_pred.target_shapes) \
+        if (t.stage == "pt" and with_pred.target_shapes) else None
+
+    # -- parameters ---------------------------------------------------------------------------
+    params = {"groups": {g: vars(c) for g, c in group_counts(model).items()},
+              "predictors": preds, "total": numel(model.parameters()),
+              "stages": {s: stage_counts(with_pred if s == "pt" else without, s, t) for s in STAGES}}
+    teacher_info = {task: {"class": type(tt).__name__, "source": tt.source, "params": numel(tt.parameters()),
+                           "dtype": str(tdtype).replace("torch.", ""), "input_size": tt.input_size,
+                           "target_shape": list(tt.target_shape), "online": online}
+                    for task, tt in (teachers.teachers.items() if teachers else [])}
+
+    # -- memory --------------------------------------------------------------------------------
+    act_bytes = 2 if t.bf16 else 4
+    common = dict(llm=llm, vision=vis, predictors=preds, stage=t.stage, batch=micro, length=length, act_bytes=act_bytes)
+    act, act_ckpt = M.activations(**common, checkpointing=False), M.activations(**common, checkpointing=True)
+    online_teachers = list(teachers.teachers.values()) if (teachers and online) else []
+    t_weights = sum(nbytes(tt.parameters()) for tt in online_teachers)
+    static = M.static_memory(_static_inputs(model, t.stage, run, world))
+    memory = M.per_gpu(static, act, act_ckpt, t_weights, M.teacher_transient(online_teachers, micro, act_bytes))
+    for engine in memory.values():
+        key = "total_ckpt" if t.gradient_checkpointing else "total"
+        engine["fits"] = engine[key] <= device.memory_bytes
+
+    # -- FLOPs and time --------------------------------------------------------------------------
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.projector.modules())
+    mb = F.micro_batch_flops(llm=llm, vision=vis, projector=(vis.hidden, llm.hidden, linears), predictors=preds,
+                             stage=t.stage, length=length, supervised=supervised, batch=micro, world=world,
+                             image_tokens=model.num_image_tokens, teachers=online_teachers,
+                             vision_trains=t.unfreeze_vision_tower)
+    per_step = (accum or 0) * world
+    step = {k: v * per_step for k, v in mb["train"].items()}
+    body = F.llm_forward(llm, length, supervised)
+    recompute = per_step * micro * (body["matmul"] + body["attention"]) if t.gradient_checkpointing else 0
+    n, source = count_samples(d.train_file, samples)
+    steps_per_epoch = math.ceil(n / t.global_batch_size) if n else None
+    total_steps = t.max_steps or (steps_per_epoch * t.epochs if steps_per_epoch else None)
+    step_flops = F.total(step)
+    achieved = world * device.bf16_tflops * 1e12 * mfu
+    sec = step_flops / achieved if step_flops else None
+    time_info = {"mfu": mfu, "peak_tflops_per_gpu": device.bf16_tflops, "seconds_per_step": sec,
+                 "hours_total": sec * total_steps / 3600 if sec and total_steps else None,
+                 "gpu_hours_total": sec * total_steps * world / 3600 if sec and total_steps else None}
+
+    # -- disk ------------------------------------------------------------------------------------
+    elem = torch.empty((), dtype=tdtype).element_size()
+    per_image = sum(math.prod(s) for s in with_pred.target_shapes.values()) * elem
+    cache = {"bytes_per_image": per_image, "dtype": str(tdtype).replace("torch.", ""),
+             "images": n if t.stage == "pt" else None,
+             "bytes": per_image * n if (n and t.stage == "pt") else None,
+             "shapes": {k: list(s) for k, s in with_pred.target_shapes.items()}}
+    if length == d.max_length:
+        notes.append(f"sequence length = data.max_length ({length}), the longest sample the run accepts: memory "
+                     "and time are upper bounds; pass --seq-len with your data's typical expanded length")
+    return {
+        "config": config_path, "stage": t.stage, "engine": "deepspeed" if t.deepspeed else "fsdp" if t.fsdp else "ddp",
+        "world": {"gpus_per_node": gpus, "nodes": nodes, "world_size": world},
+        "gpu": {"key": gpu, "name": device.name, "bf16_tflops": device.bf16_tflops, "memory_gib": device.memory_gib},
+        "model": {"llm": mcfg.llm, "vision_tower": mcfg.vision_tower, "llm_dims": vars(llm), "vision_dims": vars(vis),
+                  "image_tokens": model.num_image_tokens, "tokens_per_image": model.tokens_per_image,
+                  "dtype": mcfg.dtype},
+        "parameters": params, "teachers": teacher_info,
+        "batch": {"micro": micro, "global": t.global_batch_size, "accumulation": accum, "sequence_length": length,
+                  "supervised_positions": supervised, "activation_bytes": act_bytes,
+                  "gradient_checkpointing": t.gradient_checkpointing},
+        "memory": memory,
+        "flops": {"per_micro_batch_forward": mb["forward"], "per_step": step, "total_per_step": step_flops,
+                  "recompute_per_step": recompute},
+        "steps": {"samples": n, "samples_source": source, "steps_per_epoch": steps_per_epoch, "epochs": t.epochs,
+                  "total": total_steps},
+        "time": time_info, "target_cache": cache, "checkpoints": _checkpoints(model, t.stage, run), "notes": notes,
+    }
