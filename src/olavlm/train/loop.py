@@ -236,7 +236,7 @@ def setup(cfg: RunConfig, accum: int, run_dir: Path, plan: ResumePlan) -> Run:
     dataset, collator = build_data(cfg, model, teachers)
     run = Run(cfg=cfg, run_dir=run_dir, accum=accum, accelerator=accelerator, model=model, optimizer=None,
               scheduler=None, teachers=teachers, dataset=dataset, collator=collator, init_dir=init_dir, counts=counts,
-              steps_per_epoch=0, total_steps=0, state=ckpt.TrainState(), engine_state=uses_engine_state(accelerator),
+              steps_per_epoch=0, total_steps=0, state=ckpt.TrainState(), engine_state=False,
               logger=None, tokens_per_image=model.tokens_per_image)
     run.steps_per_epoch = len(run.sampler(0, 0)) // accum
     if run.steps_per_epoch < 1:
@@ -244,6 +244,7 @@ def setup(cfg: RunConfig, accum: int, run_dir: Path, plan: ResumePlan) -> Run:
                           f"({len(dataset)} samples in {cfg.data.train_file})")
     run.total_steps = t.max_steps if t.max_steps is not None else run.steps_per_epoch * t.epochs
     _prepare_optimization(run)
+    run.engine_state = uses_engine_state(accelerator)  # known once the engine has wrapped or sharded the model
     run.state, resume_from = resume_state(cfg, plan, accelerator, run.model, run.optimizer, run.scheduler,
                                           engine_state=run.engine_state, accum=accum,
                                           steps_per_epoch=run.steps_per_epoch)
