@@ -28,7 +28,7 @@ from benchmarks.common import bench_env, ratio, repeats, step_parser, summarize 
 
 bench_env()
 
-GOAL = 3.0  # issue 8: the loader delivers at least 3x what the model consumes
+GOAL = 3.0  # goal: the loader delivers at least 3x what the model consumes
 
 
 def write_data(folder: Path, n_images: int) -> tuple[Path, Path]:

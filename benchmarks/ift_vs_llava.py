@@ -6,8 +6,8 @@ dropped, 2-layer GELU projector), the same batch (identical text, one image per 
 number of image tokens) and the same training setup: LLM + projector trainable in fp32 master
 weights, tower frozen in ``model.dtype``, the trainer's autocast, backward, clipping, AdamW.
 
-* ``olavlm_ift``: our IFT model with its frozen task tokens (8 per task after every image, spec
-  §2.3) -- 24 more positions per image than Llava sees;
+* ``olavlm_ift``: our IFT model with its frozen task tokens (8 per task after every image)
+  -- 24 more positions per image than Llava sees;
 * ``olavlm_ift_no_task_tokens``: our model with ``num_task_tokens: 0`` -- exactly Llava's sequence;
 * ``llava_hf``: ``LlavaForConditionalGeneration`` (input_ids hold one image token per feature;
   full-vocabulary logits, loss by transformers).
@@ -29,7 +29,7 @@ from benchmarks.common import bench_env, ratio, step_parser  # noqa: E402
 
 bench_env()
 
-GOAL = 1.00  # issue 8 / 5(b): our IFT step is no slower than the native Llava step
+GOAL = 1.00  # goal: our IFT step is no slower than the native Llava step
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """What the step benchmarks run on: the "small" config (built in code) or a RunConfig YAML, synthetic
-batches of the data contract (docs/architecture.md §1), and one training step as the trainer runs it.
+batches of the data contract (docs/architecture.md, section 1), and one training step as the trainer runs it.
 
 The small config uses the same transformers classes as a real run, saved as ordinary HF folders and
 loaded through ``OlaVLM.from_config`` (the path users hit):

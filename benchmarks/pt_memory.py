@@ -1,7 +1,7 @@
 """PT step: hook capture + supervised-only NTP (olavlm) vs output_hidden_states + full fp32 logits.
 
 Both variants run the SAME model, batch, predictors and embedding losses; they differ only in how
-the layer states and the NTP loss are obtained (spec §10 D22, D23):
+the layer states and the NTP loss are obtained:
 
 * ``olavlm``    -- ``OlaVLM.forward``: forward hooks capture only the predictor layers; the LM head
                   runs only on the supervised positions, fp32 cross-entropy.

@@ -25,7 +25,7 @@ from benchmarks.common import bench_env, ratio, step_parser  # noqa: E402
 
 bench_env()
 
-GOAL = 1.10  # issue 8 / 5(a): PT step with cached targets costs at most 10 % more than NTP
+GOAL = 1.10  # goal: a PT step with cached targets costs at most 10 % more than NTP
 
 
 def main(argv: list[str] | None = None) -> int:

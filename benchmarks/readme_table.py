@@ -5,7 +5,7 @@
     python -m benchmarks.readme_table --print    # only print the table
 
 README.md gets a ``## Performance`` section with the markers at its end when it has none. Each goal
-of issue 8 is one row (value, goal, verdict, how it was measured); a missing result shows as
+of the performance goals (benchmarks/README.md) is one row (value, goal, verdict, how it was measured); a missing result shows as
 "not run". Nothing else in either README is touched.
 """
 
@@ -27,7 +27,7 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 @dataclass(frozen=True)
 class Row:
-    goal_no: str  # issue 8 numbering
+    goal_no: str  # number of the goal in benchmarks/README.md
     label: str  # what is compared
     result: str  # results/<result>.json
     path: tuple[str, ...]  # keys to the ratio value inside that JSON

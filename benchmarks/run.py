@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 @dataclass(frozen=True)
 class Bench:
     name: str  # results/<name>.json and the script benchmarks/<name>.py
-    goal: str  # what it measures (issue 8 numbering)
+    goal: str  # what it measures (number of the goal in benchmarks/README.md)
     takes_config: bool  # accepts --config (the step benchmarks); the others have their own sizes
 
 

@@ -1,4 +1,4 @@
-"""Batched teacher encode vs a per-image loop (the reference's strategy, spec §10 D10).
+"""Batched teacher encode vs a per-image loop (the reference's strategy).
 
 For each teacher (Depth-Anything, OneFormer, unCLIP image encoder) the SAME transformers classes
 as the real teachers are built with small random configs, scaled up from the test-suite's tiny

@@ -55,9 +55,9 @@ def test_two_nodes_stop_resume_equals_one_node(tiny_dir, tmp_path):
     _torchrun(PT, single, overrides)
     out = tmp_path / "two-nodes"
     _ok(_two_nodes((out, out), overrides, OLAVLM_TEST_STOP_AFTER="2"))
-    first = ckpt.find_resume(out, "auto")
+    first = ckpt.list_checkpoints(out)[-1]
     assert first.name == "step-00000002" and not (out / "final").exists()
-    assert sorted(p.name for p in (first / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]  # one file per rank
+    assert sorted(p.name for p in (first / "rng").iterdir()) == ["rank0.json", "rank1.json"]  # one file per rank
     _ok(_two_nodes((out, out), overrides))
     a, b = _ranks(out)
     _assert_agree(a, b)

@@ -28,24 +28,45 @@ def test_quick_demo_end_to_end(demo_dir):
     out, proc = demo_dir
     for k in range(1, 7):
         assert f"[demo {k}/6]" in proc.stderr  # progress is visible stage by stage
+    assert "torch CPU threads: 1" in proc.stderr  # the thread policy is applied and logged
     for name in ("report.md", "report.json", "loss.png", "probe.png"):
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "report.json").read_text())
-    (run,) = report["runs"]
-    assert run["variant"] == "ola" and run["seed"] == 0
-    assert run["pt"]["finished"] and run["ift"]["finished"]
-    cvb = run["cvbench"]
-    assert cvb["n"] == 16 and set(cvb["by_task"]) == {"Count", "Relation", "Depth", "Distance"}
-    assert all(0.0 <= v <= 1.0 for v in cvb["by_task"].values())
-    for task in ("depth", "seg", "gen"):
-        res = run["probe"]["ift"][task]
-        assert sorted(res["layers"]) == ["1", "2", "3", "4"]
-        assert all(-1.0 <= r["centred_cosine"] <= 1.0 for r in res["layers"].values())
-    # the PT run really trained with the three embedding losses (layers set in configs/shapeworld/pt.yaml)
-    metrics = [json.loads(x) for x in (out / "runs/seed0/ola/pt/metrics.jsonl").read_text().splitlines()]
-    for task in ("depth", "seg", "gen"):
-        assert metrics[0][f"loss/{task}"] > 0
-    assert "| Depth |" in (out / "report.md").read_text()
+    assert [(r["variant"], r["seed"]) for r in report["runs"]] == [("ola", 0), ("baseline", 0)]
+    for run in report["runs"]:
+        assert run["pt"]["finished"] and run["ift"]["finished"]
+        cvb = run["cvbench"]
+        assert cvb["n"] == 16 and set(cvb["by_task"]) == {"Count", "Relation", "Depth", "Distance"}
+        assert all(0.0 <= v <= 1.0 for v in cvb["by_task"].values())
+        for task in ("depth", "seg", "gen"):
+            res = run["probe"]["ift"][task]
+            assert sorted(res["layers"]) == ["1", "2", "3", "4"]
+            assert all(-1.0 <= r["centred_cosine"] <= 1.0 for r in res["layers"].values())
+    # only the OLA run trained with the three embedding losses (layers set in configs/shapeworld/pt.yaml)
+    for variant, has_losses in (("ola", True), ("baseline", False)):
+        metrics = [json.loads(x) for x in (out / f"runs/seed0/{variant}/pt/metrics.jsonl").read_text().splitlines()]
+        for task in ("depth", "seg", "gen"):
+            assert (metrics[0].get(f"loss/{task}", 0) > 0) == has_losses, (variant, task)
+
+
+def test_report_lists_both_variants_side_by_side(demo_dir):
+    out, _ = demo_dir
+    md = (out / "report.md").read_text()
+    lines = md.splitlines()
+    assert lines[0] == "# ShapeWorld demo report"
+    assert [ln[:2] for ln in lines[2:7]] == ["1.", "2.", "3.", "4.", "5."]  # the 5-line summary comes first
+    assert "ola" in lines[4] and "baseline" in lines[4] and "OLA - baseline" in lines[4]
+    assert "| task | items | chance | best constant letter | ola | baseline | OLA - baseline |" in md
+    report = json.loads((out / "report.json").read_text())
+    for task, row in report["tasks"].items():
+        acc = {r["variant"]: r["cvbench"]["by_task"][task] for r in report["runs"]}
+        assert row["diff"]["mean"] == pytest.approx(acc["ola"] - acc["baseline"])
+        items = [i for i in report["runs"][0]["cvbench_items"] if i["task"] == task]
+        letters = [i["answer"] for i in items]
+        assert row["best_constant"] == pytest.approx(max(letters.count(x) for x in set(letters)) / len(items))
+        assert f"| {task} | {len(items)} |" in md
+    # portable: no absolute path of this machine in the report
+    assert str(out) not in md and str(out.resolve()) not in md and "/tmp" not in md
 
 
 def test_cli_eval_and_probe_on_demo_output(demo_dir, tmp_path, capsys):
@@ -71,3 +92,13 @@ def test_bootstrap_is_cached(demo_dir):
     out, _ = demo_dir
     again = bootstrap(out / "world", out / "bootstrap", settings_for(True, 0).bootstrap)
     assert again.cached and (again.llm / "config.json").is_file() and (again.vision / "preprocessor_config.json").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [(["--seeds", "0"], "--seeds must be >= 1"),
+                                           (["--threads", "0"], "--threads must be >= 1"),
+                                           (["--variants", "ola,bogus"], "--variants: expected")])
+def test_bad_demo_arguments_are_one_line_errors(argv, message, tmp_path, capsys):
+    assert main(["demo", "--output-dir", str(tmp_path / "d"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("olavlm demo: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "d").exists()  # refused before anything ran

@@ -90,3 +90,34 @@ def test_captions_carry_no_depth_words(world):
         for rec in json.loads((world.root / name).read_text()):
             words = set(re.findall(r"[a-z]+", rec["conversations"][1]["value"].lower()))
             assert not words & set(text.DEPTH_WORDS), (name, words & set(text.DEPTH_WORDS))
+
+
+def _lowest_row_of_colour(rgb: np.ndarray, colour: str) -> int:
+    """Lowest image row with (at least two) pixels of ``colour``: read from the PNG alone."""
+    near = np.abs(rgb - np.array(COLOURS[colour])).max(axis=-1) < 20  # noise sigma 4
+    rows = np.nonzero(near.sum(axis=1) >= 2)[0]
+    assert rows.size, colour
+    return int(rows.max())
+
+
+def test_depth_answers_follow_from_the_rendered_depth_cue(tmp_path):
+    """Every Depth question (held-out and in the instruction data) is answerable from the pixels: the
+    correct object's pixels reach at least MIN_DEPTH_ROWS rows lower in the image (it stands nearer
+    on the ground plane); colours are unique per scene, so the colour finds the object."""
+    w = generate_world(tmp_path / "w", WorldSpec(seed=5, n_pretrain=0, n_instruct=40, n_text_only=0, n_cvbench=80,
+                                                 n_probe=0))
+    questions = [(json.loads(x)["filename"], json.loads(x)["prompt"], json.loads(x)["answer"])
+                 for x in (w.root / "cvbench.jsonl").read_text().splitlines() if json.loads(x)["task"] == "Depth"]
+    for rec in json.loads((w.root / "instruct.json").read_text()):
+        conv = rec["conversations"]
+        questions += [(rec["image"], q["value"], a["value"]) for q, a in zip(conv[::2], conv[1::2])
+                      if "closer to the camera" in q["value"] and "(A)" in q["value"]]
+    assert len(questions) >= 25
+    for key, prompt, answer in questions:
+        rgb = np.asarray(Image.open(w.root / key).convert("RGB")).astype(int)
+        choices = re.findall(r"^\(([AB])\) (\w+) \w+$", prompt, flags=re.M)
+        assert len(choices) == 2, prompt
+        bottom = {letter: _lowest_row_of_colour(rgb, colour) for letter, colour in choices}
+        lower = max(bottom, key=bottom.get)
+        assert f"({lower})" == answer.strip()
+        assert abs(bottom["A"] - bottom["B"]) >= text.MIN_DEPTH_ROWS - 1  # (-1: noise can blur one edge row)

@@ -29,7 +29,7 @@ ImageGeometry = Literal["pad", "square", "resize"]
 OnBadSample = Literal["skip", "error"]
 SamplerKind = Literal["random", "modality_length"]
 CacheMiss = Literal["error", "online"]
-Stage = Literal["pt", "vpt", "ift"]
+Stage = Literal["pt", "vpt", "ift", "probe"]
 TaskKind = Literal["embedding", "alignment"]
 LrScheduler = Literal["cosine", "linear", "constant"]
 ReportSink = Literal["tensorboard", "wandb", "none"]
@@ -202,7 +202,7 @@ class LoraConfig:
 class TrainConfig:
     """Optimisation, engine, checkpointing and logging."""
 
-    stage: Stage = "pt"  # pt | vpt | ift
+    stage: Stage = "pt"  # pt | vpt | ift | probe
     init_from: str | None = None  # previous stage's output folder (model + tokenizer)
     global_batch_size: int = 256  # samples per optimizer step over all ranks
     micro_batch_size: int = 32  # samples per device per forward
@@ -231,6 +231,9 @@ class TrainConfig:
     fsdp: bool = False
     teacher_dtype: str | None = None  # None = bf16 if train.bf16 else float32
     lora: LoraConfig | None = None  # LoRA / QLoRA adapters instead of full LLM training (vpt / ift)
+    probe: Literal["resampler", "small"] = "resampler"  # stage probe: the probe per (task, layer) (docs/evaluation.md)
+    probe_layers: list[int] = field(default_factory=list)  # stage probe: 1-based LLM layers; [] = every layer
+    probe_depth_target: Literal["last_block", "training"] = "last_block"  # depth probe target: last DA block or the PT mean
 
 
 @dataclass

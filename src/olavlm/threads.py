@@ -52,3 +52,34 @@ def configure_threads(requested: int | None = None, *, model_params: int | None 
     if not quiet:
         log.info("torch CPU threads: %d (%s)", n, why)
     return n
+
+
+def estimate_llm_params(llm: str | None) -> int | None:
+    """Rough parameter count of a causal LM from its ``config.json`` (local folder or cached hub id),
+    without loading weights; None when the config cannot be read offline."""
+    if not llm:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(llm, local_files_only=True)
+        cfg = getattr(cfg, "text_config", None) or cfg
+        h, layers, vocab = int(cfg.hidden_size), int(cfg.num_hidden_layers), int(cfg.vocab_size)
+        inter = int(getattr(cfg, "intermediate_size", None) or 4 * h)
+        heads = int(getattr(cfg, "num_attention_heads", 1))
+        kv = int(getattr(cfg, "num_key_value_heads", None) or heads) * (h // heads)
+    except Exception:  # noqa: BLE001 - unknown or unreadable config: the policy's size-unknown default
+        return None
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    # per layer: q and o (h x h), k and v (h x kv), gated MLP (3 x h x inter); norms and biases left out
+    return layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + vocab * h * (1 if tied else 2)
+
+
+def configure_cpu_threads(llm: str | None, requested: int | None = None) -> int | None:
+    """For a process that trains or evaluates ``llm``: apply the policy when it runs on the CPU
+    (no CUDA device); on a GPU machine torch's default is left alone and None is returned."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return configure_threads(requested, model_params=estimate_llm_params(llm))

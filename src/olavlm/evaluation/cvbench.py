@@ -1,4 +1,4 @@
-"""CV-Bench evaluation (spec §8): prompt, answer parsing, accuracy per source / task / type.
+"""CV-Bench evaluation (docs/method.md, "Inference"): prompt, answer parsing, accuracy per source / task / type.
 
 Works on the real ``nyu-visionx/CV-Bench`` ``test.jsonl`` layout (fields ``idx, type, task,
 question, choices, answer "(A)", prompt, filename, source, ...``) and on ShapeWorld's
@@ -9,7 +9,7 @@ Protocol:
   ``question`` + ``choices`` when absent) + :data:`SUFFIX`;
 * the answer is the first ``(X)`` in the output, else its first non-blank character when that
   is a letter; nothing else counts. Each item is parsed on its own (the reference leaks the
-  previous item's prediction, D24);
+  previous item's prediction, as the reference's parser did);
 * accuracy per source and per task; 2D = mean over the 2D sources (ADE20K, COCO), 3D = mean over
   the 3D sources (Omni3D), overall = mean(2D, 3D).
 """
@@ -57,6 +57,10 @@ def load_items(path: str | Path) -> list[dict]:
     if not items:
         raise CVBenchFormatError(f"{path}: no records")
     return items
+
+
+def count_records(path: str | Path) -> int:
+    return len(load_items(path))
 
 
 def image_path(item: dict) -> str | None:
@@ -142,45 +146,37 @@ def format_table(result: dict) -> str:
 def run_cvbench(model_dir: str | Path, data: str | Path, image_root: str | Path | None = None, *,
                 output: str | Path | None = None, max_new_tokens: int = 8, batch_size: int = 8,
                 limit: int | None = None, template: str | None = None, image_geometry: str | None = None,
-                device: str | None = None, progress: bool = True) -> dict:
+                device: str | None = None, progress: bool = True, em=None) -> dict:
     """Greedy answers of a trained model on a CV-Bench jsonl, scored by :func:`score`.
 
     ``image_root``: folder the records' ``filename`` is relative to (default: the jsonl's folder).
-    Writes ``output`` (JSON with the scores, every item's output and the settings) when given.
+    Writes ``output`` (JSON with the scores, every item's output and the settings) when given;
+    answers are kept in ``<output>.partial.jsonl`` as they come, so a killed run resumes.
+    ``em``: an already loaded :class:`~olavlm.evaluation.runner.EvalModel` (``eval all``).
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from olavlm.data.tokenize import encode_prompt, stop_token_ids
-    from olavlm.evaluation.runner import batches, load_eval_model, load_squares, pad_right, pixel_batch
-    from olavlm.infer.chat import read_run_info
+    from olavlm.data.images import load_image
+    from olavlm.evaluation.generation import Item, answer_all, partial_path
+    from olavlm.evaluation.runner import load_eval_model
 
     items = load_items(data)[:limit] if limit else load_items(data)
     root = Path(image_root) if image_root is not None else Path(data).parent
-    em = load_eval_model(model_dir, template=template, image_geometry=image_geometry, device=device)
-    stop = stop_token_ids(em.template, em.tokenizer)
-    add_bos = read_run_info(model_dir).get("add_bos", "auto")  # the BOS policy the model was trained with
-    spec = em.model.image_spec
-    outputs: list[str] = []
-    bar = tqdm(total=len(items), desc="cvbench", disable=not progress, dynamic_ncols=True)
-    for chunk in batches(items, batch_size):
-        seqs = [encode_prompt([{"from": "human", "value": build_prompt(it)}], em.template, em.tokenizer,
-                              num_images=1, add_bos=add_bos) for it in chunk]
-        ids, mask = pad_right(seqs, em.tokenizer.pad_token_id)
-        pixels = pixel_batch(load_squares([root / image_path(it) for it in chunk], em.image_geometry, spec), spec)
-        with torch.no_grad():
-            new = em.model.generate(ids.to(em.device), pixels.to(em.device), mask.to(em.device),
-                                    max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop)
-        for row in new.tolist():
-            end = next((i for i, t in enumerate(row) if t in stop), len(row))
-            outputs.append(em.tokenizer.decode(row[:end], skip_special_tokens=True).strip())
-        bar.update(len(chunk))
-    bar.close()
+    em = em or load_eval_model(model_dir, template=template, image_geometry=image_geometry, device=device)
+    side = em.model.image_spec.size
+    settings = {"benchmark": "cvbench", "model": str(Path(model_dir).resolve()), "data": str(Path(data).resolve()),
+                "image_root": str(root.resolve()), "template": em.template, "image_geometry": em.image_geometry,
+                "max_new_tokens": max_new_tokens, "decoding": "greedy", "suffix": SUFFIX}
+
+    def loader(item):
+        return lambda: load_image(root / image_path(item), geometry=em.image_geometry, side=side)
+
+    queries = [Item(f"{i}:{it['idx']}", build_prompt(it), loader(it)) for i, it in enumerate(items)]
+    partial = partial_path(output) if output is not None else None
+    outputs = answer_all(em, queries, settings=settings, partial=partial, batch_size=batch_size,
+                         max_new_tokens=max_new_tokens, desc="cvbench", progress=progress)
     result = score(items, outputs)
-    result["settings"] = {"model": str(model_dir), "data": str(data), "image_root": str(root),
-                          "template": em.template, "image_geometry": em.image_geometry,
-                          "max_new_tokens": max_new_tokens, "decoding": "greedy", "suffix": SUFFIX}
+    result["settings"] = settings
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(result, indent=1) + "\n")
+        partial.unlink(missing_ok=True)
     return result

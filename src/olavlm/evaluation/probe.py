@@ -1,4 +1,4 @@
-"""Layer probing (spec §9.3, light form): how well does each LLM layer encode a teacher's targets?
+"""Layer probing (docs/method.md, "Probing"; a lighter probe): how well does each LLM layer encode a teacher's targets?
 
 For every probed layer a small probe reads that layer's frozen hidden states (all tokens of the
 sequence, padding masked) and is trained to regress the teacher's targets for the image with

@@ -15,6 +15,7 @@ class EvalModel:
     template: str  # data template the model was trained with
     image_geometry: str  # pad | square | resize
     device: torch.device
+    add_bos: bool | str = "auto"  # the BOS policy the model was trained with (olavlm_run.json)
 
 
 def load_eval_model(model_dir: str | Path, *, template: str | None = None, image_geometry: str | None = None,
@@ -31,7 +32,7 @@ def load_eval_model(model_dir: str | Path, *, template: str | None = None, image
                          "--template and --image-geometry (the values the model was trained with)")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = OlaVLM.from_pretrained(model_dir, with_predictors=with_predictors).to(dev).eval()
-    return EvalModel(model, model.tokenizer, template, image_geometry, dev)
+    return EvalModel(model, model.tokenizer, template, image_geometry, dev, info.get("add_bos", "auto"))
 
 
 def load_squares(paths: list[Path], geometry: str, spec) -> list:

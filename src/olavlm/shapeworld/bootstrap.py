@@ -46,7 +46,7 @@ class BootstrapSpec:
 
     seed: int = 0
     vocab_size: int = 512  # BPE vocabulary (special tokens included)
-    llm_hidden: int = 64  # LlamaForCausalLM hidden size
+    llm_hidden: int = 128  # LlamaForCausalLM hidden size (64 learns the answer format, not the image)
     llm_layers: int = 4  # decoder layers (the probe reports one value per layer)
     llm_heads: int = 4
     llm_steps: int = 120  # LM optimisation steps on the world's conversations
@@ -61,7 +61,14 @@ class BootstrapSpec:
     vision_batch: int = 64
     vision_lr: float = 2e-3
     vision_recon_weight: float = 1.0  # weight of the per-patch colour reconstruction term
+    vision_position_targets: bool = True  # the reconstruction also asks for the patch's own row / column
     bf16: bool = False  # bf16 autocast; off by default: for these tiny matrices it is ~8x slower on CPU
+
+    def approx_params(self) -> int:
+        """Parameters of the LLM + vision tower these settings make (before they are built)."""
+        h, v = self.llm_hidden, self.vision_hidden
+        llm = self.llm_layers * (4 * h * h + 3 * h * 2 * h) + 2 * self.vocab_size * h
+        return llm + self.vision_layers * (4 * v * v + 2 * v * 2 * v)
 
 
 @dataclass
@@ -91,6 +98,8 @@ def world_texts(world_dir: Path) -> tuple[list[list[dict]], list[str]]:
                 msgs.append({"role": "user" if m["from"] == "human" else "assistant", "content": content})
                 plain.append(content)
             convs.append(msgs)
+    # the system prompt starts every rendered conversation: weigh it as often in the tokenizer corpus
+    plain += [LLAVA_LLAMA3_SYSTEM] * len(convs)
     return convs, plain
 
 
@@ -195,8 +204,8 @@ def train_vision(world_dir: Path, spec: BootstrapSpec, size: int, out: Path) -> 
 
     Objective (no depth labels anywhere): from the mean of the patch features at the layer the VLM
     reads, predict the image's caption attributes (BCE); and from every patch feature, its own
-    patch's coarse colours (MSE), a generic reconstruction term that keeps the layout of the scene
-    (where the horizon and the objects are) in the tokens, as a generic pretrained encoder would.
+    patch's coarse colours and its own row / column (MSE), a generic reconstruction term that keeps the
+    layout of the scene (what is where: horizon, objects) in the tokens, as a generic pretrained encoder would.
     """
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
@@ -211,6 +220,11 @@ def train_vision(world_dir: Path, spec: BootstrapSpec, size: int, out: Path) -> 
     tower = CLIPVisionModel(cfg)
     head = torch.nn.Sequential(torch.nn.LayerNorm(spec.vision_hidden), torch.nn.Linear(spec.vision_hidden, len(vocab)))
     colours = patch_colours(x, spec.vision_patch)
+    if spec.vision_position_targets:  # + each patch's own (row, column), centred: where it is in the image
+        g = int(round(colours.shape[1] ** 0.5))
+        rc = torch.stack(torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij"), -1).reshape(g * g, 2)
+        pos = (rc.float() - (g - 1) / 2) / ((g - 1) / 2)
+        colours = torch.cat([colours, pos.expand(len(colours), -1, -1)], dim=-1)
     pix_head = torch.nn.Sequential(torch.nn.LayerNorm(spec.vision_hidden),
                                    torch.nn.Linear(spec.vision_hidden, colours.shape[-1]))
     params = list(tower.parameters()) + list(head.parameters()) + list(pix_head.parameters())

@@ -8,8 +8,9 @@ Stages (each logged as ``[demo k/6] ...``):
   4. IFT with ``configs/shapeworld/ift.yaml`` (NTP only, task tokens kept frozen);
   5. ``eval cvbench`` on the held-out cvbench.jsonl and ``probe`` (depth, seg, gen) on probe.json;
   6. report.md, report.json, loss.png, probe.png.
-With ``compare`` the baseline (identical, embedding losses off: tasks keep their tokens but
-``layers: []``) runs too; with ``seeds > 1`` everything after the bootstrap repeats per seed.
+Every run trains both variants side by side: ``ola`` and ``baseline`` (identical, embedding losses
+off: tasks keep their tokens but ``layers: []``); with ``seeds > 1`` everything after the bootstrap
+repeats per seed and the report gives mean ± std.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -36,24 +38,24 @@ class DemoSettings:
 
     world: WorldSpec = field(default_factory=WorldSpec)
     bootstrap: BootstrapSpec = field(default_factory=BootstrapSpec)
-    pt_epochs: int = 4  # passes over pretrain.json
+    pt_epochs: int = 2  # passes over pretrain.json
     ift_epochs: int = 2  # passes over instruct.json
     max_steps: int | None = None  # cap per stage (quick mode)
     batch_size: int = 16  # global = micro batch of PT and IFT
-    probe_steps: int = 200  # optimisation steps of each probe set
+    probe_steps: int = 100  # optimisation steps of each probe set
     # which final model is probed for which teacher: the PT model shows what the embedding losses
     # alone changed (its LLM is frozen); the IFT model is the one the paper probes
     probe_plan: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"pt": ("depth",),
                                                                             "ift": ("depth", "seg", "gen")})
-    eval_batch_size: int = 16
+    eval_batch_size: int = 32
 
 
 def settings_for(quick: bool, seed: int) -> DemoSettings:
     if not quick:
-        return DemoSettings(world=WorldSpec(seed=seed, n_probe=600), bootstrap=BootstrapSpec(seed=seed))
+        return DemoSettings(world=WorldSpec(seed=seed), bootstrap=BootstrapSpec(seed=seed))
     return DemoSettings(
         world=WorldSpec(seed=seed, n_pretrain=48, n_instruct=48, n_text_only=8, n_cvbench=16, n_probe=24),
-        bootstrap=BootstrapSpec(seed=seed, llm_steps=8, llm_batch=8, vision_steps=8, vision_batch=16),
+        bootstrap=BootstrapSpec(seed=seed, llm_hidden=64, llm_steps=8, llm_batch=8, vision_steps=8, vision_batch=16),
         pt_epochs=1, ift_epochs=1, max_steps=3, batch_size=8, probe_steps=20,
         probe_plan={"ift": ("depth", "seg", "gen")},
     )
@@ -115,7 +117,7 @@ def run_stage(cfg) -> dict:
     done = run_dir / "final" / "config.json"
     if done.is_file() and (run_dir / "config.yaml").is_file() and (run_dir / "config.yaml").read_text() == cfg.to_yaml():
         log.info("%s: reusing finished run %s", cfg.train.stage, run_dir)
-        return json.loads((run_dir / "summary.json").read_text())
+        return {**json.loads((run_dir / "summary.json").read_text()), "reused": True}
     if run_dir.exists():
         shutil.rmtree(run_dir)
     return train(cfg, resume="none").summary
@@ -123,7 +125,7 @@ def run_stage(cfg) -> dict:
 
 def run_variant(out: Path, variant: str, seed: int, st: DemoSettings, boot, world: Path, config_dir: Path,
                 progress: bool) -> dict:
-    from olavlm.evaluation.cvbench import format_table, run_cvbench
+    from olavlm.evaluation.cvbench import format_table, load_items, run_cvbench
 
     base = out / "runs" / f"seed{seed}" / variant
     common = dict(llm=boot.llm, vision=boot.vision, world=world, seed=seed, batch=st.batch_size,
@@ -142,12 +144,15 @@ def run_variant(out: Path, variant: str, seed: int, st: DemoSettings, boot, worl
                       batch_size=st.eval_batch_size, progress=progress)
     log.info("%s seed %d:\n%s", variant, seed, format_table(cvb))
     probes = probe_models(base, world, st, progress)
-    items = [{"task": p["task"], "prediction": p["prediction"], "correct": p["correct"]} for p in cvb["per_item"]]
+    n_choices = {it["idx"]: len(it["choices"]) for it in load_items(world / "cvbench.jsonl")}
+    items = [{"task": p["task"], "answer": p["answer"], "prediction": p["prediction"], "correct": p["correct"],
+              "n_choices": n_choices.get(p["idx"])} for p in cvb["per_item"]]
     return {"variant": variant, "seed": seed, "pt": pt, "ift": ift, "cvbench_items": items,
             "cvbench": {k: v for k, v in cvb.items() if k != "per_item"},
             "probe": probes, "seconds": {"pt": round(t1 - t0, 1), "ift": round(t2 - t1, 1),
                                          "eval": round(time.perf_counter() - t2, 1)},
-            "metrics": {"pt": str(base / "pt" / "metrics.jsonl"), "ift": str(base / "ift" / "metrics.jsonl")}}
+            "metrics": {"pt": str((base / "pt" / "metrics.jsonl").relative_to(out)),
+                        "ift": str((base / "ift" / "metrics.jsonl").relative_to(out))}}
 
 
 def probe_models(base: Path, world: Path, st: DemoSettings, progress: bool) -> dict:
@@ -178,15 +183,35 @@ def probe_models(base: Path, world: Path, st: DemoSettings, progress: bool) -> d
     return out
 
 
-def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool = False, compare: bool = False,
-             seeds: int = 1, config_dir: str | Path | None = None, progress: bool = True) -> dict:
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # not available on this platform
+        return "n/a"
+
+
+def _portable(path: Path) -> str:
+    """``path`` relative to the working directory when inside it, else its last two parts."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(Path(*path.resolve().parts[-2:]))
+
+
+def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool = False, seeds: int = 1,
+             variants: tuple[str, ...] = VARIANTS, config_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Run the demo; returns the report dict (also written to ``output_dir/report.json``)."""
+    import torch
+
     from olavlm.shapeworld.bootstrap import bootstrap
     from olavlm.shapeworld.report import write_report
 
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    start = time.perf_counter()
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        raise ValueError(f"--variants: expected some of {', '.join(VARIANTS)}, got {', '.join(variants) or 'none'}")
+    start, load_start = time.perf_counter(), _load()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     st = settings_for(quick, seed)
@@ -199,13 +224,16 @@ def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool
     boot_s = time.perf_counter() - t
     runs = []
     for s in range(seed, seed + seeds):
-        for variant in (VARIANTS if compare else VARIANTS[:1]):
+        for variant in variants:
             runs.append(run_variant(out, variant, s, st, boot, world, cfg_dir, progress))
     _stage(6, f"report -> {out / 'report.md'}")
-    info = {"output_dir": str(out), "seed": seed, "seeds": list(range(seed, seed + seeds)), "quick": quick,
-            "compare": compare, "settings": dataclasses.asdict(st), "config_dir": str(cfg_dir),
+    trained = [r for r in runs if not (r["pt"].get("reused") and r["ift"].get("reused"))] or runs
+    per_model = sum(sum(r["seconds"].values()) for r in trained) / len(trained)  # reused runs took ~0 s
+    info = {"seed": seed, "seeds": list(range(seed, seed + seeds)), "quick": quick, "variants": list(variants),
+            "settings": dataclasses.asdict(st), "config_dir": _portable(cfg_dir), "threads": torch.get_num_threads(),
+            "load_start": load_start, "load_end": _load(),
             "bootstrap": {k: v for k, v in boot.info.items() if k != "key"} | {"cached": boot.cached},
-            "seconds": {"generate": round(gen_s, 1), "bootstrap": round(boot_s, 1),
+            "seconds": {"generate": round(gen_s, 1), "bootstrap": round(boot_s, 1), "per_model": round(per_model, 1),
                         "total": round(time.perf_counter() - start, 1)}}
     report = write_report(out, info, runs)
     log.info("demo finished in %.0f s: %s", time.perf_counter() - start, out / "report.md")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 TASK_ORDER = ("Count", "Relation", "Depth", "Distance")
@@ -51,40 +52,56 @@ def _fmt(s: dict, pct: bool = False) -> str:
     return text
 
 
-def _read_metrics(path: str) -> list[dict]:
+def _read_metrics(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         return []
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
 
 
-def plot_losses(runs: list[dict], path: Path) -> None:
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the first points average what exists so far)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_losses(runs: list[dict], out: Path, path: Path) -> None:
+    """PT NTP, PT embedding losses (OLA) and IFT NTP per variant: raw (faint) and smoothed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=120)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=120)
+    colours = {"ola": "tab:blue", "baseline": "tab:orange"}
     seen = set()
     for r in runs:
         if r["variant"] in seen:  # first seed of each variant
             continue
         seen.add(r["variant"])
-        style = "-" if r["variant"] == "ola" else "--"
-        pt = _read_metrics(r["metrics"]["pt"])
-        for key in ("loss/ntp", "loss/depth", "loss/seg", "loss/gen"):
-            pts = [(m["step"], m[key]) for m in pt if m.get(key) is not None]
-            if pts:
-                axes[0].plot(*zip(*pts), style, label=f"{r['variant']} {key}")
-        ift = _read_metrics(r["metrics"]["ift"])
-        pts = [(m["step"], m["loss"]) for m in ift if m.get("loss") is not None]
-        if pts:
-            axes[1].plot(*zip(*pts), style, label=f"{r['variant']} loss (NTP)")
-    axes[0].set_title("PT", fontsize=9)
-    axes[1].set_title("IFT", fontsize=9)
-    for ax in axes:
+        colour = colours.get(r["variant"], "tab:grey")
+        for ax, stage, keys in ((axes[0], "pt", ("loss/ntp",)), (axes[1], "pt", ("loss/depth", "loss/seg", "loss/gen")),
+                                (axes[2], "ift", ("loss/ntp",))):
+            rows = _read_metrics(out / r["metrics"][stage])
+            for k, key in enumerate(keys):
+                pts = [(m["step"], m[key]) for m in rows if m.get(key) is not None]
+                if not pts:
+                    continue
+                xs, ys = zip(*pts)
+                c = colour if len(keys) == 1 else f"C{k + 2}"
+                ax.plot(xs, ys, color=c, alpha=0.25, lw=0.7)
+                ax.plot(xs, _smooth(list(ys), max(1, len(ys) // 15)), color=c, lw=1.6,
+                        label=f"{r['variant']} {key.split('/')[1]}")
+    for ax, title in zip(axes, ("PT: next-token loss", "PT: embedding losses (OLA only)", "IFT: next-token loss")):
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("optimizer step")
-        ax.legend(fontsize=6)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -119,65 +136,134 @@ def plot_probes(agg: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def task_table(runs: list[dict]) -> dict:
+    """Per CV-Bench task: accuracy per variant (stats over seeds), OLA - baseline (stats of the
+    per-seed differences), chance, the best constant-letter answer and the predicted-letter counts."""
+    tasks = sorted({i["task"] for r in runs for i in r["cvbench_items"]},
+                   key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER), t))
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    first = runs[0]["cvbench_items"]  # the held-out items are the same for every run
+    out = {}
+    for t in tasks:
+        items = [i for i in first if i["task"] == t]
+        letters = Counter(i["answer"] for i in items)
+        n_choices = max(1, max(int(i.get("n_choices") or 0) for i in items))
+        row = {"n": len(items), "chance": 1.0 / n_choices,
+               "best_constant": max(letters.values()) / len(items), "best_constant_letter": letters.most_common(1)[0][0]}
+        acc = {v: {r["seed"]: r["cvbench"]["by_task"].get(t) for r in runs if r["variant"] == v} for v in variants}
+        for v in variants:
+            row[v] = _stats(list(acc[v].values()))
+            row[f"{v}_letters"] = dict(sorted(Counter(i["prediction"] or "none" for r in runs if r["variant"] == v
+                                                      for i in r["cvbench_items"] if i["task"] == t).items()))
+        if {"ola", "baseline"} <= set(variants):
+            seeds = sorted(set(acc["ola"]) & set(acc["baseline"]))
+            row["diff"] = _stats([acc["ola"][s] - acc["baseline"][s] for s in seeds])
+        out[t] = row
+    return out
+
+
+def _pp(s: dict | None, signed: bool = False) -> str:
+    if not s or s["mean"] is None:
+        return "-"
+    text = f"{100 * s['mean']:+.1f}" if signed else f"{100 * s['mean']:.1f}"
+    return text + (f" ± {100 * s['std']:.1f}" if s["n"] > 1 else "")
+
+
+def summary_lines(info: dict, agg: dict, table: dict) -> list[str]:
+    """The five lines the report opens with."""
+    sec, seeds = info["seconds"], info["seeds"]
+    both = {"ola", "baseline"} <= set(agg)
+    over = {v: _pp(agg[v]["cvbench"]["overall"]) for v in agg}
+    over_diff = _stats([a - b for a, b in zip(agg["ola"]["cvbench"]["overall"]["values"],
+                                              agg["baseline"]["cvbench"]["overall"]["values"])]) if both else None
+    n_items = sum(row["n"] for row in table.values())
+    lines = [
+        f"1. **What ran**: ShapeWorld (world seed {info['seed']}) -> bootstrap -> PT -> IFT -> held-out CV-Bench-format "
+        f"eval + probes, for {' and '.join(agg)} ({'identical except the embedding losses' if both else 'one variant'}), "
+        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}{' (quick smoke size)' if info['quick'] else ''}.",
+        f"2. **Time**: {sec['total']:.0f} s in all (generate {sec['generate']:.0f} s, bootstrap {sec['bootstrap']:.0f} s"
+        f"{' cached' if info['bootstrap'].get('cached') else ''}, {sec['per_model']:.0f} s per trained model on average); "
+        f"{info['threads']} torch thread(s); load average {info['load_start']} at start, {info['load_end']} at the end.",
+        f"3. **CV-Bench format, overall** ({n_items} held-out items): " + ", ".join(f"{v} {over[v]} %" for v in agg)
+        + (f"; OLA - baseline {_pp(over_diff, signed=True)} points" if both else "") + ".",
+    ]
+    if both:
+        lines.append("4. **OLA - baseline per task** (points" + (", mean ± std over seeds" if len(seeds) > 1 else "")
+                     + "): " + ", ".join(f"{t} {_pp(row['diff'], signed=True)}" for t, row in table.items()) + ".")
+    else:
+        lines.append("4. **Per task**: " + ", ".join(f"{t} {_pp(row[next(iter(agg))])} %" for t, row in table.items()) + ".")
+    grounded = []
+    for v in agg:
+        ok = [t for t, row in table.items() if row[v]["mean"] is not None and row[v]["mean"] >= _target(row)
+              and row[v]["mean"] > row["best_constant"]]
+        grounded.append(f"{v} {len(ok)}/{len(table)}")
+    lines.append("5. **Answers from the image** (tasks at target: 2-choice >= 75 %, 4-choice >= 50 %, and above "
+                 "the best constant letter): " + ", ".join(grounded) + ".")
+    return lines
+
+
+def _target(row: dict) -> float:
+    return 0.75 if row["chance"] >= 0.5 else 0.5
+
+
 def markdown(info: dict, agg: dict, runs: list[dict]) -> str:
     variants = list(agg)
     boot = info["bootstrap"]
-    lines = [
-        "# ShapeWorld demo report",
-        "",
-        f"Seed(s): {info['seeds']} · quick: {info['quick']} · compare: {info['compare']} · "
-        f"total {info['seconds']['total']:.0f} s (generate {info['seconds']['generate']:.0f} s, "
-        f"bootstrap {info['seconds']['bootstrap']:.0f} s{' cached' if boot.get('cached') else ''}).",
-        "",
-        "## What ran",
-        "",
-        "1. `generate`: ShapeWorld images with ground-truth depth / class maps, written as pretrain.json, "
-        "allava_caption.json, instruct.json, cvbench.jsonl (held out), probe.json (held out).",
-        f"2. `bootstrap`: BPE tokenizer ({boot.get('vocab')} tokens); Llama LM loss "
-        f"{boot['llm']['loss_first']:.3f} -> {boot['llm']['loss_last']:.3f} in {boot['llm']['steps']} steps; "
-        f"CLIP vision tower caption-attribute BCE {boot['vision']['loss_first']:.3f} -> "
-        f"{boot['vision']['loss_last']:.3f} in {boot['vision']['steps']} steps.",
-        f"3. PT with `{info['config_dir']}/pt.yaml` through `olavlm train` (ola: NTP + depth/seg/gen embedding "
-        "losses vs the oracle teachers; baseline: the same with every task's `layers: []`).",
-        f"4. IFT with `{info['config_dir']}/ift.yaml` through `olavlm train` (NTP only; task tokens frozen).",
-        "5. `eval cvbench` on the held-out cvbench.jsonl (greedy); `probe` of every LLM layer for each "
-        "teacher's targets on held-out probe images (one-block resampler probe, smooth-L1, held-out cosine).",
-        "",
-        "## Training",
-        "",
-        "| variant | seed | PT steps | PT final loss | IFT steps | IFT final loss | PT s | IFT s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    table = task_table(runs)
+    multi = len(info["seeds"]) > 1
+    lines = ["# ShapeWorld demo report", "", *summary_lines(info, agg, table), "",
+             "## CV-Bench-format accuracy per task (%, held-out items" + (", mean ± std over seeds" if multi else "") + ")",
+             "", "| task | items | chance | best constant letter | " + " | ".join(variants)
+             + (" | OLA - baseline |" if "diff" in next(iter(table.values())) else " |"),
+             "|---|---|---|---|" + "---|" * len(variants) + ("---|" if "diff" in next(iter(table.values())) else "")]
+    for t, row in table.items():
+        cells = [_pp(row[v]) for v in variants] + ([_pp(row["diff"], signed=True)] if "diff" in row else [])
+        lines.append(f"| {t} | {row['n']} | {100 * row['chance']:.0f} | {100 * row['best_constant']:.0f} "
+                     f"{row['best_constant_letter']} | " + " | ".join(cells) + " |")
+    for m in ("overall", "2D", "3D"):
+        lines.append(f"| {m} | | | | " + " | ".join(_pp(agg[v]["cvbench"][m]) for v in variants)
+                     + (" | |" if "diff" in next(iter(table.values())) else " |"))
+    lines += ["", "Predicted letters per task (all seeds together; one letter for every item = the model ignores "
+              "the image for that task):", "", "| task | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for t, row in table.items():
+        lines.append(f"| {t} | " + " | ".join(" ".join(f"{k}:{n}" for k, n in row[f"{v}_letters"].items())
+                                                for v in variants) + " |")
+    lines += ["", "## What ran", "",
+              "1. `generate`: ShapeWorld images with ground-truth depth / class maps, written as pretrain.json, "
+              "allava_caption.json, instruct.json, cvbench.jsonl (held out), probe.json (held out). Depth is readable "
+              "from the pixels: the nearer object stands lower in the image (and looks larger, and occludes).",
+              f"2. `bootstrap`: BPE tokenizer ({boot.get('vocab')} tokens); Llama LM loss "
+              f"{boot['llm']['loss_first']:.3f} -> {boot['llm']['loss_last']:.3f} in {boot['llm']['steps']} steps; "
+              f"CLIP vision tower caption-attribute loss {boot['vision']['loss_first']:.3f} -> "
+              f"{boot['vision']['loss_last']:.3f} in {boot['vision']['steps']} steps.",
+              f"3. PT with `{info['config_dir']}/pt.yaml` through `olavlm train` (ola: NTP + depth/seg/gen embedding "
+              "losses vs the oracle teachers; baseline: the same with every task's `layers: []`).",
+              f"4. IFT with `{info['config_dir']}/ift.yaml` through `olavlm train` (NTP only; task tokens frozen).",
+              "5. `eval cvbench` on the held-out cvbench.jsonl (greedy); `probe` of every LLM layer for each "
+              "teacher's targets on held-out probe images.", "",
+              "## Training", "",
+              "| variant | seed | PT steps | PT final loss (NTP + embedding) | IFT steps | IFT final loss | PT s | IFT s | eval + probe s |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        ptl = _read_metrics(r["metrics"]["pt"])
-        iftl = _read_metrics(r["metrics"]["ift"])
-        lines.append(f"| {r['variant']} | {r['seed']} | {r['pt'].get('steps')} | "
-                     f"{ptl[-1]['loss']:.3f} | {r['ift'].get('steps')} | {iftl[-1]['loss']:.3f} | "
-                     f"{r['pt'].get('wall_time_s', 0):.0f} | {r['ift'].get('wall_time_s', 0):.0f} |" if ptl and iftl else
-                     f"| {r['variant']} | {r['seed']} | {r['pt'].get('steps')} | - | {r['ift'].get('steps')} | - | - | - |")
-    n_cvb = runs[0]["cvbench"]["n"]
-    lines += ["", f"## CV-Bench format accuracy (%; {n_cvb} held-out items"
-              f"{', mean ± std over seeds' if len(info['seeds']) > 1 else ''})", "",
-              "| metric | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
-    metrics = list(next(iter(agg.values()))["cvbench"])
-    for m in metrics:
-        lines.append(f"| {m} | " + " | ".join(_fmt(agg[v]["cvbench"][m], pct=True) for v in variants) + " |")
-    lines += ["", "Predicted options per task (a constant letter means the model ignores the image for that task):", ""]
-    for r in runs:
-        hist: dict = {}
-        for item in r.get("cvbench_items", []):
-            hist.setdefault(item["task"], {}).setdefault(item["prediction"] or "none", 0)
-            hist[item["task"]][item["prediction"] or "none"] += 1
-        cells = "; ".join(f"{task} " + " ".join(f"{k}:{v}" for k, v in sorted(h.items()))
-                          for task, h in hist.items())
-        lines.append(f"- {r['variant']} seed {r['seed']}: {cells}")
-    lines += ["", "## Probes per LLM layer (held-out images)", "",
-              "Centred cosine = cosine after subtracting the training-set mean target from prediction and "
-              "target: how much of the image-specific part of the teacher's target the layer carries (0 = no "
-              "better than a constant). The raw cosine (the paper's metric) is shown too; with ShapeWorld's "
-              "near-identical backgrounds the constant mean target already scores close to 1 on it.", ""]
-    for stage in next(iter(agg.values()))["probe"]:
-        for task in next(iter(agg.values()))["probe"][stage]:
+        ptl, iftl = _read_metrics(info["root"] / r["metrics"]["pt"]), _read_metrics(info["root"] / r["metrics"]["ift"])
+        fin = (lambda rows: f"{rows[-1]['loss']:.3f}" if rows else "-")
+        lines.append(f"| {r['variant']} | {r['seed']} | {r['pt'].get('steps')} | {fin(ptl)} | {r['ift'].get('steps')} | "
+                     f"{fin(iftl)} | {r['seconds']['pt']:.0f} | {r['seconds']['ift']:.0f} | {r['seconds']['eval']:.0f} |")
+    lines += _probe_lines(agg, variants)
+    lines += ["Reported as measured. Files (relative to this folder): report.json (all numbers), loss.png, probe.png, "
+              "runs/seed*/<variant>/{pt,ift}/ (configs, metrics, final models), runs/seed*/<variant>/cvbench.json.", ""]
+    return "\n".join(lines)
+
+
+def _probe_lines(agg: dict, variants: list[str]) -> list[str]:
+    lines = ["", "## Probes per LLM layer (held-out images)", "",
+             "Centred cosine = cosine after subtracting the training-set mean target from prediction and "
+             "target: how much of the image-specific part of the teacher's target the layer carries (0 = no "
+             "better than a constant). The raw cosine (the paper's metric) is shown too; with ShapeWorld's "
+             "near-identical backgrounds the constant mean target already scores close to 1 on it.", ""]
+    first = next(iter(agg.values()))["probe"]
+    for stage in first:
+        for task in first[stage]:
             layers = list(agg[variants[0]]["probe"][stage][task]["centred"])
             lines += [f"**{task}** (model after {stage.upper()})", "",
                       "| layer | " + " | ".join(f"{v} centred | {v} raw" for v in variants) + " |",
@@ -189,17 +275,15 @@ def markdown(info: dict, agg: dict, runs: list[dict]) -> str:
             lines.append("| constant (mean target) | " + " | ".join(
                 f"0 | {_fmt(agg[v]['probe'][stage][task]['constant'])}" for v in variants) + " |")
             lines.append("")
-    lines += ["Reported as measured, with the seed(s) above; a single small run is noisy, so compare "
-              "variants with `--compare --seeds 3`. Files: report.json (all numbers), loss.png, probe.png, "
-              "runs/seed*/<variant>/{pt,ift}/ (configs, metrics, final models), runs/seed*/<variant>/cvbench.json.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def write_report(out: Path, info: dict, runs: list[dict]) -> dict:
+    """report.json, report.md, loss.png, probe.png in ``out``; every path in them is relative to ``out``."""
     agg = aggregate(runs)
-    report = {**info, "summary": agg, "runs": runs}
+    report = {**info, "summary": agg, "tasks": task_table(runs), "runs": runs}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    (out / "report.md").write_text(markdown(info, agg, runs))
-    plot_losses(runs, out / "loss.png")
+    (out / "report.md").write_text(markdown({**info, "root": out}, agg, runs))
+    plot_losses(runs, out, out / "loss.png")
     plot_probes(agg, out / "probe.png")
     return report

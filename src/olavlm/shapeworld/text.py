@@ -106,10 +106,35 @@ def long_caption(scene: dict, rng: np.random.Generator) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
+# objects in the scenes a question of a task is asked about (None = any): exactly the objects the
+# question names, no distractors, so that a model of the demo's size learns to answer from the image
+# within its CPU budget (CV-Bench's photos have many objects; this world stays a toy)
+TASK_OBJECTS = {"Count": None, "Relation": 2, "Depth": 2, "Distance": 3}
+MIN_DEPTH_ROWS = 3  # Depth: the nearer object's visible pixels reach at least this many rows lower
+MIN_DISTANCE_RATIO = 1.5  # Distance: the farther candidate is at least this many times farther (3D)
+
+
+def ground_point(obj: dict) -> tuple[float, float]:
+    """(column, row) in pixels where the object touches the ground: what an ideal reader of the image
+    would locate to recover its ground position (row -> depth, column and depth -> X)."""
+    return centre_x(obj), float(obj["bbox"][3])
+
+
+def depth_readable(a: dict, b: dict) -> bool:
+    """The nearer of ``a``/``b`` shows visible pixels ``MIN_DEPTH_ROWS`` rows lower than the other."""
+    near, far = (a, b) if a["Z"] < b["Z"] else (b, a)
+    return near.get("visible_bottom", near["bbox"][3]) - far.get("visible_bottom", far["bbox"][3]) >= MIN_DEPTH_ROWS
+
+
 def _closest_to(ref: dict, a: dict, b: dict) -> dict | None:
+    """The candidate nearer to ``ref`` in 3D, if clearly so and the image plane agrees; else None."""
     da = np.hypot(a["X"] - ref["X"], a["Z"] - ref["Z"])
     db = np.hypot(b["X"] - ref["X"], b["Z"] - ref["Z"])
-    if abs(da - db) < 0.3:
+    if max(da, db) < MIN_DISTANCE_RATIO * min(da, db):
+        return None
+    pa, pb, pr = ground_point(a), ground_point(b), ground_point(ref)
+    ia, ib = np.hypot(pa[0] - pr[0], pa[1] - pr[1]), np.hypot(pb[0] - pr[0], pb[1] - pr[1])
+    if (da < db) != (ia < ib):
         return None
     return a if da < db else b
 
@@ -120,6 +145,10 @@ def multiple_choice(scene: dict, task: str, rng: np.random.Generator) -> dict | 
     Returns {question, choices, answer_index}; the wording follows the real CV-Bench questions.
     """
     objs = scene["objects"]
+    if task not in CVBENCH_TASKS:
+        raise ValueError(f"unknown CV-Bench task {task!r}; expected one of {sorted(CVBENCH_TASKS)}")
+    if TASK_OBJECTS[task] is not None and len(objs) != TASK_OBJECTS[task]:
+        return None
     if task == "Count":
         if rng.random() < 0.5:
             shape = str(rng.choice(["circle", "square", "triangle"]))
@@ -141,6 +170,8 @@ def multiple_choice(scene: dict, task: str, rng: np.random.Generator) -> dict | 
         return {"question": question, "choices": choices, "answer_index": choices.index(answer)}
     if task == "Depth":
         a, b = (objs[int(i)] for i in rng.choice(len(objs), size=2, replace=False))
+        if not depth_readable(a, b):
+            return None
         answer = a if a["Z"] < b["Z"] else b
         choices = [name(a), name(b)]
         question = f"Which object is closer to the camera taking this photo, the {name(a)} or the {name(b)}?"
@@ -189,21 +220,51 @@ def _open_questions(scene: dict, rng: np.random.Generator) -> list[tuple[str, st
         side = "left" if centre_x(a) < centre_x(b) else "right"
         qa.append((f"Is the {name(a)} to the left or to the right of the {name(b)}?", f"To the {side}."))
         near = a if a["Z"] < b["Z"] else b
-        qa.append((f"Which is closer to the camera, the {name(a)} or the {name(b)}?", f"The {name(near)}."))
+        if depth_readable(a, b):
+            qa.append((f"Which is closer to the camera, the {name(a)} or the {name(b)}?", f"The {name(near)}."))
     return qa
 
 
-def instruction_turns(scene: dict, rng: np.random.Generator, n_turns: int) -> list[tuple[str, str]]:
-    """``n_turns`` (question, answer) pairs: open questions and CV-Bench-format multiple choice."""
-    pool = _open_questions(scene, rng)
-    for task in CVBENCH_TASKS:
-        for _ in range(2):
-            mc = multiple_choice(scene, task, rng)
-            if mc is not None:
-                pool.append((mc_prompt(mc["question"], mc["choices"]) + CVBENCH_SUFFIX,
-                             f"({chr(65 + mc['answer_index'])})"))
-    picks = rng.choice(len(pool), size=min(n_turns, len(pool)), replace=False)
-    return [pool[int(i)] for i in picks]
+def _skill_questions(scene: dict, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Open questions whose answer names the object the CV-Bench tasks need found: the nearest one,
+    the leftmost / rightmost one, the one closest to another (each only where it is clear)."""
+    objs = scene["objects"]
+    if len(objs) < 2:
+        return []
+    qa = []
+    near = min(objs, key=lambda o: o["Z"])
+    if all(depth_readable(near, o) for o in objs if o is not near):
+        qa.append(("Which object is the closest to the camera?", f"The {name(near)}."))
+    side = str(rng.choice(["leftmost", "rightmost"]))
+    pick = (min if side == "leftmost" else max)(objs, key=centre_x)
+    qa.append((f"Which object is the {side} one?", f"The {name(pick)}."))
+    if len(objs) == 3:
+        ref = objs[int(rng.integers(3))]
+        a, b = (o for o in objs if o is not ref)
+        closest = _closest_to(ref, a, b)
+        if closest is not None:
+            qa.append((f"Which object is the closest to the {name(ref)}?", f"The {name(closest)}."))
+    return qa
+
+
+def instruction_turns(scene: dict, rng: np.random.Generator, n_mc: int, n_open: int = 1) -> list[tuple[str, str]]:
+    """``n_open`` open questions (those that name the object a task needs first) then ``n_mc``
+    CV-Bench-format multiple-choice turns (answers "(X)"),
+    each of a task drawn at random (a draw the scene cannot support is redrawn)."""
+    skills, pool = _skill_questions(scene, rng), _open_questions(scene, rng)
+    turns = [skills[int(i)] for i in rng.choice(len(skills), size=min(n_open, len(skills)), replace=False)]
+    rest = n_open - len(turns)
+    turns += [pool[int(i)] for i in rng.choice(len(pool), size=min(rest, len(pool)), replace=False)]
+    mcs = []
+    for k in range(8 * n_mc):
+        if len(mcs) >= n_mc:
+            break
+        task = str(rng.choice(list(CVBENCH_TASKS))) if k < 4 * n_mc else "Count"  # Count always works
+        mc = multiple_choice(scene, task, rng)
+        if mc is not None:
+            mcs.append((mc_prompt(mc["question"], mc["choices"]) + CVBENCH_SUFFIX,
+                        f"({chr(65 + mc['answer_index'])})"))
+    return turns + mcs
 
 
 def text_only_turns(rng: np.random.Generator) -> list[tuple[str, str]]:

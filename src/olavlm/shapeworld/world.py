@@ -1,9 +1,11 @@
 """ShapeWorld: a deterministic synthetic world written in the real dataset formats.
 
-Each image shows 1-4 objects (shape x colour x size) standing on a ground plane seen by a pinhole
+Each image shows 1-``max_objects`` objects (shape x colour x size) standing on a ground plane seen by a pinhole
 camera: an object at depth ``z`` touches the ground at ``y = horizon + K / z`` and is ``f * size / z``
-pixels tall (the horizon row varies a little per image: camera pitch), so farther objects sit higher and look smaller (a monocular depth cue). Objects are
-painted far-to-near, so nearer ones occlude farther ones. Per image the generator also writes the
+pixels tall (the horizon row varies a little per image: camera pitch), so farther objects sit higher
+and look smaller. Objects are painted far-to-near, so nearer ones occlude farther ones. The depth
+questions are only asked where this cue is readable from the pixels: the nearer object's visible
+pixels reach at least ``MIN_DEPTH_ROWS`` rows lower (see ``text.multiple_choice``). Per image the generator also writes the
 ground truth the oracle teachers read: a depth map (world units), a class map (sky, ground, one
 class per shape) and an instance map.
 
@@ -36,7 +38,7 @@ from PIL import Image, ImageDraw
 
 from olavlm.shapeworld import text
 
-GENERATOR_VERSION = 2  # bump when the bytes produced for a given seed change
+GENERATOR_VERSION = 3  # bump when the bytes produced for a given seed change
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {  # name -> RGB
@@ -81,11 +83,14 @@ class WorldSpec:
     seed: int = 0  # the one seed every byte depends on
     size: int = 64  # image side in pixels (must match the vision tower input)
     n_pretrain: int = 600  # images with a short caption (pretrain.json) and a long one (allava_caption.json)
-    n_instruct: int = 600  # images with multi-turn QA (instruct.json)
+    n_instruct: int = 1200  # images with multi-turn QA (instruct.json)
     n_text_only: int = 40  # text-only conversations mixed into instruct.json
+    ift_mc_turns: int = 2  # CV-Bench-format multiple-choice turns per instruct.json image
+    ift_open_turns: int = 2  # open questions (nearest / leftmost / closest-to first) per instruct.json image
+    ift_object_weights: tuple[float, ...] = (1.0, 3.0, 3.0)  # instruct.json scenes with 1, 2, 3 ... objects
     n_cvbench: int = 200  # held-out images, one CV-Bench question each (cvbench.jsonl)
     n_probe: int = 160  # held-out images for probing (probe.json)
-    max_objects: int = 4
+    max_objects: int = 3  # at most len(COLOURS); ift_object_weights has one entry per count
     camera: Camera = field(default_factory=Camera)
 
 
@@ -94,17 +99,24 @@ class WorldSpec:
 # ------------------------------------------------------------------------------------------------
 
 
-def sample_scene(rng: np.random.Generator, spec: WorldSpec, max_tries: int = 200) -> dict:
-    """Objects with unique (colour, shape), distinct depths and columns, each mostly visible."""
+def sample_scene(rng: np.random.Generator, spec: WorldSpec, max_tries: int = 200,
+                 weights: tuple[float, ...] | None = None) -> dict:
+    """Objects with distinct colours (so a colour names an object), distinct depths and columns,
+    each mostly visible. ``weights``: relative frequency of 1..max_objects objects (None = uniform)."""
     cam = spec.camera
     for _ in range(max_tries):
         horizon = round(float(rng.uniform(cam.horizon - cam.horizon_jitter, cam.horizon + cam.horizon_jitter)), 3)
-        n = int(rng.integers(1, spec.max_objects + 1))
-        combos = [(c, s) for c in COLOURS for s in SHAPES]
-        picks = rng.choice(len(combos), size=n, replace=False)
+        if weights is not None and len(weights) != spec.max_objects:
+            raise ValueError(f"WorldSpec.ift_object_weights: {len(weights)} entries, expected one per object "
+                             f"count 1..{spec.max_objects} (max_objects)")
+        if weights is None:
+            n = int(rng.integers(1, spec.max_objects + 1))
+        else:
+            n = 1 + int(rng.choice(spec.max_objects, p=np.asarray(weights) / np.sum(weights)))
+        colours = [str(c) for c in rng.choice(list(COLOURS), size=n, replace=False)]
         objects = []
-        for k in picks:
-            colour, shape = combos[int(k)]
+        for colour in colours:
+            shape = str(rng.choice(SHAPES))
             objects.append({
                 "shape": shape, "colour": colour,
                 "size": str(rng.choice(list(SIZES))),
@@ -126,6 +138,7 @@ def sample_scene(rng: np.random.Generator, spec: WorldSpec, max_tries: int = 200
             full = _object_mask(o, spec.size).sum()
             vis = int((inst == i + 1).sum())
             o["visible_px"] = vis
+            o["visible_bottom"] = int(np.nonzero((inst == i + 1).any(axis=1))[0].max()) if vis else -1
             if vis < 8 or vis < 0.5 * full:
                 ok = False
         if ok:
@@ -269,8 +282,8 @@ def generate_world(out_dir: str | Path, spec: WorldSpec | None = None, *, progre
     instruct = []
     for i in range(spec.n_instruct):
         rng = rngs["ift"]
-        key, scene = make_image("ift", i, rng)
-        turns = text.instruction_turns(scene, rng, int(rng.integers(2, 5)))
+        key, scene = make_image("ift", i, rng, sample_scene(rng, spec, weights=spec.ift_object_weights))
+        turns = text.instruction_turns(scene, rng, spec.ift_mc_turns, spec.ift_open_turns)
         turns[0] = ("<image>\n" + turns[0][0], turns[0][1])
         instruct.append(_record(f"ift_{i:05d}", key, turns))
     for i in range(spec.n_text_only):

@@ -1,4 +1,4 @@
-"""Segmentation teacher: the Swin backbone of OneFormer, spec §3.2.
+"""Segmentation teacher: the Swin backbone of OneFormer (docs/method.md, "Teachers and targets").
 
 Target = the backbone's last stage (after its per-stage LayerNorm; 1536 channels, stride 32 for
 Swin-L), bilinearly resized to the image-token grid: (C, grid, grid) in the "grid" layout, e.g.
@@ -96,3 +96,66 @@ def _unit_scale(values, default):
         return default
     values = [float(v) for v in values]
     return tuple(v / 255.0 for v in values) if max(values) > 1.0 else tuple(values)
+
+
+class SegDecoder:
+    """OneFormer's pixel decoder + transformer decoder, loaded on request (visualisation only).
+
+    :meth:`decode` puts a predicted last-stage map (N, C, g, g) where the backbone's last stage
+    goes; the earlier stages come from the real image, and all stages are bilinearly resized to
+    the g x g grid before the pixel decoder. :meth:`teacher_segmentation` is the unchanged model.
+    Both return a semantic label map (N, H, W) at the pixels' size (class probabilities of the
+    queries times their sigmoid masks, argmax over classes).
+    """
+
+    def __init__(self, model, task_inputs: torch.Tensor) -> None:
+        self.model = model.eval().requires_grad_(False)  # OneFormerModel
+        self.task_inputs = task_inputs  # (1, task_seq_len) token ids of "the task is <task>"
+
+    @classmethod
+    def from_pretrained(cls, path: str = DEFAULT_SOURCE, *, task: str = "semantic", dtype=None,
+                        **hub_kwargs) -> "SegDecoder":
+        import logging
+
+        from transformers import CLIPTokenizer, OneFormerForUniversalSegmentation
+
+        full = OneFormerForUniversalSegmentation.from_pretrained(path, dtype=dtype, **hub_kwargs)
+        model = full.model  # the class head and mask embedder live in model.transformer_module
+        del full
+        length = int(model.config.task_seq_len)
+        try:
+            tok = CLIPTokenizer.from_pretrained(path, **hub_kwargs)  # what OneFormerProcessor uses
+            if tok.vocab_size < 256:  # transformers builds an empty tokenizer when the files are missing
+                raise ValueError("no tokenizer files")
+            ids = tok(f"the task is {task}", padding="max_length", max_length=length, truncation=True).input_ids
+        except (OSError, ValueError, TypeError):  # a checkpoint without its tokenizer (the tiny test teacher)
+            logging.getLogger(__name__).warning("oneformer decoder: no tokenizer in %s; task text left empty", path)
+            ids = [0] * length
+        return cls(model, torch.tensor([ids]))
+
+    @torch.no_grad()
+    def features(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.model.pixel_level_module.encoder(pixels).feature_maps)
+
+    @torch.no_grad()
+    def decode_features(self, features: list[torch.Tensor], size: tuple[int, int], *, scores: bool = False) -> torch.Tensor:
+        m = self.model
+        dec = m.pixel_level_module.decoder(features)
+        task = m.task_encoder(self.task_inputs.to(features[0].device).expand(features[0].shape[0], -1).to(m.dtype))
+        out = m.transformer_module(multi_scale_features=dec.multi_scale_features, mask_features=dec.mask_features,
+                                   task_token=task)
+        classes = out.prediction_class.float().softmax(-1)[..., :-1]  # the last class is "no object"
+        masks = F.interpolate(out.prediction_masks.float(), size=size, mode="bilinear", align_corners=False).sigmoid()
+        per_class = torch.einsum("nqc,nqhw->nchw", classes, masks)
+        return per_class if scores else per_class.argmax(1)
+
+    @torch.no_grad()
+    def teacher_segmentation(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.decode_features(self.features(pixels), tuple(pixels.shape[-2:]))
+
+    @torch.no_grad()
+    def decode(self, pred: torch.Tensor, pixels: torch.Tensor, *, scores: bool = False) -> torch.Tensor:
+        grid = pred.shape[-2:]
+        real = [F.interpolate(f.float(), size=grid, mode="bilinear", align_corners=False) for f in self.features(pixels)]
+        feats = [f.to(pred.dtype) for f in real[:-1]] + [pred.to(real[-1].dtype)]
+        return self.decode_features(feats, tuple(pixels.shape[-2:]), scores=scores)

@@ -1,4 +1,4 @@
-"""Generation teacher: the CLIP image encoder of Stable-Diffusion-2.1-unCLIP, spec §3.3.
+"""Generation teacher: the CLIP image encoder of Stable-Diffusion-2.1-unCLIP (docs/method.md, "Teachers and targets").
 
 Target = ``CLIPVisionModelWithProjection(...).image_embeds`` -> (1, C) in the "vector" layout,
 (1, 1024) for the unCLIP ViT-H/14 encoder. Preprocessing follows the pipeline's
@@ -79,3 +79,34 @@ class UnCLIPTeacher(Teacher):
 
     def forward_features(self, inputs: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
         return self.encoder(pixel_values=inputs).image_embeds.unsqueeze(1)
+
+
+class UnCLIPDecoder:
+    """The unCLIP pipeline (diffusers), loaded on request: an image variation from ``image_embeds``.
+
+    diffusers is an optional extra; :meth:`from_pretrained` raises ``ImportError`` with a one-line
+    message when it is missing."""
+
+    MISSING = ("generation decoding needs diffusers (pip install diffusers); the unCLIP panels are "
+               "skipped without it")
+
+    def __init__(self, pipe, steps: int = 25) -> None:
+        self.pipe, self.steps = pipe, steps
+
+    @classmethod
+    def from_pretrained(cls, path: str = DEFAULT_SOURCE, *, dtype=None, steps: int = 25, **hub_kwargs) -> "UnCLIPDecoder":
+        try:
+            from diffusers import DPMSolverMultistepScheduler, StableUnCLIPImg2ImgPipeline
+        except ImportError:
+            raise ImportError(cls.MISSING) from None
+        pipe = StableUnCLIPImg2ImgPipeline.from_pretrained(path, torch_dtype=dtype, **hub_kwargs)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        return cls(pipe, steps)
+
+    @torch.no_grad()
+    def decode(self, image_embeds: torch.Tensor, seed: int = 0):
+        """(N, 1, C) or (N, C) embeddings -> list of PIL images."""
+        emb = image_embeds.reshape(image_embeds.shape[0], -1)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        return self.pipe(image_embeds=emb.to(self.pipe.device, self.pipe.dtype), num_inference_steps=self.steps,
+                         generator=gen).images

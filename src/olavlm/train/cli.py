@@ -74,7 +74,9 @@ def run(args) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     from olavlm.train.loop import train
+    from olavlm.threads import configure_cpu_threads
 
+    configure_cpu_threads(cfg.model.llm)
     result = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps, force=args.force)
     if result.already_finished:
         print(f"{result.output_dir} already finished (step {result.summary.get('steps')}); final model: "

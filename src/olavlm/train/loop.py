@@ -61,6 +61,9 @@ def build_model(cfg: RunConfig):
     from olavlm.model.vlm import OlaVLM
 
     t = cfg.train
+    if t.stage == "probe":  # the frozen init_from model + one probe per (task, layer)
+        from olavlm.evaluation.probe_stage import build_probe_model
+        return build_probe_model(cfg)
     active = active_tasks(cfg.model, t.stage)  # a later stage's own (alignment) tasks get fresh predictors
     if t.init_from is None:
         if t.stage != "pt":

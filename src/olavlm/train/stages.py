@@ -1,4 +1,4 @@
-"""What trains in each stage (spec §5.1, §5.2): the ONE place that states the policy.
+"""What trains in each stage (docs/method.md, "Stages"): the ONE place that states the policy.
 
 =========  =================================================================================
 stage      trainable parameter groups (``model.param_groups()``)
@@ -6,6 +6,8 @@ stage      trainable parameter groups (``model.param_groups()``)
 ``pt``     projector + predictors + task_tokens + logit_scales (LLM and vision tower frozen)
 ``vpt``    llm + projector (NTP only; task tokens frozen, predictors dropped)
 ``ift``    llm + projector (same as vpt)
+``probe``  probes only: one per (task, layer) on the frozen model (LLM, tower, projector and task
+           tokens frozen; the overrides below are refused)
 =========  =================================================================================
 
 Auxiliary tasks are active in the stages ``model.tasks.<name>.stages`` names (None = the kind's
@@ -16,7 +18,7 @@ With ``train.lora`` the ``lora`` group (peft adapters, see olavlm.train.lora) tr
 ``llm``, whose base weights stay frozen.
 
 Overrides: ``train.freeze_task_tokens`` (None = stage default: trainable in PT, frozen after,
-spec §2.3 / fix D8) and ``train.unfreeze_vision_tower`` (adds the vision tower in any stage).
+docs/method.md, "One task-token policy in every stage") and ``train.unfreeze_vision_tower`` (adds the vision tower in any stage).
 VPT/IFT models are built or loaded ``with_predictors=False``; a model that still carries predictor
 or logit-scale parameters there is refused instead of silently training dead weights.
 """
@@ -33,13 +35,14 @@ from olavlm.config import ConfigError, ModelConfig, Stage, TaskConfig, TrainConf
 
 log = logging.getLogger(__name__)
 
-STAGES = typing.get_args(Stage)  # ("pt", "vpt", "ift")
-GROUPS = ("llm", "lora", "vision", "projector", "task_tokens", "predictors", "logit_scales")
+STAGES = typing.get_args(Stage)  # ("pt", "vpt", "ift", "probe")
+GROUPS = ("llm", "lora", "vision", "projector", "task_tokens", "predictors", "logit_scales", "probes")
 # groups each stage trains by default (before the two overrides)
 _DEFAULT = {
     "pt": {"projector", "predictors", "task_tokens", "logit_scales"},
     "vpt": {"llm", "projector"},
     "ift": {"llm", "projector"},
+    "probe": {"probes"},
 }
 
 
@@ -65,10 +68,21 @@ def stage_model_config(saved: ModelConfig, recipe: ModelConfig, stage: str) -> M
     return saved
 
 
+def uses_teachers(stage: str) -> bool:
+    """Whether a stage needs teacher targets (live or cached): PT and the probe stage."""
+    _check_stage(stage)
+    return stage in ("pt", "probe")
+
+
 def trainable_groups(stage: str, train_cfg: TrainConfig) -> set[str]:
     """The parameter groups that train in ``stage`` after applying the config overrides."""
     _check_stage(stage)
     groups = set(_DEFAULT[stage])
+    if stage == "probe":  # the probed model stays exactly as trained
+        if train_cfg.freeze_task_tokens is False or train_cfg.unfreeze_vision_tower:
+            raise ConfigError("train.stage probe trains the probes only: unset train.freeze_task_tokens=false "
+                              "and train.unfreeze_vision_tower")
+        return groups
     if train_cfg.freeze_task_tokens is True:
         groups.discard("task_tokens")
     elif train_cfg.freeze_task_tokens is False:
@@ -114,8 +128,8 @@ def configure_trainable(model: nn.Module, stage: str, train_cfg: TrainConfig) ->
     seen: set[int] = set()
     counts: dict[str, int] = {}
     totals: dict[str, int] = {}
-    for name in GROUPS:
-        params = [p for p in groups.get(name, []) if id(p) not in seen]
+    for name in (g for g in GROUPS if g in groups):  # only the groups this model has
+        params = [p for p in groups[name] if id(p) not in seen]
         seen.update(id(p) for p in params)
         train = name in wanted
         for p in params:
@@ -130,8 +144,8 @@ def configure_trainable(model: nn.Module, stage: str, train_cfg: TrainConfig) ->
     log.info("stage %s: trainable / total parameters per group\n%s\n  %-*s  %14s / %14s", stage,
              "\n".join(lines), width, "total", f"{sum(counts.values()):,}", f"{sum(totals.values()):,}")
     for name in ("other", "lora"):  # reported only when the model has them
-        if not totals[name]:
-            counts.pop(name)
+        if not totals.get(name):
+            counts.pop(name, None)
     return counts
 
 

@@ -16,7 +16,7 @@ def add_prepare_parser(data_subparsers) -> None:
     """Add the `prepare` sub-command to `olavlm data`."""
     p = data_subparsers.add_parser(
         "prepare",
-        help="download and lay out a training dataset (LLaVA-558K, LLaVA-665K, ALLaVA-Caption)",
+        help="download and lay out a dataset (LLaVA-558K, LLaVA-665K, ALLaVA-Caption; benchmarks cv-bench, mmstar)",
         description="Download, verify and unpack a dataset into --root exactly as the training jsons expect, "
                     "then run `data check` on it. Idempotent: a second run only verifies.",
         epilog=_sources_help(),
@@ -77,7 +77,7 @@ def run(args) -> int:
     from olavlm.data.prepare.download import InsufficientDisk
     from olavlm.data.prepare.runner import Options, prepare
 
-    specs = list(DATASETS.values()) if args.name == ALL else [DATASETS[args.name]]
+    specs = [d for d in DATASETS.values() if not d.evaluation] if args.name == ALL else [DATASETS[args.name]]
     _validate_only(specs, args.only)
     opts = Options(workers=args.workers, retries=args.retries, backoff=args.backoff, timeout=args.timeout,
                    hub_endpoint=args.hub_endpoint,

@@ -131,6 +131,9 @@ def prepare(spec: DatasetSpec, root: Path, *, only: list[str] | None = None, opt
             if src.ocr_vqa is not None:
                 report.steps.append(Step(src.name, src.ocr_vqa.image_dir, "planned",
                                          "fetch the referenced images that are not there yet"))
+            if src.hub_files is not None:
+                report.steps.append(Step(src.name, src.hub_files.local_dir, "planned",
+                                         f"fetch the files {src.hub_files.listing} lists that are not there yet"))
         if spec.assemble is not None:
             report.steps.append(Step("assemble", spec.assemble.output, "planned", "(re)assemble if its inputs changed"))
         return report
@@ -166,6 +169,8 @@ def prepare(spec: DatasetSpec, root: Path, *, only: list[str] | None = None, opt
         for src in sources:
             if src.ocr_vqa is not None:
                 report.steps.append(_run_ocr_vqa(src, root, opts, report))
+            if src.hub_files is not None:
+                report.steps.append(_run_hub_files(src, root, opts))
     if spec.assemble is not None:
         report.steps.append(_run_assemble(spec, root, report))
     _count_and_check(spec, root, opts, report)
@@ -226,6 +231,23 @@ def _run_ocr_vqa(src: Source, root: Path, opts: Options, report: Report) -> Step
                 f"{len(rep['failed'])} failed (report: {spec.report})")
 
 
+def _run_hub_files(src: Source, root: Path, opts: Options) -> Step:
+    from olavlm.data.prepare.hub_listed import fetch_listed
+
+    spec = src.hub_files
+    if not (root / spec.listing).is_file():
+        return Step(src.name, spec.local_dir, "failed", f"{spec.listing} is missing (see the step above)")
+    try:
+        rep = fetch_listed(spec, root, workers=opts.workers, retries=opts.retries, backoff=opts.backoff,
+                           endpoint=opts.hub_endpoint, progress=opts.progress)
+    except (OSError, ValueError) as e:
+        return Step(src.name, spec.local_dir, "failed", str(e))
+    lost = {**rep["failed"], **rep["unsafe_names"]}
+    detail = (f"{rep['fetched']} fetched, {rep['already_present']} present of {rep['listed']} listed"
+              + (f"; NOT fetched: {len(lost)} (e.g. {', '.join(list(lost)[:3])})" if lost else ""))
+    return Step(src.name, spec.local_dir, "failed" if lost else ("done" if rep["fetched"] else "verified"), detail)
+
+
 def _run_assemble(spec: DatasetSpec, root: Path, report: Report) -> Step:
     a = spec.assemble
     assert a is not None
@@ -269,6 +291,15 @@ def count_per_source(data_file: Path) -> tuple[int, dict[str, int]]:
 def _count_and_check(spec: DatasetSpec, root: Path, opts: Options, report: Report) -> None:
     data_file = root / spec.data_file
     if not data_file.is_file():
+        return
+    if spec.counter is not None:  # a benchmark file: counted by its evaluation reader
+        import importlib
+
+        module, _, func = spec.counter.partition(":")
+        try:
+            report.records = getattr(importlib.import_module(module), func)(data_file)
+        except ValueError as e:
+            report.steps.append(Step("check", spec.data_file, "failed", str(e)))
         return
     try:
         report.records, report.per_source = count_per_source(data_file)

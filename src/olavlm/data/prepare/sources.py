@@ -95,6 +95,17 @@ class OcrVqaSpec:
 
 
 @dataclass(frozen=True)
+class HubListSpec:
+    """Files of a hub dataset repo named in a downloaded JSON-lines file (one hub request per file)."""
+
+    repo_id: str  # "owner/name" of the dataset repo
+    revision: str  # the commit the listing was fetched at (the files must come from the same one)
+    listing: str  # the JSON-lines file (relative to root) whose `field` names the files
+    field: str  # record field holding a repo-relative path, e.g. "filename"
+    local_dir: str  # folder (relative to root) the repo layout is mirrored into
+
+
+@dataclass(frozen=True)
 class AssembleSpec:
     """Concatenate LLaVA-format json lists into one file whose image paths are relative to `image_folder`."""
 
@@ -111,6 +122,7 @@ class Source:
     description: str  # one line for `--dry-run` and the report
     fetches: tuple[Fetch, ...] = ()  # files to download (and unpack)
     ocr_vqa: OcrVqaSpec | None = None  # per-image download step (OCR-VQA only)
+    hub_files: HubListSpec | None = None  # per-file hub download step (files listed in a fetched jsonl)
     optional: bool = False  # prepared only when named in --only (alternatives, mirrors)
 
 
@@ -126,6 +138,8 @@ class DatasetSpec:
     expected_per_source: dict[str, int] = field(default_factory=dict)  # top folder of the image path (or TEXT_ONLY) -> records
     assemble: AssembleSpec | None = None  # build data_file from several jsons (ALLaVA)
     note: str = ""  # caveats printed with the report
+    evaluation: bool = False  # a benchmark (not selected by NAME=all; data_file is not LLaVA json)
+    counter: str | None = None  # "module:function" counting data_file's records (benchmarks); None = LLaVA json
 
     def source(self, name: str) -> Source:
         for s in self.sources:
@@ -334,5 +348,48 @@ ALLAVA_CAPTION = DatasetSpec(
          "re-uploaded since, so a small difference is reported but is not an error.",
 )
 
-DATASETS: dict[str, DatasetSpec] = {d.name: d for d in (LLAVA_PRETRAIN, LLAVA_665K, ALLAVA_CAPTION)}
-ALL = "all"  # NAME that selects every dataset above
+# ------------------------------------------------------------------------------------------------
+# Benchmarks: CV-Bench and MMStar (read by `olavlm eval`, not by training)
+# ------------------------------------------------------------------------------------------------
+
+CVBENCH_REPO = "nyu-visionx/CV-Bench"
+# the last commit with test.jsonl + the img/ folder it points at (later commits keep only parquet files)
+CVBENCH_REVISION = "22409a927ab5cf68e3655023d51694587455fc99"
+
+CV_BENCH = DatasetSpec(
+    name="cv-bench",
+    sources=(
+        Source(
+            name="test",
+            description="test.jsonl (2,638 questions: 1,438 2D + 1,200 3D) and the images it lists -> CV-Bench/img/",
+            fetches=(Fetch(HubFile(CVBENCH_REPO, "test.jsonl", revision=CVBENCH_REVISION),
+                           save_as="CV-Bench/test.jsonl"),),
+            hub_files=HubListSpec(CVBENCH_REPO, CVBENCH_REVISION, listing="CV-Bench/test.jsonl", field="filename",
+                                  local_dir="CV-Bench"),
+        ),
+    ),
+    data_file="CV-Bench/test.jsonl",
+    image_folder="CV-Bench",
+    expected_records=2_638,
+    evaluation=True,
+    counter="olavlm.evaluation.cvbench:count_records",
+)
+
+MMSTAR = DatasetSpec(
+    name="mmstar",
+    sources=(
+        Source(
+            name="test",
+            description="MMStar.tsv (1,500 questions, images base64-encoded in the file)",
+            fetches=(Fetch(HubFile("Lin-Chen/MMStar", "MMStar.tsv"), save_as="MMStar/MMStar.tsv"),),
+        ),
+    ),
+    data_file="MMStar/MMStar.tsv",
+    image_folder="MMStar",
+    expected_records=1_500,
+    evaluation=True,
+    counter="olavlm.evaluation.mmstar:count_records",
+)
+
+DATASETS: dict[str, DatasetSpec] = {d.name: d for d in (LLAVA_PRETRAIN, LLAVA_665K, ALLAVA_CAPTION, CV_BENCH, MMSTAR)}
+ALL = "all"  # NAME that selects every training dataset above (benchmarks are prepared by name)
