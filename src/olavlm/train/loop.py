@@ -181,7 +181,6 @@ class Run:
 
     def sampler(self, epoch: int, skip: int):
         from olavlm.data.sampler import build_batch_sampler
-
         t = self.cfg.train
         return build_batch_sampler(self.cfg.data.sampler, self.dataset.lengths, global_batch_size=t.global_batch_size,
                                    micro_batch_size=t.micro_batch_size, world_size=self.accelerator.num_processes,
@@ -213,7 +212,6 @@ def setup(cfg: RunConfig, accum: int, run_dir: Path, plan: ResumePlan) -> Run:
     from accelerate.utils import set_seed
 
     from olavlm.train import lora
-
     t = cfg.train
     lora.check_config(cfg)
     set_seed(t.seed)
@@ -277,8 +275,7 @@ def _prepare_optimization(run: Run) -> None:
 
 def train_step(run: Run, batches, tracker: StepAccumulator) -> float:
     """One optimizer step of ``run.accum`` micro-batches from ``batches``; returns the LR it used."""
-    accelerator, model, optimizer = run.accelerator, run.model, run.optimizer
-    grad_norm = None
+    accelerator, model, optimizer, grad_norm = run.accelerator, run.model, run.optimizer, None
     for _ in range(run.accum):
         batch = next(batches)
         with accelerator.accumulate(model):
@@ -333,8 +330,7 @@ def run_steps(run: Run, stop_after_steps: int | None, wall_time) -> None:
 
 def finish(run: Run) -> TrainResult:
     """``final/`` when the schedule is done, then summary.json and the result."""
-    state, accelerator = run.state, run.accelerator
-    finished = state.step >= run.total_steps
+    state, accelerator, finished = run.state, run.accelerator, run.state.step >= run.total_steps
     final_dir = save_final(run.cfg, accelerator, run.model, run.run_dir, run.init_dir) if finished else None
     summary = {
         "stage": run.cfg.train.stage, "finished": finished, "steps": state.step, "total_steps": run.total_steps,
