@@ -136,7 +136,7 @@ def test_parameters_are_read_only_inside_their_modules_forward(small, batches, c
     small.zero_grad()
     try:
         with _ReadLog(small) as log:
-            out = small(**batch, **kwargs, predict=True if case == "eval predict" else None)
+            out = small(**batch, **kwargs, mode="predict" if case == "eval predict" else "auto")
             if small.training:
                 out.loss.backward()
     finally:

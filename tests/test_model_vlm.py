@@ -75,7 +75,7 @@ def test_shapes_and_embeddings_follow_the_spans(tiny_dir, vision, tokens):
     assert m.image_spec.size == 64
     b = make_batch(m.tokenizer, [(0, True, "A circle."), (1, True, "A square."), (1, False, "Text only.")])
     px = torch.randn(2, 3, 64, 64)
-    out = m(**b, pixel_values=px, predict=True)
+    out = m(**b, pixel_values=px, mode="predict")
     assert {t: {l: tuple(p.shape) for l, p in d.items()} for t, d in out.predictions.items()} == {
         "gen": {2: (2, 1, 16), 4: (2, 1, 16)}, "depth": {1: (2, tokens, 24), 3: (2, tokens, 24)},
         "seg": {2: (2, 16, side, side), 4: (2, 16, side, side)}}
@@ -162,8 +162,8 @@ def test_extra_right_padding_does_not_change_predictions(model, batch):
     wide = make_batch(model.tokenizer, [(0, True, "A red circle."), (1, True, "Two squares on the left."),
                                         (0, True, "Nothing.")], pad_to=batch["input_ids"].shape[1] + 9)
     with torch.no_grad():
-        a = model(**batch, predict=True).predictions
-        b = model(**wide, pixel_values=batch["pixel_values"], predict=True).predictions
+        a = model(**batch, mode="predict").predictions
+        b = model(**wide, pixel_values=batch["pixel_values"], mode="predict").predictions
     model.train()
     for task in a:
         for layer in a[task]:
@@ -204,8 +204,8 @@ def test_save_load_gives_identical_outputs(model, batch, tmp_path):
     assert (tmp_path / "pt" / "vision" / "preprocessor_config.json").is_file()
     loaded = OlaVLM.from_pretrained(tmp_path / "pt").eval()
     with torch.no_grad():
-        a = model(**batch, predict=True, return_logits=True)
-        b = loaded(**batch, predict=True, return_logits=True)
+        a = model(**batch, mode="predict", return_logits=True)
+        b = loaded(**batch, mode="predict", return_logits=True)
     assert torch.equal(a.logits, b.logits)
     for task in a.predictions:
         for layer in a.predictions[task]:

@@ -110,3 +110,59 @@ def test_ntp_equals_full_logits_cross_entropy(chunk):
     torch.testing.assert_close(w_grad, head.weight.grad)
     none, count = ntp_loss(hidden, torch.full_like(labels, IGNORE_INDEX), head)
     assert count == 0 and none.item() == 0 and none.requires_grad
+
+
+def test_auxiliary_losses_sum_embedding_and_alignment_tasks_like_the_reference():
+    """weight x sum over layers (embedding) + weight x mean over layers (alignment), masked images out."""
+    from types import SimpleNamespace
+
+    from olavlm.objectives import auxiliary_losses
+
+    torch.manual_seed(0)
+    n, valid = 3, torch.tensor([True, False, True])
+    emb_t, ali_t = torch.randn(n, 4, 5), torch.randn(n, 6, 8)
+    emb = {2: torch.randn(n, 4, 5, requires_grad=True), 4: torch.randn(n, 4, 5, requires_grad=True)}
+    ali = {1: torch.randn(n, 6, 8, requires_grad=True), 3: torch.randn(n, 6, 8, requires_grad=True)}
+    theta = torch.tensor(1.5, requires_grad=True)
+    cfg = SimpleNamespace(use_contrastive=True, smooth_l1_beta=0.7, contrastive_weight=0.3, logit_scale_max=100.0,
+                          tasks={"depth": SimpleNamespace(kind="embedding", weight=0.5),
+                                 "viral": SimpleNamespace(kind="alignment", weight=0.25)})
+    loss, metrics = auxiliary_losses({"depth": emb, "viral": ali}, {"depth": emb_t, "viral": ali_t}, valid, cfg,
+                                     {"depth": theta}, num_images=n, target_shapes={"depth": (4, 5), "viral": (6, 8)})
+    ref_emb = sum(_reference_embedding_loss(p, emb_t, valid, theta, beta=0.7, cw=0.3, scale_max=100.0)[0]
+                  for p in emb.values())
+    ref_ali = torch.stack([-F.cosine_similarity(p[valid].double(), ali_t[valid].double(), dim=-1).mean()
+                           for p in ali.values()]).mean()
+    ref = 0.5 * ref_emb + 0.25 * ref_ali
+    assert torch.allclose(loss.double(), ref, atol=1e-5)
+    assert torch.allclose(metrics["loss/viral"].double(), 0.25 * ref_ali, atol=1e-6)
+    assert set(metrics) >= {"loss/depth", "loss/depth/layer2/sl1", "loss/depth/layer4/contrastive",
+                            "loss/viral/layer3/neg_cosine", "logit_scale/depth"}
+    params = [*emb.values(), *ali.values(), theta]
+    got = torch.autograd.grad(loss, params)
+    want = torch.autograd.grad(ref, params)
+    for g, w in zip(got, want):
+        assert torch.allclose(g.double(), w.double(), atol=1e-5)
+    assert float(got[0][1].abs().sum()) == 0.0  # the masked image gets no gradient
+    with pytest.raises(ValueError, match="missing task 'viral'"):
+        auxiliary_losses({"viral": ali}, {}, None, cfg, {}, num_images=n, target_shapes={"viral": (6, 8)})
+    with pytest.raises(ValueError, match="target_mask must be bool"):
+        auxiliary_losses({}, {}, valid[:2], cfg, {}, num_images=n, target_shapes={})
+
+
+def test_forward_plan_decides_predictors_scoring_and_keepalive_once():
+    from olavlm.model.vlm import ForwardPlan
+
+    auto = ForwardPlan.decide("auto", has_predictors=True, has_targets=False, training=True)
+    assert (auto.predict, auto.score, auto.keepalive) == (False, False, True)
+    scored = ForwardPlan.decide("auto", has_predictors=True, has_targets=True, training=False)
+    assert (scored.predict, scored.score, scored.keepalive) == (True, True, False)
+    forced = ForwardPlan.decide("predict", has_predictors=True, has_targets=False, training=False)
+    assert (forced.predict, forced.score) == (True, False)
+    lm = ForwardPlan.decide("lm", has_predictors=True, has_targets=True, training=True)
+    assert (lm.predict, lm.score, lm.keepalive) == (False, False, True)
+    assert not ForwardPlan.decide("predict", has_predictors=False, has_targets=False, training=True).predict
+    with pytest.raises(ValueError, match="no predictors"):
+        ForwardPlan.decide("auto", has_predictors=False, has_targets=True, training=False)
+    with pytest.raises(ValueError, match="mode: 'bogus'"):
+        ForwardPlan.decide("bogus", has_predictors=True, has_targets=False, training=False)

@@ -200,7 +200,7 @@ def test_teacher_specs_match_loaded_teachers(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.undo()
     from olavlm.shapeworld.world import WorldSpec, generate_world
     from olavlm.teachers import build_teacher
-    from olavlm.teachers.specs import target_spec
+    from olavlm.teachers.registry import target_spec
 
     teachers = tiny_dir / "teachers"
     world = generate_world(tmp_path / "w", WorldSpec(seed=1, n_pretrain=2, n_instruct=1, n_text_only=1,

@@ -202,3 +202,30 @@ def test_prepare_pixels_matches_pil_resize():
                            for im in to_pil(images)]).float()
         diff = (ours - ref).abs()
         assert diff.max() <= 2 and (diff > 0).float().mean() < 0.03
+
+
+def test_one_table_names_every_teacher_class_and_its_spec():
+    """Each row resolves to a Teacher class registered under that name; names outside the table
+    join it through the decorator; a second class under a taken name is refused."""
+    from olavlm.teachers.base import Teacher
+    from olavlm.teachers.registry import TEACHERS, register_teacher, target_spec, teacher_class
+
+    for name, entry in TEACHERS.items():
+        cls = teacher_class(name)
+        assert issubclass(cls, Teacher) and cls.name == name and cls.__name__ == entry.class_name
+    assert all(TEACHERS[n].spec is not None for n in ("depth_anything", "oneformer", "unclip", "dinov2"))
+    try:
+        @register_teacher("test_extra_teacher")
+        class Extra(Teacher):
+            pass
+
+        assert teacher_class("test_extra_teacher") is Extra and Extra.name == "test_extra_teacher"
+        assert target_spec("test_extra_teacher", None, grid=4) is None  # no weight-free spec: checked when loaded
+        with pytest.raises(ValueError, match="registered twice"):
+            @register_teacher("depth_anything")
+            class Other(Teacher):
+                pass
+    finally:
+        TEACHERS.pop("test_extra_teacher", None)
+    with pytest.raises(KeyError, match="unknown teacher 'nope'"):
+        teacher_class("nope")

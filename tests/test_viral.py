@@ -123,7 +123,7 @@ def test_predictions_read_the_image_spans_and_skip_text_only(ift_model):
     b = _batch(m.tokenizer, [(False, "Only text, and a rather long answer of many words here."),
                              (True, "A circle."), (True, "Two red squares and one blue triangle.")])
     px = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    out = m(**b, pixel_values=px, predict=True)
+    out = m(**b, pixel_values=px, mode="predict")
     states, layout = m.layer_states(b["input_ids"], b["attention_mask"], px, [2, 4])
     assert layout.image_sample.tolist() == [1, 2]  # the text-only sample has no image row
     for layer in (2, 4):
@@ -232,7 +232,7 @@ def test_tiny_dinov2_targets_have_the_image_token_grid(tiny_dir, grid):
 
     from olavlm.teachers import build_teacher
     from olavlm.teachers.base import prepare_pixels
-    from olavlm.teachers.specs import target_spec
+    from olavlm.teachers.registry import target_spec
 
     path = tiny_dir / "teachers" / "teacher-dinov2"
     teacher = build_teacher("dinov2", str(path), grid=grid)
@@ -262,7 +262,7 @@ def world(tmp_path_factory):
 
 def test_shapeworld_patch_oracle(world):
     from olavlm.teachers import build_teacher
-    from olavlm.teachers.specs import target_spec
+    from olavlm.teachers.registry import target_spec
 
     root = world.root
     t = build_teacher("shapeworld_patches", str(root), grid=8, dim=16)

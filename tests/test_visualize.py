@@ -56,7 +56,7 @@ def test_depth_panels_are_the_decoder_outputs(pt_model, tmp_path):
     ids = torch.tensor([encode_prompt([{"from": "human", "value": "<image>\n" + PROMPT}], "llava_llama_3",
                                       model.tokenizer)])
     with torch.no_grad():
-        pred = model(input_ids=ids, pixel_values=pixel_values(sq, model.image_spec)[None], predict=True).predictions
+        pred = model(input_ids=ids, pixel_values=pixel_values(sq, model.image_spec)[None], mode="predict").predictions
     grid = model.geometry.grid
     for layer in depth_layers:
         tokens = pred["depth"][layer]  # (1, grid*grid, C)

@@ -43,13 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of user errors (also OLAVLM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and name.startswith(e.name):  # package not built (yet); its commands are absent
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

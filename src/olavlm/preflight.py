@@ -205,8 +205,8 @@ def _model_facts(cfg: RunConfig, notes: list[str]) -> _ModelFacts:
 
 def _check_teachers(cfg: RunConfig, facts: _ModelFacts, notes: list[str]) -> None:
     """Target shapes of the teachers the run builds against the predictors' output shapes."""
-    from olavlm.teachers.base import TEACHERS, _import_builtin_teachers
-    from olavlm.teachers.specs import SpecError, target_spec
+    from olavlm.teachers.registry import TEACHERS, target_spec
+    from olavlm.teachers.specs import SpecError
     from olavlm.train.stages import active_tasks
 
     d = cfg.data
@@ -217,7 +217,6 @@ def _check_teachers(cfg: RunConfig, facts: _ModelFacts, notes: list[str]) -> Non
                               "one with `olavlm targets precompute`")
         if d.cache_miss == "error":
             return  # the cache serves every target; it is verified against the model when opened
-    _import_builtin_teachers()
     problems, sides = [], []
     for name, task in tasks.items():
         where = f"model.tasks.{name}"

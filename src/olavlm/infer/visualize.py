@@ -70,7 +70,7 @@ def panels_for(model, teachers, decoders: dict, image, *, template: str, geometr
     pixels = pixel_values(square, spec)[None]
     dev = model.device
     with torch.no_grad():
-        out = model(input_ids=ids.to(dev), pixel_values=pixels.to(dev), predict=True)
+        out = model(input_ids=ids.to(dev), pixel_values=pixels.to(dev), mode="predict")
     grid = model.geometry.grid
     result = {}
     for task, dec in decoders.items():

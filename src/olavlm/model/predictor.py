@@ -161,3 +161,24 @@ def task_predictors(task, llm_dim: int, num_image_tokens: int) -> nn.ModuleDict:
         return nn.ModuleDict({str(l): TokenMLP(llm_dim, p, num_tokens=num_image_tokens) for l in task.layers})
     q = p.num_queries or (num_image_tokens if p.query_source == "task_tokens" else 1)
     return nn.ModuleDict({str(l): Predictor(llm_dim, p, num_queries=q) for l in task.layers})
+
+
+def predictors_keepalive(predictors: nn.ModuleDict, query_rows: dict[str, torch.Tensor], *, hidden_size: int,
+                         num_task_tokens: int, device: torch.device) -> torch.Tensor:
+    """Sum of every predictor run on zero images (a graph-connected zero through each of them);
+    ``query_rows`` {task: (K, d)} for predictors that query with task-token rows."""
+    total = torch.zeros((), device=device)
+    states = torch.zeros(1, 1, hidden_size, device=device)  # one position of one sample, selected by no image
+    no_image = torch.zeros(0, dtype=torch.long, device=device)
+    no_keys = torch.zeros(0, 1, dtype=torch.bool, device=device)
+    for task, by_layer in predictors.items():
+        for predictor in by_layer.values():
+            if isinstance(predictor, TokenMLP):
+                total = total + predictor(states, no_image, no_image[:, None]).sum()
+                continue
+            if task in query_rows:
+                queries = query_rows[task][None]
+            else:  # the image's own task tokens: none without images
+                queries = states.new_zeros(0, num_task_tokens, hidden_size)
+            total = total + predictor(states, no_image, no_keys, queries).sum()
+    return total

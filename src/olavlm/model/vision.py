@@ -14,7 +14,6 @@ so the data layer, the teachers and the training code can size things before any
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,11 +230,3 @@ class VisionTower(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         self.model.save_pretrained(path)
-
-
-def patch_grid(num_tokens: int) -> int:
-    """Side of the square token grid, or an error when ``num_tokens`` is not a square."""
-    side = math.isqrt(num_tokens)
-    if side * side != num_tokens:
-        raise ConfigError(f"model.vision_drop_cls: {num_tokens} image tokens do not form a square grid")
-    return side

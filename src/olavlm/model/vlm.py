@@ -1,5 +1,5 @@
 """OlaVLM: frozen vision tower -> projector -> [text | image | task tokens | text] -> any HF causal LM,
-with embedding predictors on hooked layer states and the PT objectives (spec §2, §4).
+with predictors on hooked layer states and the auxiliary losses (docs/method.md, "Losses").
 
 Dtypes: the LLM and the tower are kept in ``model.dtype``; the trainable extras (projector, task
 tokens, predictors, logit scales) are fp32. Works with and without bf16 autocast.
@@ -7,7 +7,7 @@ tokens, predictors, logit scales) are fp32. Works with and without bf16 autocast
 
 from __future__ import annotations
 
-import functools
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -20,19 +20,20 @@ from olavlm.config import ConfigError, ModelConfig, RunConfig, validate, validat
 from olavlm.constants import IMAGE_TOKEN_INDEX
 from olavlm.data.images import ImageSpec
 from olavlm.model import io
-from olavlm.model.predictor import TokenMLP, task_predictors
+from olavlm.model.predictor import predictors_keepalive, task_predictors
 from olavlm.model.projector import build_projector
+from olavlm.model.decode import decode
 from olavlm.model.lockstep import agreed_ntp_chunks, is_fully_sharded, is_partitioned
 from olavlm.model.sequence import SequenceLayout, assemble_embeddings, build_layout
 from olavlm.model.task_tokens import LogitScales, TaskTokens, tasks_with_rows
 from olavlm.model.vision import VisionGeometry, VisionTower, vision_geometry
-from olavlm.objectives.alignment import alignment_task_loss
-from olavlm.objectives.embedding import embedding_loss
+from olavlm.objectives import auxiliary_losses
 from olavlm.objectives.ntp import ntp_loss
 
 log = logging.getLogger(__name__)
 
 _EXTRA_PREFIXES = ("projector.", "task_tokens.", "predictors.", "logit_scales.")
+FORWARD_MODES = ("auto", "predict", "lm")  # predictors iff targets are given / always / never
 
 
 @dataclass
@@ -44,9 +45,21 @@ class OlaVLMOutput:
     layout: SequenceLayout | None = None  # the spans of this batch
 
 
-def _capture_hook(store: dict[int, torch.Tensor], layer: int, module, args, output) -> None:
-    # first write wins: a recomputation (gradient checkpointing) must not replace the graph-carrying output
-    store.setdefault(layer, output[0] if isinstance(output, tuple) else output)
+@dataclass(frozen=True)
+class ForwardPlan:
+    """What one forward runs, decided once from the call and the model's state."""
+    predict: bool  # run the predictors on their captured layers
+    score: bool  # add the auxiliary losses against the given targets
+    keepalive: bool  # training with predictors: extras the loss leaves out still join the graph (DDP, ZeRO-3)
+
+    @classmethod
+    def decide(cls, mode: str, *, has_predictors: bool, has_targets: bool, training: bool) -> "ForwardPlan":
+        if mode not in FORWARD_MODES:
+            raise ValueError(f"mode: {mode!r} is not one of {', '.join(FORWARD_MODES)}")
+        if has_targets and not has_predictors:
+            raise ValueError("targets given but the model has no predictors (built with with_predictors=False)")
+        predict = has_predictors and (has_targets if mode == "auto" else mode == "predict")
+        return cls(predict=predict, score=has_targets and predict, keepalive=training and has_predictors)
 
 
 class OlaVLM(nn.Module):
@@ -76,16 +89,11 @@ class OlaVLM(nn.Module):
             [n for n in built if cfg.tasks[n].kind == "embedding"] if cfg.use_contrastive else [],
             init=cfg.logit_scale_init)
         for name in built:
-            self.predictors[name] = self._build_predictors(cfg.tasks[name])
-
-    def _build_predictors(self, task) -> nn.ModuleDict:
-        return task_predictors(task, self.llm.config.hidden_size, self.num_image_tokens)
+            self.predictors[name] = task_predictors(cfg.tasks[name], d, geometry.num_tokens)
 
     def attach_tasks(self, tasks: dict) -> None:
         """Add fresh predictors for alignment tasks that a later stage trains (e.g. VIRAL in IFT on a
         model loaded without predictors); their configs join ``self.cfg.tasks``."""
-        import copy
-
         for name, task in tasks.items():
             if task.kind != "alignment":
                 raise ValueError(f"model.tasks.{name}: only alignment tasks can be added to a built model")
@@ -93,7 +101,7 @@ class OlaVLM(nn.Module):
         validate_against_model(self.cfg, num_layers=self.llm.config.num_hidden_layers,
                                num_image_tokens=self.num_image_tokens)
         for name, task in tasks.items():
-            self.predictors[name] = self._build_predictors(task).to(self.device)
+            self.predictors[name] = task_predictors(task, self.llm.config.hidden_size, self.num_image_tokens).to(self.device)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -264,33 +272,8 @@ class OlaVLM(nn.Module):
         return assemble_embeddings(layout, text, image, task_tokens.to(w.device), text.dtype)
 
     def _decode(self, embeds: torch.Tensor, layout: SequenceLayout, layers: list[int]):
-        """Final-norm states and {layer: states} captured by forward hooks at ``layers`` only."""
-        decoder, blocks = io.decoder_of(self.llm)
-        store: dict[int, torch.Tensor] = {}
-        handles = [blocks[l - 1].register_forward_hook(functools.partial(_capture_hook, store, l))
-                   for l in layers if l < len(blocks)]
-        mask, positions, flat = layout.attention_mask.long(), layout.position_ids, False
-        if layout.packed:
-            flat = self.packed_attention == "position_ids" or (
-                self.packed_attention == "auto" and self.llm.config._attn_implementation == "flash_attention_2")
-            if flat:  # one row, no mask: transformers finds the samples from the restarting position ids (varlen)
-                embeds, positions, mask = embeds.reshape(1, -1, embeds.shape[-1]), positions.reshape(1, -1), None
-            else:  # sdpa takes a bool mask (1 byte per entry); eager adds a float one
-                impl = self.llm.config._attn_implementation
-                mask = layout.block_attention_mask(torch.bool if impl == "sdpa" else embeds.dtype)
-        try:
-            out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        hidden = out.last_hidden_state
-        if flat:
-            shape = (*layout.token_kind.shape, hidden.shape[-1])
-            hidden = hidden.reshape(shape)
-            store = {k: v.reshape(shape) for k, v in store.items()}
-        if len(blocks) in layers:
-            store[len(blocks)] = hidden  # hidden_states[n_layers] is the final-norm output, as in HF
-        return hidden, store
+        """Final-norm states and {layer: states} at ``layers`` (see :func:`olavlm.model.decode.decode`)."""
+        return decode(self.llm, embeds, layout, layers, packed_attention=self.packed_attention)
 
     # -- predictors and losses -------------------------------------------------------------------
     def predictor_layers(self) -> list[int]:
@@ -324,39 +307,18 @@ class OlaVLM(nn.Module):
                 out[task][layer] = predictor(states[layer], layout.image_sample, mask, queries)
         return out
 
-    def _embedding_losses(self, predictions, targets, target_mask, n: int, metrics,
-                          log_scales: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        total = None
-        if log_scales is None:
-            log_scales = self.logit_scales()
-        valid = torch.ones(n, dtype=torch.bool, device=self.device) if target_mask is None else target_mask.bool()
-        if valid.shape != (n,):
-            raise ValueError(f"target_mask must be bool ({n},) (one flag per image), got {tuple(valid.shape)}")
-        for task, by_layer in predictions.items():
-            if task not in targets:
-                raise ValueError(f"targets: missing task {task!r} (the model predicts {sorted(predictions)})")
-            target = targets[task]
-            expected = (n, *self.target_shapes[task])
-            if tuple(target.shape) != expected:
-                raise ValueError(f"targets[{task!r}]: shape {tuple(target.shape)} != expected {expected}")
-            if self.cfg.tasks[task].kind == "alignment":
-                task_loss = alignment_task_loss(task, by_layer, target, valid, self.cfg.tasks[task].weight, metrics)
-                total = task_loss if total is None else total + task_loss
-                continue
-            scale = log_scales[task] if self.cfg.use_contrastive else None
-            task_sum = None
-            for layer, pred in by_layer.items():
-                e = embedding_loss(pred, target, valid, scale, beta=self.cfg.smooth_l1_beta,
-                                   contrastive_weight=self.cfg.contrastive_weight, scale_max=self.cfg.logit_scale_max)
-                metrics[f"loss/{task}/layer{layer}/sl1"] = e.sl1.detach()
-                metrics[f"loss/{task}/layer{layer}/contrastive"] = e.contrastive.detach()
-                task_sum = e.total if task_sum is None else task_sum + e.total
-            task_loss = self.cfg.tasks[task].weight * task_sum
-            metrics[f"loss/{task}"] = task_loss.detach()
-            if scale is not None:
-                metrics[f"logit_scale/{task}"] = scale.detach().exp().clamp(max=self.cfg.logit_scale_max)
-            total = task_loss if total is None else total + task_loss
-        return total
+    def auxiliary_loss(self, predictions, targets, target_mask=None, *, num_images: int,
+                       log_scales: dict[str, torch.Tensor] | None = None):
+        """(loss, metrics) of :func:`olavlm.objectives.auxiliary_losses` with this model's config and scales."""
+        return auxiliary_losses(predictions, targets, target_mask, self.cfg,
+                                self.logit_scales() if log_scales is None else log_scales, num_images=num_images,
+                                target_shapes=self.target_shapes, device=self.device)
+
+    def _embedding_losses(self, predictions, targets, target_mask, n: int, metrics) -> torch.Tensor | None:
+        """The auxiliary loss with metrics written into ``metrics`` (the call benchmarks/pt_memory.py makes)."""
+        loss, found = self.auxiliary_loss(predictions, targets, target_mask, num_images=n)
+        metrics.update(found)
+        return loss
 
     def _keepalive(self, query_rows: dict[str, torch.Tensor], *, predicted: bool, scored: bool) -> torch.Tensor:
         """A zero that depends on every trainable extra this batch left out of the loss: the predictors
@@ -365,20 +327,8 @@ class OlaVLM(nn.Module):
         used, ZeRO-3 has them gathered. Projector and task tokens are in every forward's graph."""
         total = torch.zeros((), device=self.device)
         if not predicted:
-            d = self.llm.config.hidden_size
-            states = torch.zeros(1, 1, d, device=self.device)  # one position of one sample, selected by no image
-            no_image = torch.zeros(0, dtype=torch.long, device=self.device)
-            no_keys = torch.zeros(0, 1, dtype=torch.bool, device=self.device)
-            for task, by_layer in self.predictors.items():
-                for predictor in by_layer.values():
-                    if isinstance(predictor, TokenMLP):
-                        total = total + predictor(states, no_image, no_image[:, None]).sum()
-                        continue
-                    if task in query_rows:
-                        queries = query_rows[task][None]
-                    else:  # the image's own task tokens: none without images
-                        queries = states.new_zeros(0, self.cfg.num_task_tokens, d)
-                    total = total + predictor(states, no_image, no_keys, queries).sum()
+            total = total + predictors_keepalive(self.predictors, query_rows, hidden_size=self.llm.config.hidden_size,
+                                                 num_task_tokens=self.cfg.num_task_tokens, device=self.device)
         if not scored and self.cfg.use_contrastive:
             total = total + sum(self.logit_scales().values(), torch.zeros((), device=self.device))
         return total * 0.0
@@ -388,34 +338,33 @@ class OlaVLM(nn.Module):
                 labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 targets: dict[str, torch.Tensor] | None = None, target_mask: torch.Tensor | None = None,
                 num_images: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None, *,
-                predict: bool | None = None, return_logits: bool = False, max_length: int | None = None) -> OlaVLMOutput:
-        """``targets`` {task: (N, *target_shapes[task])} adds the embedding losses; ``target_mask``
-        bool (N,) excludes images from them. ``predict`` None = run the predictors iff targets given.
-        ``segment_ids`` (B, T): packed rows (several samples per row, see olavlm.data.packing)."""
+                mode: str = "auto", return_logits: bool = False, max_length: int | None = None) -> OlaVLMOutput:
+        """``targets`` {task: (N, *target_shapes[task])} adds the auxiliary losses; ``target_mask``
+        bool (N,) excludes images from them. ``mode`` (see :class:`ForwardPlan`): "auto" runs the
+        predictors iff targets are given, "predict" always, "lm" never. ``segment_ids`` (B, T):
+        packed rows (several samples per row, see olavlm.data.packing)."""
         layout = self.build_layout(input_ids, attention_mask, labels, max_length=max_length, segment_ids=segment_ids)
         if num_images is not None and int(num_images.sum()) != layout.num_images:
             raise ValueError(f"num_images sums to {int(num_images.sum())} but input_ids hold {layout.num_images} placeholders")
-        if targets is not None and not self.predictors:
-            raise ValueError("targets given but the model has no predictors (built with with_predictors=False)")
-        run_pred = bool(self.predictors) and (targets is not None if predict is None else predict)
-        keepalive = self.training and torch.is_grad_enabled() and bool(self.predictors)
-        seq_tokens, query_rows = self.task_tokens(self.query_tasks() if run_pred or keepalive else [])
+        plan = ForwardPlan.decide(mode, has_predictors=bool(self.predictors), has_targets=targets is not None,
+                                  training=self.training and torch.is_grad_enabled())
+        seq_tokens, query_rows = self.task_tokens(self.query_tasks() if plan.predict or plan.keepalive else [])
         embeds = self.embed(layout, pixel_values, seq_tokens)
-        hidden, states = self._decode(embeds, layout, self.predictor_layers() if run_pred else [])
+        hidden, states = self._decode(embeds, layout, self.predictor_layers() if plan.predict else [])
         metrics: dict[str, torch.Tensor] = {}
         loss = None
         if labels is not None:
             loss, _ = ntp_loss(hidden, layout.labels, self.llm.get_output_embeddings(),
                                num_chunks=agreed_ntp_chunks(layout.labels) if self.lockstep else None)
             metrics["loss/ntp"] = loss.detach()
-        predictions = self.predict(states, layout, query_rows) if run_pred else {}
-        if targets is not None:
-            emb = self._embedding_losses(predictions, targets, target_mask, layout.num_images, metrics)
-            if emb is not None:
-                loss = emb if loss is None else loss + emb
-        scored = targets is not None and run_pred
-        if loss is not None and keepalive and not scored:  # a zero-image batch is scored: zero losses keep the graph
-            loss = loss + self._keepalive(query_rows, predicted=run_pred, scored=scored)
+        predictions = self.predict(states, layout, query_rows) if plan.predict else {}
+        if plan.score:
+            aux, found = self.auxiliary_loss(predictions, targets, target_mask, num_images=layout.num_images)
+            metrics.update(found)
+            if aux is not None:
+                loss = aux if loss is None else loss + aux
+        if loss is not None and plan.keepalive and not plan.score:  # a zero-image batch is scored: zero losses keep the graph
+            loss = loss + self._keepalive(query_rows, predicted=plan.predict, scored=plan.score)
         if loss is not None:
             metrics["loss"] = loss.detach()
         logits = self.llm.get_output_embeddings()(hidden).float() if return_logits else None

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from olavlm.errors import UserError
+from olavlm.teachers.registry import TEACHERS, register_teacher, teacher_class  # noqa: F401 - the teachers' import point
 
 log = logging.getLogger(__name__)
 
@@ -163,42 +164,10 @@ def _side(value, key: str) -> int | None:
     raise ValueError(f"cannot read a side from the processor size {value!r}")
 
 
-TEACHERS: dict[str, type[Teacher]] = {}
-
-
-def register_teacher(name: str) -> Callable[[type[Teacher]], type[Teacher]]:
-    """Class decorator: ``@register_teacher("depth_anything")``."""
-
-    def wrap(cls: type[Teacher]) -> type[Teacher]:
-        if name in TEACHERS and TEACHERS[name] is not cls:
-            raise ValueError(f"teacher {name!r} registered twice")
-        cls.name = name
-        TEACHERS[name] = cls
-        return cls
-
-    return wrap
-
-
-def _import_builtin_teachers() -> None:
-    """Import the modules that register teachers (kept lazy: importing olavlm loads no teacher)."""
-    import importlib
-
-    for module in ("olavlm.teachers.depth_anything", "olavlm.teachers.oneformer", "olavlm.teachers.unclip",
-                   "olavlm.teachers.oracle", "olavlm.teachers.dinov2", "olavlm.teachers.oracle_patches"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if not (e.name and module.startswith(e.name)):
-                raise
-
-
 def build_teacher(name: str, path: str | None = None, *, grid: int, **kwargs) -> Teacher:
     """Instantiate a registered teacher from a hub id or folder (the only place teachers load).
     ``path=None`` uses the teacher class's default source."""
-    _import_builtin_teachers()
-    if name not in TEACHERS:
-        raise KeyError(f"unknown teacher {name!r}; registered: {sorted(TEACHERS)}")
-    cls = TEACHERS[name]
+    cls = teacher_class(name)
     return cls.from_pretrained(grid=grid, **kwargs) if path is None else cls.from_pretrained(path, grid=grid, **kwargs)
 
 

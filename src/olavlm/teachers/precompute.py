@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from olavlm.teachers.cache import (DIGEST_SUFFIX, FORMAT, INDEX, VERSION, CacheError, TargetCache, config_fingerprints,
+from olavlm.teachers.cache import (DIGEST_SUFFIX, FORMAT, INDEX, VERSION, CacheError, config_fingerprints,
                                    dtype_name, file_sha256, geometry_fingerprint, shard_name)
 
 log = logging.getLogger(__name__)
@@ -188,16 +188,7 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
     data = run_cfg.data
     if not data.target_cache:
         raise CacheError("data.target_cache: set the folder to write the targets to")
-    if rank is None or world_size is None or device is None:
-        from accelerate import PartialState
-
-        state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: torchrun on CPU uses gloo
-        rank = state.process_index if rank is None else rank
-        world_size = state.num_processes if world_size is None else world_size
-        device = state.device if device is None else device
-        barrier = state.wait_for_everyone if state.num_processes > 1 else (lambda: None)
-    else:
-        barrier = lambda: None  # noqa: E731 - explicit single-process simulation of a rank
+    rank, world_size, device, barrier = _launch(rank, world_size, device)
     main = rank == 0
     geo = vision_geometry(run_cfg.model)
     compute_dtype = teacher_dtype(run_cfg)
@@ -214,15 +205,8 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
     root = Path(data.target_cache)
     root.mkdir(parents=True, exist_ok=True)
 
-    cfg_fps = config_fingerprints(run_cfg.model, geo.grid, teachers.tasks)
-    task_info = {t: {"shape": list(teachers[t].target_shape),
-                     "fingerprint": {**cfg_fps[t], **teachers[t].fingerprint()}} for t in teachers.tasks}
-    geometry = geometry_fingerprint(data.image_geometry, geo.spec, side)
-    header = {"format": FORMAT, "version": VERSION, "dtype": dtype_name(store_dtype),
-              "compute_dtype": dtype_name(compute_dtype), "tasks": task_info, "geometry": geometry,
-              "data_file": str(data.train_file), "image_folder": str(data.image_folder), "shard_size": shard_size}
-    header["run_digest"] = _digest({k: header[k] for k in ("format", "version", "dtype", "compute_dtype", "tasks",
-                                                          "geometry", "shard_size")})
+    header = _run_header(run_cfg, geo, teachers, side, store_dtype, compute_dtype, shard_size)
+    task_info = header["tasks"]
     keys = image_paths(data.train_file)
     shards = plan_shards(keys, shard_size)
     per_image = sum(torch.Size(s["shape"]).numel() for s in task_info.values()) * store_dtype.itemsize
@@ -254,37 +238,8 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(items), desc=f"targets (rank {rank}/{world_size})", unit="img")
-        shapes = {t: tuple(s["shape"]) for t, s in task_info.items()}
-        bufs: dict[int, dict] = {}
-        for batch in loader:
-            ok = [b for b in batch if b[3] is not None]
-            if ok:
-                out = teachers.encode(torch.stack([b[3] for b in ok]), [b[1] for b in ok])
-                out = {t: v.to(device="cpu", dtype=store_dtype) for t, v in out.items()}
-            row = 0
-            for shard, key, sha1, image, err in batch:
-                buf = bufs.setdefault(shard, {"keys": [], "sha1": [], "unreadable": {}, "seen": 0,
-                                              "tensors": {t: [] for t in task_info}, "shapes": shapes,
-                                              "dtype": store_dtype})
-                buf["seen"] += 1
-                if image is None:
-                    buf["unreadable"][key] = err
-                    summary["unreadable"] += 1
-                else:
-                    buf["keys"].append(key)
-                    buf["sha1"].append(sha1)
-                    for t in task_info:
-                        buf["tensors"][t].append(out[t][row:row + 1])
-                    row += 1
-                    summary["encoded"] += 1
-                if buf["seen"] == len(shards[shard]):
-                    _write_shard(root / shard_name(shard), bufs.pop(shard), list(task_info),
-                                 {"run_digest": header["run_digest"], "plan_digest": plan_digests[shard]})
-                    summary["shards_written"] += 1
-                    if on_shard_written is not None:
-                        on_shard_written(shard)
-            if bar is not None:
-                bar.update(len(batch))
+        _encode_into_shards(loader, teachers, shards, task_info, store_dtype, root, header["run_digest"], plan_digests,
+                            summary, bar, on_shard_written)
         if bar is not None:
             bar.close()
     log.info("targets rank %d/%d: %d shard(s) written, %d already done, %d image(s) encoded, %d unreadable",
@@ -292,22 +247,86 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
              summary["unreadable"])
     barrier()
     if main:
-        index = write_index(root, header, len(shards))
-        summary["complete"] = index["complete"]
-        summary["unreadable_total"] = len(index["unreadable"])
-        if index["unreadable"]:
-            first = list(index["unreadable"].items())[:5]
-            log.warning("targets: %d unreadable image(s) skipped, e.g. %s", len(index["unreadable"]),
-                        "; ".join(f"{k}: {v}" for k, v in first))
-        if progress:
-            print(f"targets: {len(index['entries'])} images cached, {len(index['unreadable'])} unreadable, "
-                  f"{index['present_shards']}/{len(shards)} shards present -> {root / INDEX}", flush=True)
+        _finish_index(root, header, len(shards), summary, progress)
     barrier()
     return summary
 
 
-def open_cache(run_cfg) -> TargetCache:
-    """The run's target cache (``data.target_cache``)."""
-    if not run_cfg.data.target_cache:
-        raise CacheError("data.target_cache: not set")
-    return TargetCache.open(run_cfg.data.target_cache)
+def _launch(rank: int | None, world_size: int | None, device) -> tuple[int, int, Any, Callable[[], None]]:
+    """(rank, world size, device, barrier): the launcher's (accelerate ``PartialState``) unless all given."""
+    if rank is not None and world_size is not None and device is not None:
+        return rank, world_size, device, lambda: None  # explicit single-process simulation of a rank
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: torchrun on CPU uses gloo
+    rank = state.process_index if rank is None else rank
+    world_size = state.num_processes if world_size is None else world_size
+    device = state.device if device is None else device
+    return rank, world_size, device, state.wait_for_everyone if state.num_processes > 1 else (lambda: None)
+
+
+def _run_header(run_cfg, geo, teachers, side: int, store_dtype: torch.dtype, compute_dtype: torch.dtype,
+                shard_size: int) -> dict[str, Any]:
+    """The cache header: tasks (shape + fingerprints), geometry, dtypes, and the run digest every shard carries."""
+    data = run_cfg.data
+    cfg_fps = config_fingerprints(run_cfg.model, geo.grid, teachers.tasks)
+    task_info = {t: {"shape": list(teachers[t].target_shape),
+                     "fingerprint": {**cfg_fps[t], **teachers[t].fingerprint()}} for t in teachers.tasks}
+    geometry = geometry_fingerprint(data.image_geometry, geo.spec, side)
+    header = {"format": FORMAT, "version": VERSION, "dtype": dtype_name(store_dtype),
+              "compute_dtype": dtype_name(compute_dtype), "tasks": task_info, "geometry": geometry,
+              "data_file": str(data.train_file), "image_folder": str(data.image_folder), "shard_size": shard_size}
+    header["run_digest"] = _digest({k: header[k] for k in ("format", "version", "dtype", "compute_dtype", "tasks",
+                                                          "geometry", "shard_size")})
+    return header
+
+
+def _encode_into_shards(loader, teachers, shards: list[list[str]], task_info: dict, store_dtype: torch.dtype,
+                        root: Path, run_digest: str, plan_digests: dict[int, str], summary: dict, bar,
+                        on_shard_written: Callable[[int], None] | None) -> None:
+    """Encode the loader's images and write each shard as soon as all its images are seen."""
+    shapes = {t: tuple(s["shape"]) for t, s in task_info.items()}
+    bufs: dict[int, dict] = {}
+    for batch in loader:
+        ok = [b for b in batch if b[3] is not None]
+        if ok:
+            out = teachers.encode(torch.stack([b[3] for b in ok]), [b[1] for b in ok])
+            out = {t: v.to(device="cpu", dtype=store_dtype) for t, v in out.items()}
+        row = 0
+        for shard, key, sha1, image, err in batch:
+            buf = bufs.setdefault(shard, {"keys": [], "sha1": [], "unreadable": {}, "seen": 0,
+                                          "tensors": {t: [] for t in task_info}, "shapes": shapes,
+                                          "dtype": store_dtype})
+            buf["seen"] += 1
+            if image is None:
+                buf["unreadable"][key] = err
+                summary["unreadable"] += 1
+            else:
+                buf["keys"].append(key)
+                buf["sha1"].append(sha1)
+                for t in task_info:
+                    buf["tensors"][t].append(out[t][row:row + 1])
+                row += 1
+                summary["encoded"] += 1
+            if buf["seen"] == len(shards[shard]):
+                _write_shard(root / shard_name(shard), bufs.pop(shard), list(task_info),
+                             {"run_digest": run_digest, "plan_digest": plan_digests[shard]})
+                summary["shards_written"] += 1
+                if on_shard_written is not None:
+                    on_shard_written(shard)
+        if bar is not None:
+            bar.update(len(batch))
+
+
+def _finish_index(root: Path, header: dict, num_shards: int, summary: dict, progress: bool) -> None:
+    """Rank 0: ``index.json`` from the shards present, with the totals in ``summary``."""
+    index = write_index(root, header, num_shards)
+    summary["complete"] = index["complete"]
+    summary["unreadable_total"] = len(index["unreadable"])
+    if index["unreadable"]:
+        first = list(index["unreadable"].items())[:5]
+        log.warning("targets: %d unreadable image(s) skipped, e.g. %s", len(index["unreadable"]),
+                    "; ".join(f"{k}: {v}" for k, v in first))
+    if progress:
+        print(f"targets: {len(index['entries'])} images cached, {len(index['unreadable'])} unreadable, "
+              f"{index['present_shards']}/{num_shards} shards present -> {root / INDEX}", flush=True)

@@ -4,8 +4,9 @@ The pre-flight compares these with the predictors' output shapes before anything
 the probe uses them to size the teachers' square exactly as training does. Each function mirrors
 the corresponding teacher's ``from_pretrained`` + ``target_shape`` / ``input_size`` (the tests
 check every one against the loaded teacher) but reads only ``config.json``,
-``preprocessor_config.json`` or a ShapeWorld ``world.json``. A teacher registered without an entry
-in :data:`SPECS` simply cannot be checked early (the loaded teacher is still checked at start-up).
+``preprocessor_config.json`` or a ShapeWorld ``world.json``. The table in
+``olavlm.teachers.registry`` pairs each teacher name with its function here; a teacher without one
+cannot be checked early (the loaded teacher is still checked at start-up).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _auto_config(path: str, subfolder: str | None = None):
         raise SpecError(f"cannot read the config.json of {where}: {str(e).splitlines()[0]}") from None
 
 
-def _depth_anything(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
+def depth_anything(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
     from olavlm.teachers.depth_anything import DEFAULT_SOURCE
 
     cfg = _auto_config(path or DEFAULT_SOURCE)
@@ -52,7 +53,7 @@ def _depth_anything(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
     return TargetSpec((grid * grid, int(bb.hidden_size)), grid * int(bb.patch_size), "tokens")
 
 
-def _oneformer(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
+def oneformer(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
     from olavlm.teachers.oneformer import DEFAULT_SOURCE
 
     cfg = _auto_config(path or DEFAULT_SOURCE)
@@ -66,7 +67,7 @@ def _oneformer(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
     return TargetSpec((channels, grid, grid), int(size), "grid")
 
 
-def _unclip(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
+def unclip(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
     from olavlm.teachers.base import _side, processor_dict
     from olavlm.teachers.unclip import DEFAULT_SOURCE
 
@@ -82,7 +83,7 @@ def _unclip(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
     return TargetSpec((1, int(cfg.projection_dim)), int(resize), "vector")
 
 
-def _dinov2(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
+def dinov2(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
     from olavlm.teachers.dinov2 import DEFAULT_SOURCE
 
     cfg = _auto_config(path or DEFAULT_SOURCE)
@@ -91,7 +92,7 @@ def _dinov2(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
     return TargetSpec((grid * grid, int(cfg.hidden_size)), grid * int(cfg.patch_size), "tokens")
 
 
-def _oracle(layout: str) -> Callable[[str | None, int, dict], TargetSpec]:
+def oracle(layout: str) -> Callable[[str | None, int, dict], TargetSpec]:
     def spec(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
         from olavlm.shapeworld.world import read_meta
 
@@ -110,29 +111,11 @@ def _oracle(layout: str) -> Callable[[str | None, int, dict], TargetSpec]:
     return spec
 
 
-# teacher registry name -> weight-free spec (path, tower grid, teacher_kwargs) -> TargetSpec
-SPECS: dict[str, Callable[[str | None, int, dict], TargetSpec]] = {
-    "depth_anything": _depth_anything,
-    "oneformer": _oneformer,
-    "unclip": _unclip,
-    "dinov2": _dinov2,
-    "shapeworld_depth": _oracle("tokens"),
-    "shapeworld_seg": _oracle("grid"),
-    "shapeworld_gen": _oracle("vector"),
-    "shapeworld_patches": _oracle("tokens"),
-}
-
-
-def target_spec(name: str, path: str | None, *, grid: int, **kwargs) -> TargetSpec | None:
-    """The spec of registered teacher ``name`` at ``path``, or None when it has no weight-free spec.
-    Raises :class:`SpecError` when the teacher's files are missing or inconsistent."""
-    fn = SPECS.get(name)
-    return None if fn is None else fn(path, grid, kwargs)
-
-
 def teacher_side(model_cfg, grid: int, teacher_image_size: int | None = None) -> int | None:
     """Side of the square training gives its teachers: ``data.teacher_image_size`` or the largest
     input of the teachers of the tasks with predictor layers (None when one has no spec)."""
+    from olavlm.teachers.registry import target_spec
+
     if teacher_image_size:
         return int(teacher_image_size)
     sides = []

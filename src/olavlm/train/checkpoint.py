@@ -275,6 +275,19 @@ def load_trainable_state_dict(model: torch.nn.Module, tensors: dict[str, torch.T
 # -- save / load ------------------------------------------------------------------------------------
 
 
+def save_due(step: int, save_every: int | None, total_steps: int, *, stopping: bool = False) -> bool:
+    """A checkpoint after this optimizer step: every ``save_every`` steps before the last (the last
+    writes final/ instead), and when the run stops early (``stopping``)."""
+    return stopping or bool(save_every and step % save_every == 0 and step < total_steps)
+
+
+def at_epoch_boundary(state: TrainState, steps_per_epoch: int) -> TrainState:
+    """The state as resume must see it: an epoch finished exactly here continues at the next one."""
+    if state.step_in_epoch < steps_per_epoch:
+        return state
+    return TrainState(**{**vars(state), "epoch": state.epoch + 1, "step_in_epoch": 0, "skipped": dict(state.skipped)})
+
+
 def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState, output_dir: str | Path,
                     *, keep_last: int, engine_state: bool, config: dict | None = None) -> Path:
     """Write a checkpoint for ``state.step`` atomically and durably on all ranks and drop the oldest

@@ -62,6 +62,16 @@ def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
     return global_batch // per_step
 
 
+def apply_precision_policy(model, t: TrainConfig) -> None:
+    """Parameter dtypes for training: fp32 master weights of the trainable parameters under autocast
+    (DDP, FSDP, one process; frozen weights stay in ``model.dtype``); DeepSpeed keeps its own fp32
+    master copy (left as loaded)."""
+    if not t.deepspeed:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+
 def build_accelerator(t: TrainConfig, accum: int, *, no_split_modules: list[str] | None = None):
     """Accelerator for the configured engine; tf32 on CUDA; bf16 autocast when ``train.bf16``.
     (``no_split_modules`` is ignored: FSDP units are chosen by :func:`shard`.)"""

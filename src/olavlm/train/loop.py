@@ -1,11 +1,13 @@
 """The training loop: one stage (PT / VPT / IFT) of one run, on Hugging Face Accelerate.
 
-Read top to bottom: :func:`train` checks the config, locks the run directory (a finished run stops
-here), builds model + tokenizer (validated against the loaded LLM before any data is read), freezes
-per stage, builds teachers or the target cache, the dataset and our per-rank batch sampler, resumes
-from the newest intact checkpoint (olavlm.train.rundir), then runs optimizer steps of ``accum``
-micro-batches each, logging, checkpointing and finally writing ``RUN_DIR/final/`` (the HF-style
-folder the next stage, ``olavlm chat`` and evaluation load).
+Read top to bottom: :func:`train` runs the weight-free pre-flight and locks the run directory (a
+finished run stops here); :func:`setup` builds model + tokenizer (validated against the loaded LLM
+before any data is read), freezes per stage, builds teachers or the target cache, the dataset and
+our per-rank batch sampler, the optimizer, and resumes from the newest intact checkpoint
+(olavlm.train.rundir); :func:`run_steps` repeats :func:`train_step` (one optimizer step of
+``accum`` micro-batches), logging and checkpointing at the cadence ``metrics.log_due`` /
+``checkpoint.save_due`` decide; :func:`finish` writes ``RUN_DIR/final/`` (the HF-style folder the
+next stage, ``olavlm chat`` and evaluation load) and summary.json.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,11 @@ import torch
 from olavlm.config import ConfigError, RunConfig, explicit_fields
 from olavlm.infer.chat import RUN_INFO  # written into final/: template + geometry for chat / eval
 from olavlm.train import checkpoint as ckpt
-from olavlm.train.engine import (accumulation_steps, build_accelerator, check_shared_run_dir, full_parameters,
-                                 prepare, unpartitioned_loading, uses_engine_state, world_size)
+from olavlm.train.engine import (accumulation_steps, apply_precision_policy, build_accelerator, check_shared_run_dir,
+                                 full_parameters, prepare, unpartitioned_loading, uses_engine_state, world_size)
 from olavlm.preflight import preflight
-from olavlm.train.metrics import MetricsLogger, StepAccumulator
-from olavlm.train.rundir import (ResumePlan, RunDirLock, choose_checkpoint, finished_summary, is_writer_rank,
-                                 plan_resume, report_config_changes, set_aside_newer)
+from olavlm.train.metrics import MetricsLogger, StepAccumulator, fold_counters, log_due
+from olavlm.train.rundir import ResumePlan, RunDirLock, finished_summary, is_writer_rank, plan_resume, resume_state
 from olavlm.train.stages import active_tasks, configure_trainable, trainable_parameters, uses_predictors
 
 log = logging.getLogger(__name__)
@@ -155,14 +156,63 @@ def train(cfg: RunConfig, resume: str | None = "auto", *, stop_after_steps: int 
         return _train_locked(cfg, accum, run_dir, plan, stop_after_steps)
 
 
+@dataclass
+class Run:
+    """Everything one stage trains with, built by :func:`setup`."""
+    cfg: RunConfig
+    run_dir: Path
+    accum: int
+    accelerator: Any
+    model: Any  # wrapped by the engine (DDP / DeepSpeed / FSDP)
+    optimizer: Any
+    scheduler: Any
+    teachers: Any  # live teachers (or None), called outside the model
+    dataset: Any
+    collator: Any
+    init_dir: Path | None
+    counts: dict  # trainable parameter counts per group
+    steps_per_epoch: int
+    total_steps: int
+    state: ckpt.TrainState
+    engine_state: bool  # DeepSpeed / FSDP: checkpoints through accelerator.save_state
+    logger: MetricsLogger
+    tokens_per_image: int
+    trainables: list = field(default_factory=list)
+
+    def sampler(self, epoch: int, skip: int):
+        from olavlm.data.sampler import build_batch_sampler
+        t = self.cfg.train
+        return build_batch_sampler(self.cfg.data.sampler, self.dataset.lengths, global_batch_size=t.global_batch_size,
+                                   micro_batch_size=t.micro_batch_size, world_size=self.accelerator.num_processes,
+                                   rank=self.accelerator.process_index, seed=t.seed, epoch=epoch, skip_batches=skip)
+
+    def batches(self):
+        """This epoch's micro-batches from where the state stands (a resumed epoch skips what it saw)."""
+        state = self.state
+        generator = torch.Generator().manual_seed(self.cfg.train.seed + state.epoch)  # loader seeding off the global RNG
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler(state.epoch, state.step_in_epoch * self.accum),
+            collate_fn=self.collator, num_workers=self.cfg.data.num_workers,
+            pin_memory=self.accelerator.device.type == "cuda", generator=generator)
+        return iter(loader)
+
+
 def _train_locked(cfg: RunConfig, accum: int, run_dir: Path, plan: ResumePlan,
                   stop_after_steps: int | None) -> TrainResult:
     """:func:`train` once the run directory is locked and the resume candidates are known."""
+    run = setup(cfg, accum, run_dir, plan)
+    loop_start, wall_before = time.perf_counter(), run.state.wall_time
+    run_steps(run, stop_after_steps, lambda: wall_before + time.perf_counter() - loop_start)
+    run.state.wall_time = wall_before + time.perf_counter() - loop_start
+    return finish(run)
+
+
+def setup(cfg: RunConfig, accum: int, run_dir: Path, plan: ResumePlan) -> Run:
+    """Model (frozen per stage), accelerator, teachers, data, optimizer + schedule, resumed state."""
     from accelerate.utils import set_seed
 
-    t = cfg.train
     from olavlm.train import lora
-
+    t = cfg.train
     lora.check_config(cfg)
     set_seed(t.seed)
     model, init_dir = build_model(cfg)
@@ -171,170 +221,130 @@ def _train_locked(cfg: RunConfig, accum: int, run_dir: Path, plan: ResumePlan,
         lora.apply_lora(model, t.lora, base=init_dir)
     counts = configure_trainable(model, t.stage, t)
     accelerator = build_accelerator(t, accum, no_split_modules=getattr(model.llm, "_no_split_modules", None))
-    main = accelerator.is_main_process
-    if main:
+    if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
     check_shared_run_dir(accelerator, run_dir)  # every rank writes into it (checkpoint shards, RNG states)
-    if not t.deepspeed:  # fp32 master weights under autocast (DeepSpeed keeps its own master copy)
-        for p in trainable_parameters(model):
-            p.data = p.data.float()
+    apply_precision_policy(model, t)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # non-reentrant: gradients reach the spliced inputs anyway
         if t.stage == "pt":
             model.llm.enable_input_require_grads()
-
     from olavlm.teachers.precompute import teacher_dtype  # the same dtype rule as the target cache
 
     with unpartitioned_loading(accelerator):  # teachers stay outside the engine: full weights on every rank
         teachers = build_teachers_if_needed(cfg, model, accelerator.device, teacher_dtype(cfg))
     dataset, collator = build_data(cfg, model, teachers)
-    from olavlm.data.sampler import build_batch_sampler
-
-    def sampler_for(epoch: int, skip: int):
-        return build_batch_sampler(cfg.data.sampler, dataset.lengths, global_batch_size=t.global_batch_size,
-                                   micro_batch_size=t.micro_batch_size, world_size=accelerator.num_processes,
-                                   rank=accelerator.process_index, seed=t.seed, epoch=epoch, skip_batches=skip)
-
-    steps_per_epoch = len(sampler_for(0, 0)) // accum
-    if steps_per_epoch < 1:
+    run = Run(cfg=cfg, run_dir=run_dir, accum=accum, accelerator=accelerator, model=model, optimizer=None,
+              scheduler=None, teachers=teachers, dataset=dataset, collator=collator, init_dir=init_dir, counts=counts,
+              steps_per_epoch=0, total_steps=0, state=ckpt.TrainState(), engine_state=False,
+              logger=None, tokens_per_image=model.tokens_per_image)
+    run.steps_per_epoch = len(run.sampler(0, 0)) // accum
+    if run.steps_per_epoch < 1:
         raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is larger than the dataset "
                           f"({len(dataset)} samples in {cfg.data.train_file})")
-    total_steps = t.max_steps if t.max_steps is not None else steps_per_epoch * t.epochs
-
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=t.learning_rate, betas=tuple(t.adam_betas),
-                                  eps=t.adam_eps, weight_decay=t.weight_decay)
-    model, optimizer = prepare(accelerator, model, optimizer, t)  # DDP / DeepSpeed wrap; FSDP shards
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    engine_state = uses_engine_state(accelerator)
-    state, resume_from = resume_state(cfg, plan, accelerator, model, optimizer, scheduler, engine_state=engine_state,
-                                      accum=accum, steps_per_epoch=steps_per_epoch)
-    if main:
+    run.total_steps = t.max_steps if t.max_steps is not None else run.steps_per_epoch * t.epochs
+    _prepare_optimization(run)
+    run.engine_state = uses_engine_state(accelerator)  # known once the engine has wrapped or sharded the model
+    run.state, resume_from = resume_state(cfg, plan, accelerator, run.model, run.optimizer, run.scheduler,
+                                          engine_state=run.engine_state, accum=accum,
+                                          steps_per_epoch=run.steps_per_epoch)
+    if accelerator.is_main_process:
         log.info("stage %s: %d optimizer steps (%d per epoch), global batch %d = micro %d x world %d x accum %d",
-                 t.stage, total_steps, steps_per_epoch, t.global_batch_size, t.micro_batch_size,
+                 t.stage, run.total_steps, run.steps_per_epoch, t.global_batch_size, t.micro_batch_size,
                  accelerator.num_processes, accum)
-    logger = MetricsLogger(run_dir, report_to=t.report_to, total_steps=total_steps, start_step=state.step,
-                           enabled=main, run_name=t.run_name, config=cfg.to_dict())
-    tracker, epoch_skipped = StepAccumulator(), {}
-    tokens_per_image = model_attr(accelerator, model, "tokens_per_image")
-    trainables = [p for p in model.parameters() if p.requires_grad]
+    run.logger = MetricsLogger(run_dir, report_to=t.report_to, total_steps=run.total_steps, start_step=run.state.step,
+                               enabled=accelerator.is_main_process, run_name=t.run_name, config=cfg.to_dict())
+    run.trainables = [p for p in run.model.parameters() if p.requires_grad]
     if resume_from is not None:
         ckpt.restore_rng(resume_from, accelerator.process_index)  # last: nothing may draw from RNG after this
+    return run
 
-    model.train()
-    steps_this_run, interval_start, loop_start = 0, time.perf_counter(), time.perf_counter()
-    wall_before = state.wall_time
-    while state.step < total_steps and (stop_after_steps is None or steps_this_run < stop_after_steps):
-        generator = torch.Generator().manual_seed(t.seed + state.epoch)  # keeps loader seeding off the global RNG
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler_for(state.epoch, state.step_in_epoch * accum), collate_fn=collator,
-            num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda", generator=generator)
-        batches = iter(loader)
-        while state.step_in_epoch < steps_per_epoch and state.step < total_steps:
-            grad_norm = None
-            for _ in range(accum):
-                batch = next(batches)
-                with accelerator.accumulate(model):
-                    out = model(**model_inputs(batch, accelerator.device, teachers))
-                    accelerator.backward(out.loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(trainables, t.max_grad_norm or float("inf"))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                tracker.add_metrics(out.metrics)
-                tracker.add_counts(samples=len(batch["sample_ids"]), tokens=batch_tokens(batch, tokens_per_image))
-                tracker.add_skipped(batch.get("skipped"))
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            scheduler.step()
+
+def _prepare_optimization(run: Run) -> None:
+    """AdamW over the trainable parameters, both wrapped by the engine, and the LR schedule."""
+    from transformers import get_scheduler
+
+    t = run.cfg.train
+    optimizer = torch.optim.AdamW(trainable_parameters(run.model), lr=t.learning_rate, betas=tuple(t.adam_betas),
+                                  eps=t.adam_eps, weight_decay=t.weight_decay)
+    run.model, run.optimizer = prepare(run.accelerator, run.model, optimizer, t)  # DDP / DeepSpeed wrap; FSDP shards
+    run.scheduler = get_scheduler(t.lr_scheduler, run.optimizer, num_training_steps=run.total_steps,
+                                  num_warmup_steps=math.ceil(t.warmup_ratio * run.total_steps))
+
+
+def train_step(run: Run, batches, tracker: StepAccumulator) -> float:
+    """One optimizer step of ``run.accum`` micro-batches from ``batches``; returns the LR it used."""
+    accelerator, model, optimizer, grad_norm = run.accelerator, run.model, run.optimizer, None
+    for _ in range(run.accum):
+        batch = next(batches)
+        with accelerator.accumulate(model):
+            out = model(**model_inputs(batch, accelerator.device, run.teachers))
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(run.trainables, run.cfg.train.max_grad_norm or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        tracker.add_metrics(out.metrics)
+        tracker.add_counts(samples=len(batch["sample_ids"]), tokens=batch_tokens(batch, run.tokens_per_image))
+        tracker.add_skipped(batch.get("skipped"))
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step used
+    run.scheduler.step()
+    if grad_norm is not None:
+        tracker.add_metrics({"grad_norm": torch.as_tensor(grad_norm, dtype=torch.float32)})
+    return lr
+
+
+def run_steps(run: Run, stop_after_steps: int | None, wall_time) -> None:
+    """Optimizer steps until the schedule ends or ``stop_after_steps`` of this invocation are done,
+    logging and checkpointing as the cadence helpers decide; ``wall_time()``: the run's seconds so far."""
+    t, state = run.cfg.train, run.state
+    tracker, epoch_skipped, steps_this_run, interval_start = StepAccumulator(), {}, 0, time.perf_counter()
+    run.model.train()
+    while state.step < run.total_steps and (stop_after_steps is None or steps_this_run < stop_after_steps):
+        batches = run.batches()
+        while state.step_in_epoch < run.steps_per_epoch and state.step < run.total_steps:
+            lr = train_step(run, batches, tracker)
             state.step, state.step_in_epoch, steps_this_run = state.step + 1, state.step_in_epoch + 1, steps_this_run + 1
-            if grad_norm is not None:
-                tracker.add_metrics({"grad_norm": torch.as_tensor(grad_norm, dtype=torch.float32)})
-            logger.advance()
-            stopping = stop_after_steps is not None and steps_this_run >= stop_after_steps and state.step < total_steps
-            saving = stopping or bool(t.save_every and state.step % t.save_every == 0 and state.step < total_steps)
-            epoch_done = state.step_in_epoch >= steps_per_epoch
+            run.logger.advance()
+            stopping = stop_after_steps is not None and steps_this_run >= stop_after_steps and state.step < run.total_steps
+            saving = ckpt.save_due(state.step, t.save_every, run.total_steps, stopping=stopping)
             # counters reach the state (and the log) at least at every save, epoch end and the last step
-            if state.step % t.log_every == 0 or state.step == total_steps or saving or epoch_done:
-                values = fold_counters(tracker.reduce(accelerator), state, epoch_skipped, lr,
+            if log_due(state.step, t.log_every, run.total_steps,
+                       forced=saving or state.step_in_epoch >= run.steps_per_epoch):
+                values = fold_counters(tracker.reduce(run.accelerator), state, epoch_skipped, lr,
                                        time.perf_counter() - interval_start)
                 interval_start = time.perf_counter()
-                logger.log(state.step, values)
+                run.logger.log(state.step, values)
             if saving:
-                state.wall_time = wall_before + time.perf_counter() - loop_start
-                ckpt.save_checkpoint(accelerator, model, optimizer, scheduler, _at_boundary(state, steps_per_epoch),
-                                     run_dir, keep_last=t.keep_last, engine_state=engine_state, config=cfg.to_dict())
+                state.wall_time = wall_time()
+                ckpt.save_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler,
+                                     ckpt.at_epoch_boundary(state, run.steps_per_epoch), run.run_dir,
+                                     keep_last=t.keep_last, engine_state=run.engine_state, config=run.cfg.to_dict())
             if stopping:
                 break
-        if state.step_in_epoch >= steps_per_epoch:
-            logger.epoch_end(state.epoch, epoch_skipped)
+        if state.step_in_epoch >= run.steps_per_epoch:
+            run.logger.epoch_end(state.epoch, epoch_skipped)
             state.epoch, state.step_in_epoch, epoch_skipped = state.epoch + 1, 0, {}
 
-    state.wall_time = wall_before + time.perf_counter() - loop_start
-    finished = state.step >= total_steps
-    final_dir = save_final(cfg, accelerator, model, run_dir, init_dir) if finished else None
+
+def finish(run: Run) -> TrainResult:
+    """``final/`` when the schedule is done, then summary.json and the result."""
+    state, accelerator, finished = run.state, run.accelerator, run.state.step >= run.total_steps
+    final_dir = save_final(run.cfg, accelerator, run.model, run.run_dir, run.init_dir) if finished else None
     summary = {
-        "stage": t.stage, "finished": finished, "steps": state.step, "total_steps": total_steps,
+        "stage": run.cfg.train.stage, "finished": finished, "steps": state.step, "total_steps": run.total_steps,
         "epochs_completed": state.epoch, "samples": state.samples, "tokens": state.tokens,
         "skipped": state.skipped, "wall_time_s": round(state.wall_time, 3),
         "samples_per_s": state.samples / max(state.wall_time, 1e-9),
         "tokens_per_s": state.tokens / max(state.wall_time, 1e-9),
-        "world_size": accelerator.num_processes, "accumulation": accum, "trainable": counts,
+        "world_size": accelerator.num_processes, "accumulation": run.accum, "trainable": run.counts,
         "final_dir": str(final_dir) if final_dir else None,
     }
-    logger.close(summary if finished else None)
+    run.logger.close(summary if finished else None)
     accelerator.wait_for_everyone()
-    return TrainResult(output_dir=run_dir, final_dir=final_dir, summary=summary,
-                       model=accelerator.unwrap_model(model))
-
-
-def resume_state(cfg: RunConfig, plan: ResumePlan, accelerator, model, optimizer, scheduler, *, engine_state: bool,
-                 accum: int, steps_per_epoch: int) -> tuple[ckpt.TrainState, Path | None]:
-    """Verify and load the checkpoint to continue from (None: start fresh); set aside what lies
-    beyond it and report configuration fields that changed since it was written."""
-    resume_from = choose_checkpoint(plan, accelerator)
-    state = ckpt.TrainState(world_size=accelerator.num_processes, accumulation=accum)
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, accelerator, model, optimizer, scheduler, engine_state=engine_state)
-        state.world_size, state.accumulation = accelerator.num_processes, accum
-        log.info("resumed from %s at step %d (epoch %d, step %d of %d)", resume_from, state.step, state.epoch,
-                 state.step_in_epoch, steps_per_epoch)
-    if accelerator.is_main_process:
-        set_aside_newer(Path(cfg.train.output_dir), state.step)
-        if resume_from is not None:
-            report_config_changes(resume_from, cfg.to_dict())
-    return state, resume_from
-
-
-def fold_counters(values: dict[str, float], state: ckpt.TrainState, epoch_skipped: dict[str, int], lr: float,
-                  elapsed: float) -> dict[str, float]:
-    """Move the interval's counters (samples, tokens, skipped/<reason>) into the run state, and add
-    lr and throughput; returns what gets logged for the step."""
-    elapsed = max(elapsed, 1e-9)
-    values["lr"] = lr
-    values["samples_per_s"] = values.get("samples", 0) / elapsed
-    values["tokens_per_s"] = values.get("tokens", 0) / elapsed
-    state.samples += int(values.pop("samples", 0))
-    state.tokens += int(values.pop("tokens", 0))
-    for key in [k for k in values if k.startswith("skipped/")]:
-        reason = key.split("/", 1)[1]
-        state.skipped[reason] = state.skipped.get(reason, 0) + int(values[key])
-        epoch_skipped[reason] = epoch_skipped.get(reason, 0) + int(values[key])
-    return values
-
-
-def _at_boundary(state: ckpt.TrainState, steps_per_epoch: int) -> ckpt.TrainState:
-    """The state as resume must see it: an epoch finished exactly here continues at the next one."""
-    if state.step_in_epoch < steps_per_epoch:
-        return state
-    return ckpt.TrainState(**{**vars(state), "epoch": state.epoch + 1, "step_in_epoch": 0,
-                              "skipped": dict(state.skipped)})
-
-
-def model_attr(accelerator, model, name: str):
-    return getattr(accelerator.unwrap_model(model), name)
+    return TrainResult(output_dir=run.run_dir, final_dir=final_dir, summary=summary,
+                       model=accelerator.unwrap_model(run.model))
 
 
 def batch_tokens(batch: dict, tokens_per_image: int) -> int:

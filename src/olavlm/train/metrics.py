@@ -98,6 +98,29 @@ class StepAccumulator:
         return out
 
 
+def log_due(step: int, log_every: int, total_steps: int, *, forced: bool = False) -> bool:
+    """A logged step: every ``log_every`` steps, the last step, and whenever ``forced`` (a save or an
+    epoch end, so the run state's counters are complete there)."""
+    return step % log_every == 0 or step == total_steps or forced
+
+
+def fold_counters(values: dict[str, float], state, epoch_skipped: dict[str, int], lr: float,
+                  elapsed: float) -> dict[str, float]:
+    """Move the interval's counters (samples, tokens, skipped/<reason>) into the run state
+    (``olavlm.train.checkpoint.TrainState``), and add lr and throughput; returns what gets logged."""
+    elapsed = max(elapsed, 1e-9)
+    values["lr"] = lr
+    values["samples_per_s"] = values.get("samples", 0) / elapsed
+    values["tokens_per_s"] = values.get("tokens", 0) / elapsed
+    state.samples += int(values.pop("samples", 0))
+    state.tokens += int(values.pop("tokens", 0))
+    for key in [k for k in values if k.startswith("skipped/")]:
+        reason = key.split("/", 1)[1]
+        state.skipped[reason] = state.skipped.get(reason, 0) + int(values[key])
+        epoch_skipped[reason] = epoch_skipped.get(reason, 0) + int(values[key])
+    return values
+
+
 class MetricsLogger:
     """Sinks for per-step metrics. Only the main process writes; others get a no-op logger."""
 

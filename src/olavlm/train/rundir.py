@@ -258,3 +258,21 @@ def report_config_changes(checkpoint: Path, config: dict[str, Any]) -> list[str]
     for line in lines:
         log.warning("%s", line)
     return lines
+
+
+def resume_state(cfg, plan: ResumePlan, accelerator, model, optimizer, scheduler, *, engine_state: bool,
+                 accum: int, steps_per_epoch: int) -> tuple[ckpt.TrainState, Path | None]:
+    """Verify and load the checkpoint to continue from (None: start fresh); set aside what lies
+    beyond it and report configuration fields that changed since it was written."""
+    resume_from = choose_checkpoint(plan, accelerator)
+    state = ckpt.TrainState(world_size=accelerator.num_processes, accumulation=accum)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, accelerator, model, optimizer, scheduler, engine_state=engine_state)
+        state.world_size, state.accumulation = accelerator.num_processes, accum
+        log.info("resumed from %s at step %d (epoch %d, step %d of %d)", resume_from, state.step, state.epoch,
+                 state.step_in_epoch, steps_per_epoch)
+    if accelerator.is_main_process:
+        set_aside_newer(Path(cfg.train.output_dir), state.step)
+        if resume_from is not None:
+            report_config_changes(resume_from, cfg.to_dict())
+    return state, resume_from

@@ -185,17 +185,8 @@ def _wanted(spec: OcrVqaSpec, root: Path, records: dict) -> tuple[dict[str, str]
     return names, users
 
 
-def fetch_ocr_vqa(
-    spec: OcrVqaSpec,
-    root: Path,
-    *,
-    workers: int = 16,
-    retries: int = 3,
-    backoff: float = 1.0,
-    timeout: float = 30.0,
-    retry_dead: bool = False,
-    progress: bool = True,
-) -> dict:
+def fetch_ocr_vqa(spec: OcrVqaSpec, root: Path, *, workers: int = 16, retries: int = 3, backoff: float = 1.0,
+                  timeout: float = 30.0, retry_dead: bool = False, progress: bool = True) -> dict:
     """Fetch the missing OCR-VQA images; returns (and writes) the report."""
     root = Path(root)
     ds_path = root / spec.dataset_json
@@ -217,7 +208,7 @@ def fetch_ocr_vqa(
     unsafe: dict[str, str] = {}
     failed: dict[str, str] = {}
     converted: dict[str, int] = {}
-    present = fetched = 0
+    present = 0
     todo: list[tuple[str, str]] = []
     for name, key in sorted(names.items()):
         why = unsafe_name(name)
@@ -242,27 +233,8 @@ def fetch_ocr_vqa(
         else:
             todo.append((name, url))
 
-    bar = tqdm(total=len(todo), unit="img", desc="ocr_vqa images", leave=False, disable=not progress, position=1)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, bar:
-        futures = {pool.submit(fetch_one, url, image_dir / name, retries=retries, backoff=backoff, timeout=timeout,
-                               allowed_hosts=spec.redirect_hosts): name for name, url in todo}
-        for fut in as_completed(futures):
-            name = futures[fut]
-            try:
-                fmt = fut.result()
-            except BadImage as e:
-                bad[name] = str(e)
-            except DeadLink as e:
-                dead[name] = str(e)
-            except ValueError as e:  # urllib: malformed URL (bad host, unknown scheme)
-                dead[name] = f"invalid URL: {e}"
-            except TRANSIENT as e:
-                failed[name] = f"{type(e).__name__}: {e}"
-            else:
-                fetched += 1
-                if fmt != "JPEG":
-                    converted[fmt] = converted.get(fmt, 0) + 1
-            bar.update(1)
+    fetched = _download(todo, image_dir, spec, bad=bad, dead=dead, failed=failed, converted=converted,
+                        workers=workers, retries=retries, backoff=backoff, timeout=timeout, progress=progress)
 
     lost = sorted(set(dead) | set(failed) | set(bad) | set(unsafe))
     report = {
@@ -286,3 +258,32 @@ def fetch_ocr_vqa(
                     "%d failed); see %s", len(lost), len(names), len(dead), len(bad), len(unsafe), len(failed),
                     report_path)
     return report
+
+
+def _download(todo: list[tuple[str, str]], image_dir: Path, spec: OcrVqaSpec, *, bad: dict, dead: dict, failed: dict,
+              converted: dict, workers: int, retries: int, backoff: float, timeout: float, progress: bool) -> int:
+    """Fetch ``todo`` (name, url) in a thread pool; sorts each failure into ``bad`` / ``dead`` /
+    ``failed`` and counts re-encoded formats in ``converted``. Returns the number fetched."""
+    fetched = 0
+    bar = tqdm(total=len(todo), unit="img", desc="ocr_vqa images", leave=False, disable=not progress, position=1)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, bar:
+        futures = {pool.submit(fetch_one, url, image_dir / name, retries=retries, backoff=backoff, timeout=timeout,
+                               allowed_hosts=spec.redirect_hosts): name for name, url in todo}
+        for fut in as_completed(futures):
+            name = futures[fut]
+            try:
+                fmt = fut.result()
+            except BadImage as e:
+                bad[name] = str(e)
+            except DeadLink as e:
+                dead[name] = str(e)
+            except ValueError as e:  # urllib: malformed URL (bad host, unknown scheme)
+                dead[name] = f"invalid URL: {e}"
+            except TRANSIENT as e:
+                failed[name] = f"{type(e).__name__}: {e}"
+            else:
+                fetched += 1
+                if fmt != "JPEG":
+                    converted[fmt] = converted.get(fmt, 0) + 1
+            bar.update(1)
+    return fetched

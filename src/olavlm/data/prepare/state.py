@@ -34,7 +34,3 @@ def write_marker(root: Path, kind: str, rel: str, info: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
     os.replace(tmp, path)
-
-
-def clear_marker(root: Path, kind: str, rel: str) -> None:
-    marker_path(root, kind, rel).unlink(missing_ok=True)
