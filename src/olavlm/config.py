@@ -41,14 +41,14 @@ ReportSink = Literal["tensorboard", "wandb", "none"]
 
 @dataclass
 class PredictorConfig:
-    """One embedding predictor (Perceiver-Resampler block stack), spec §2.4."""
+    """One embedding predictor (Perceiver-Resampler block stack) (docs/method.md, "Embedding predictors")."""
 
     dim: int | None = None  # internal width D; None = the LLM hidden size
     num_queries: int | None = None  # None = number of image tokens ("task_tokens" source) / 1 ("hidden")
     query_source: QuerySource = "task_tokens"  # "task_tokens": the task's learnable rows; "hidden": the layer's states of the task's sequence tokens, pooled
     out_dim: int = 1024  # channels of the predicted embedding (must equal the teacher's)
     output_layout: OutputLayout = "tokens"  # "tokens" -> (N, Q, C); "grid" -> (N, C, h, w); "vector" -> (N, 1, C)
-    output_mlp: bool = False  # extra Linear-ReLU-Linear on the output (depth, spec §2.4); it is supervised
+    output_mlp: bool = False  # extra Linear-ReLU-Linear on the output (depth); it is supervised
     depth: int = 1  # number of Perceiver blocks
     heads: int = 4
     dim_head: int = 32
@@ -83,7 +83,7 @@ def task_stages(task: "TaskConfig") -> tuple[str, ...]:
 
 
 def default_tasks() -> dict[str, TaskConfig]:
-    """The reference defaults (spec §12): gen, depth, seg with code-default layers and 0.5 weights."""
+    """The reference defaults: gen, depth, seg with code-default layers and 0.5 weights."""
     return {
         "gen": TaskConfig(
             teacher="unclip",

@@ -1,5 +1,5 @@
 """Batch collation: samples of :class:`~olavlm.data.dataset.LlavaDataset` -> the batch dict of
-docs/architecture.md §1.
+docs/architecture.md, section 1.
 
 Keys: ``input_ids`` long (B, T) right-padded with ``pad_token_id``; ``labels`` long (B, T) with
 IGNORE_INDEX on padding; ``attention_mask`` bool (B, T); ``pixel_values`` float (N, 3, H, W)

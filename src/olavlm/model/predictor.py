@@ -1,9 +1,9 @@
-"""Embedding predictors: Perceiver-Resampler blocks over one LLM layer's states (spec §2.4).
+"""Embedding predictors: Perceiver-Resampler blocks over one LLM layer's states (docs/method.md, "Embedding predictors").
 
 ``proj_in`` (one Linear, shared by states and queries) -> ``depth`` x [PerceiverAttention (separate
-LayerNorms for states and queries; K/V over concat(states, queries); keys masked by the spans, fix
-D14) + FeedForward] -> ``proj_out`` -> LayerNorm -> optional supervised output MLP (depth; the
-reference's unsupervised ``linear_2``/``linear_3`` are not built, D15) -> output layout.
+LayerNorms for states and queries; K/V over concat(states, queries); keys masked by the spans, never
+padding) + FeedForward] -> ``proj_out`` -> LayerNorm -> optional supervised output MLP (depth; the
+reference's unsupervised ``linear_2``/``linear_3`` are not built) -> output layout.
 
 :class:`TokenMLP` is the alignment (VIRAL-style) kind: a token-wise MLP at the image-token positions.
 """

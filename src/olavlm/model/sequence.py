@@ -1,4 +1,4 @@
-"""Sequence builder: expand image placeholders and RECORD where everything lands (spec §2.2, D7).
+"""Sequence builder: expand image placeholders and RECORD where everything lands (docs/method.md, "Sequence layout").
 
 Each ``IMAGE_TOKEN_INDEX`` placeholder becomes ``P`` image-feature positions followed by the task
 tokens (``K`` per task, in ``model.task_order``). Nothing here is a constant offset: the number of
@@ -73,7 +73,7 @@ class SequenceLayout:
         return self.task_start[:, j:j + 1] + torch.arange(self.num_task_tokens, device=self.task_start.device)
 
     def predictor_key_mask(self, task: str, *, include_text: bool) -> torch.Tensor:
-        """bool (N, L): what image n's predictor for ``task`` may attend to (fix D14).
+        """bool (N, L): what image n's predictor for ``task`` may attend to (never padding nor another task's tokens).
 
         Text/system tokens of the image's sample (when ``include_text``), this image's tokens and
         this task's tokens of this image; never padding, other images or other tasks' tokens.

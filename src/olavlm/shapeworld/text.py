@@ -14,7 +14,7 @@ DEPTH_WORDS = ("close", "closer", "closest", "near", "nearer", "nearest", "far",
                "camera", "above", "below", "top", "bottom", "higher", "lower")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 CVBENCH_SUFFIX = "\nOnly answer the option as the output. For example, if your answer is the option A, answer (A)."
-PROBE_PROMPT = "Describe the image in two lines."  # spec §9.3 (probing prompt, dummy answer "n")
+PROBE_PROMPT = "Describe the image in two lines."  # the reference's probing prompt (dummy answer "n")
 
 PT_PROMPTS = (
     "Describe the image concisely.",

@@ -18,7 +18,7 @@ Output folder (``generate_world``)::
     allava_caption.json         ALLaVA-Caption-like long captions (no depth words)
     instruct.json               LLaVA-665K-like multi-turn QA + text-only conversations
     cvbench.jsonl               held-out CV-Bench test format (2D Count/Relation, 3D Depth/Distance)
-    probe.json                  held-out images with the probing prompt (spec §9.3)
+    probe.json                  held-out images with the probing prompt (docs/method.md, "Probing")
     world.json                  what was generated: seed, counts, classes, camera constants
 
 Every byte is a function of the seed (seeded numpy; PNG and npz written without timestamps).
