@@ -4,7 +4,7 @@
 ViT-B/14 and a 24 x 24 image-token grid), so its patch grid IS the image-token grid: the position
 embeddings are interpolated to that grid by the model itself (``Dinov2Embeddings`` always
 resamples them to the input size). Target = ``last_hidden_state`` (after the final LayerNorm)
-without the CLS token: (grid * grid, hidden) in the "tokens" layout, e.g. (576, 768).
+without the CLS token: (grid * grid, hidden) in the "tokens" layout, e.g. (24 * 24, 768).
 
 Normalisation: the checkpoint's own mean/std (its preprocessor config; ImageNet when absent).
 VIRAL fed DINOv2 the CLIP-normalised image instead; olavlm gives every teacher its own
