@@ -261,7 +261,8 @@ def collect_states(em, records: list[dict], root: Path, layers: list[int], teach
     chunks, masks, targets = {lay: [] for lay in layers}, [], {name: [] for name in teachers}
     bar = tqdm(total=len(records), desc="probe: hidden states", disable=not progress, dynamic_ncols=True)
     for chunk in batches(records, batch_size):
-        seqs = [encode_conversation(r["conversations"], em.template, em.tokenizer, num_images=1).input_ids
+        seqs = [encode_conversation(r["conversations"], em.template, em.tokenizer, num_images=1,
+                                    add_bos=em.add_bos).input_ids
                 for r in chunk]
         ids, mask = pad_right(seqs, em.tokenizer.pad_token_id)
         images = [load_image(root / r["image"]) for r in chunk]

@@ -57,7 +57,7 @@ def _normalise(depth: torch.Tensor) -> torch.Tensor:
     return (depth - lo) / (hi - lo).clamp_min(1e-8)
 
 
-def panels_for(model, teachers, decoders: dict, image, *, template: str, geometry: str,
+def panels_for(model, teachers, decoders: dict, image, *, template: str, geometry: str, add_bos="auto",
                layers: list[int] | None = None) -> dict:
     """{task: {"teacher": panel, layer: panel, ...}} for one PIL image (panels: arrays or PIL images)."""
     from olavlm.data.images import pixel_values, teacher_image, to_square
@@ -66,7 +66,7 @@ def panels_for(model, teachers, decoders: dict, image, *, template: str, geometr
     spec = model.image_spec
     square = to_square(image, geometry, spec)
     ids = torch.tensor([encode_prompt([{"from": "human", "value": "<image>\n" + PROMPT}], template,
-                                      model.tokenizer)])
+                                      model.tokenizer, add_bos=add_bos)])
     pixels = pixel_values(square, spec)[None]
     dev = model.device
     with torch.no_grad():
@@ -147,7 +147,7 @@ def visualize(model_dir: str | Path, images: list[str | Path], *, layers: list[i
     for path in images:
         img = load_image(path)
         panels = panels_for(model, teachers, decoders, img, template=em.template, geometry=em.image_geometry,
-                            layers=layers)
+                            add_bos=em.add_bos, layers=layers)
         png = out / f"{Path(path).stem}.png"
         save_figure(img, panels, png, skipped)
         results[str(path)] = {"panels": panels, "skipped": skipped, "png": png}
