@@ -155,7 +155,7 @@ def run_cvbench(model_dir: str | Path, data: str | Path, image_root: str | Path 
     ``em``: an already loaded :class:`~olavlm.evaluation.runner.EvalModel` (``eval all``).
     """
     from olavlm.data.images import load_image
-    from olavlm.evaluation.generation import Item, answer_all, partial_path
+    from olavlm.evaluation.generation import Item, answer_and_score
     from olavlm.evaluation.runner import load_eval_model
 
     items = load_items(data)[:limit] if limit else load_items(data)
@@ -170,13 +170,5 @@ def run_cvbench(model_dir: str | Path, data: str | Path, image_root: str | Path 
         return lambda: load_image(root / image_path(item), geometry=em.image_geometry, side=side)
 
     queries = [Item(f"{i}:{it['idx']}", build_prompt(it), loader(it)) for i, it in enumerate(items)]
-    partial = partial_path(output) if output is not None else None
-    outputs = answer_all(em, queries, settings=settings, partial=partial, batch_size=batch_size,
-                         max_new_tokens=max_new_tokens, desc="cvbench", progress=progress)
-    result = score(items, outputs)
-    result["settings"] = settings
-    if output is not None:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(result, indent=1) + "\n")
-        partial.unlink(missing_ok=True)
-    return result
+    return answer_and_score(em, items, queries, score, settings=settings, output=output, batch_size=batch_size,
+                            max_new_tokens=max_new_tokens, desc="cvbench", progress=progress)

@@ -110,6 +110,23 @@ def answer_all(em, items: list[Item], *, settings: dict, partial: Path | None = 
     return [done[k] for k in keys]
 
 
+def answer_and_score(em, items: list, queries: list[Item], score: Callable[[list, list[str]], dict], *,
+                     settings: dict, output: str | Path | None, batch_size: int, max_new_tokens: int,
+                     desc: str, progress: bool) -> dict:
+    """Answer ``queries`` (resumable through ``<output>.partial.jsonl``), score them against ``items``
+    and write the result (scores, outputs, settings) to ``output`` when given."""
+    partial = partial_path(output) if output is not None else None
+    outputs = answer_all(em, queries, settings=settings, partial=partial, batch_size=batch_size,
+                         max_new_tokens=max_new_tokens, desc=desc, progress=progress)
+    result = score(items, outputs)
+    result["settings"] = settings
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=1) + "\n")
+        partial.unlink(missing_ok=True)
+    return result
+
+
 def generate_batch(em, prompts: list[str], images: list, max_new_tokens: int) -> list[str]:
     """Greedy decode of one batch of (prompt, RGB image); each output cut at the first stop token."""
     import torch

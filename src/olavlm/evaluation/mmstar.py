@@ -150,7 +150,7 @@ def run_mmstar(model_dir: str | Path, data: str | Path, *, output: str | Path | 
                progress: bool = True, em=None) -> dict:
     """Greedy answers of a trained model on MMStar, scored by :func:`score` (resumable like CV-Bench)."""
     from olavlm.data.images import DEFAULT_LIMITS, _decode
-    from olavlm.evaluation.generation import Item, answer_all, partial_path
+    from olavlm.evaluation.generation import Item, answer_and_score
     from olavlm.evaluation.runner import load_eval_model
 
     items = load_items(data)
@@ -170,13 +170,5 @@ def run_mmstar(model_dir: str | Path, data: str | Path, *, output: str | Path | 
         return load
 
     queries = [Item(str(it["index"]), build_prompt(it), loader(it)) for it in items]
-    partial = partial_path(output) if output is not None else None
-    outputs = answer_all(em, queries, settings=settings, partial=partial, batch_size=batch_size,
-                         max_new_tokens=max_new_tokens, desc="mmstar", progress=progress)
-    result = score(items, outputs)
-    result["settings"] = settings
-    if output is not None:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(result, indent=1) + "\n")
-        partial.unlink(missing_ok=True)
-    return result
+    return answer_and_score(em, items, queries, score, settings=settings, output=output, batch_size=batch_size,
+                            max_new_tokens=max_new_tokens, desc="mmstar", progress=progress)
