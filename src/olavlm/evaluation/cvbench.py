@@ -16,12 +16,12 @@ Protocol:
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
 
 from olavlm.errors import UserError
+from olavlm.evaluation.jsonl import read_jsonl
 
 SUFFIX = "\nOnly answer the option as the output. For example, if your answer is the option A, answer (A)."
 _PAREN = re.compile(r"\(([A-Za-z])\)")
@@ -35,25 +35,18 @@ class CVBenchFormatError(UserError, ValueError):
 def load_items(path: str | Path) -> list[dict]:
     """Read a CV-Bench jsonl; every record is checked for the fields the protocol needs."""
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CVBenchFormatError(f"{path}:{lineno}: invalid JSON: {e}") from e
-            for key in ("type", "task", "answer", "source"):
-                if key not in rec:
-                    raise CVBenchFormatError(f"{path}:{lineno}: missing field {key!r}")
-            if "prompt" not in rec and not ("question" in rec and "choices" in rec):
-                raise CVBenchFormatError(f"{path}:{lineno}: needs 'prompt' or 'question' + 'choices'")
-            if not _ANSWER.match(str(rec["answer"])):
-                raise CVBenchFormatError(f"{path}:{lineno}: answer {rec['answer']!r} is not like '(A)'")
-            if image_path(rec) is None:
-                raise CVBenchFormatError(f"{path}:{lineno}: no image path ('filename' or 'image')")
-            rec.setdefault("idx", len(items))
-            items.append(rec)
+    for lineno, rec in read_jsonl(path, CVBenchFormatError):
+        for key in ("type", "task", "answer", "source"):
+            if key not in rec:
+                raise CVBenchFormatError(f"{path}:{lineno}: missing field {key!r}")
+        if "prompt" not in rec and not ("question" in rec and "choices" in rec):
+            raise CVBenchFormatError(f"{path}:{lineno}: needs 'prompt' or 'question' + 'choices'")
+        if not _ANSWER.match(str(rec["answer"])):
+            raise CVBenchFormatError(f"{path}:{lineno}: answer {rec['answer']!r} is not like '(A)'")
+        if image_path(rec) is None:
+            raise CVBenchFormatError(f"{path}:{lineno}: no image path ('filename' or 'image')")
+        rec.setdefault("idx", len(items))
+        items.append(rec)
     if not items:
         raise CVBenchFormatError(f"{path}: no records")
     return items

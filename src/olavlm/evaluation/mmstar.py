@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import base64
 import csv
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from olavlm.errors import UserError
+from olavlm.evaluation.jsonl import read_jsonl
 
 SUFFIX = "\nAnswer with the option's letter from the given choices directly, such as answer letter 'A' only. \n"
 FIELDS = ("index", "question", "answer", "category", "l2_category", "image")
@@ -55,15 +55,7 @@ def load_items(path: str | Path) -> list[dict]:
             for lineno, rec in enumerate(csv.DictReader(f, delimiter="\t"), 2):
                 items.append(_check(dict(rec), f"{path}:{lineno}"))
     else:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise MMStarFormatError(f"{path}:{lineno}: invalid JSON: {e}") from e
-                items.append(_check(rec, f"{path}:{lineno}"))
+        items = [_check(rec, f"{path}:{lineno}") for lineno, rec in read_jsonl(path, MMStarFormatError)]
     if not items:
         raise MMStarFormatError(f"{path}: no records")
     keys = [str(it["index"]) for it in items]
