@@ -103,7 +103,7 @@ def test_garbage_weights_really_are_unloadable(setup, monkeypatch):
     (["--model.attn_implementation=flash_attention_2"], "model.attn_implementation", "flash-attn"),
     (["--train.deepspeed=/nowhere/zero2.json"], "train.deepspeed", "does not exist"),
     (["--train.init_from=/nowhere"], "train.init_from", "PT starts from model.llm"),
-    (["--train.teacher_dtype=int8"], "train.teacher_dtype", "unknown dtype"),
+    (["--train.teacher_dtype=int8"], "train.teacher_dtype", "is not one of"),
     (["--data.template=alpaca"], "data.template", "is not one of"),
     (["--data.target_cache=/nowhere/cache"], "data.target_cache", "not a target cache"),
 ])

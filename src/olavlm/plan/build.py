@@ -92,7 +92,7 @@ def make_plan(run: RunConfig, *, gpus: int = 8, nodes: int = 1, gpu: str = "h100
               peak_tflops: float | None = None, gpu_memory: float | None = None, seq_len: int | None = None,
               samples: int | None = None, hub_configs: str | Path | None = None,
               config_path: str | None = None) -> dict[str, Any]:
-    from olavlm.teachers.precompute import teacher_dtype
+    from olavlm.teachers.targets import teacher_dtype
     from olavlm.train.stages import STAGES
 
     notes: list[str] = []
