@@ -291,7 +291,8 @@ def test_training_step_cached_equals_online(tiny_dir, dataset, tmp_path):
 
 def test_teacher_dtype_rule_and_storage_estimate():
     from olavlm.teachers.base import resolve_dtype
-    from olavlm.teachers.precompute import human_bytes, teacher_dtype
+    from olavlm.teachers.precompute import human_bytes
+    from olavlm.teachers.targets import teacher_dtype
 
     cfg = RunConfig()
     assert teacher_dtype(cfg) == torch.bfloat16  # train.bf16 defaults to True

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from olavlm.teachers.cache import (DIGEST_SUFFIX, FORMAT, INDEX, VERSION, CacheError, config_fingerprints,
                                    dtype_name, file_sha256, geometry_fingerprint, shard_name)
-from olavlm.teachers.targets import teacher_dtype  # noqa: F401 - the run's teacher dtype rule (re-exported)
+from olavlm.teachers.targets import teacher_dtype  # the run's teacher dtype (training uses the same rule)
 
 log = logging.getLogger(__name__)
 

@@ -116,22 +116,21 @@ class TargetSource:
     def _check_coverage(self, train_file: str) -> None:
         """cache: every image of the data file has targets (else a CacheError naming them);
         cache+live: the gaps are counted and announced."""
-        from olavlm.data.records import iter_records, record_images
+        from olavlm.data.records import image_paths  # the keys precompute cached (malformed records skipped)
 
-        keys: list[str] = []
-        for _, _, record in iter_records(train_file):
-            try:
-                keys += record_images(record)
-            except ValueError:
-                continue  # a malformed record is the dataset's business (skipped or error)
+        keys = image_paths(train_file)
+        unreadable = sum(k in self.cache.unreadable for k in keys)
+        if unreadable:
+            log.info("targets: %d image(s) of %s were unreadable when the cache was built: the dataset applies "
+                     "data.on_bad_sample to them (one readable now has no target: counted as %s)", unreadable,
+                     train_file, MASKED if self.mode == "cache" else FILLED)
         if self.mode == "cache":
             self.cache.check_coverage(keys)
             return
         gaps = [k for k in self.cache.missing(keys) if k not in self.cache.unreadable]
         if gaps:
             log.warning("targets: the cache %s lacks %d of the %d images of %s; the live teachers encode them "
-                        "(counted as %s in metrics.jsonl)", self.cache.root, len(gaps), len(set(keys)), train_file,
-                        FILLED)
+                        "(counted as %s in metrics.jsonl)", self.cache.root, len(gaps), len(keys), train_file, FILLED)
 
     # -- what the data layer needs ---------------------------------------------------------------
     @property
