@@ -269,3 +269,24 @@ def test_pt_step_loss_equals_the_old_path_and_an_independent_computation(tiny_di
     g_hand = torch.autograd.grad(aux, preds)
     for a, b in zip(g_model, g_hand):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_one_dtype_table():
+    from olavlm import dtypes
+    from olavlm.model.vision import torch_dtype as model_dtype
+    from olavlm.teachers.base import resolve_dtype
+    from olavlm.teachers.cache import dtype_name
+
+    want = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+    assert set(want) == set(dtypes.SPELLINGS)
+    for spelling, dtype in want.items():  # every reader of a dtype string agrees with the table
+        assert dtypes.torch_dtype(spelling) is dtype and resolve_dtype(spelling) is dtype and model_dtype(spelling) is dtype
+        assert dtype_name(dtype) == dtypes.canonical_dtype(spelling) == str(dtype).removeprefix("torch.")
+    assert dtypes.torch_dtype(None) is None and dtypes.torch_dtype(torch.float16) is torch.float16
+    with pytest.raises(dtypes.DtypeError, match=r"^model\.dtype: unknown dtype 'int8'; use one of \['bfloat16'"):
+        model_dtype("int8")
+    with pytest.raises(CacheError, match="target cache dtype: torch.int8 is not one of"):
+        dtype_name(torch.int8)
+    with pytest.raises(ValueError, match="unknown dtype"):  # a DtypeError is a ValueError and a UserError
+        resolve_dtype("fp8")

@@ -37,13 +37,10 @@ def canonical_dtype(value: str, field: str = "dtype") -> str:
 
 
 def torch_dtype(value: "str | torch.dtype | None", field: str = "dtype") -> "torch.dtype | None":
-    """A spelling from the table (or a torch dtype of it) -> the torch dtype; None stays None."""
+    """A spelling from the table -> the torch dtype; a torch dtype and None pass through."""
     import torch
 
-    if value is None:
-        return None
-    if isinstance(value, torch.dtype):
-        dtype_name(value, field)  # only the table's dtypes
+    if value is None or isinstance(value, torch.dtype):
         return value
     return getattr(torch, canonical_dtype(value, field))
 
