@@ -193,6 +193,46 @@ def test_mismatched_cache_is_refused_at_construction(tiny_dir, data, model, cach
     assert "rebuild it with `olavlm targets precompute`" in lines[-1]
 
 
+def test_foreign_teacher_class_is_refused(tiny_dir, data, model, caches, tmp_path):
+    """The cache records the teacher class; a cache written by another class for the same name is refused."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(caches[0], copy)
+    index = json.loads((copy / "index.json").read_text())
+    index["tasks"]["depth"]["fingerprint"]["class"] = "SomeOtherDepthTeacher"
+    (copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(CacheError) as e:
+        TargetSource.for_run(make_cfg(tiny_dir, data, copy), model)
+    assert _lines(e)[0].startswith(f"data.target_cache: {copy}: depth.class: cache has 'SomeOtherDepthTeacher', "
+                                   "run expects 'DepthAnythingTeacher'")
+
+
+def test_cache_counts_images_without_a_target(tiny_dir, data, model, caches, tmp_path):
+    """An image unreadable when the cache was built but readable now has no target: masked and counted."""
+    import shutil
+
+    root = tmp_path / "late"
+    shutil.copytree(data, root)
+    records = json.loads((root / "train.json").read_text())
+    records.insert(1, {"id": "late", "image": "late.png", "conversations": _conv(9)})
+    (root / "train.json").write_text(json.dumps(records))
+    cfg = make_cfg(tiny_dir, root, tmp_path / "cache")
+    precompute(cfg, batch_size=3, shard_size=4, dtype="fp32", teachers=TargetSource.for_run(
+        make_cfg(tiny_dir, root), model).teachers, progress=False, device="cpu", rank=0, world_size=1, workers=0)
+    shutil.copy(root / "images" / "0.png", root / "images" / "late.png")  # the file appears after the precompute
+    source = TargetSource.for_run(cfg, model)
+    assert source.mode == "cache"
+    got = model_inputs(batch_of(cfg, model, source, n=3), CPU, source)
+    assert got["target_mask"].tolist() == [True, False, True]
+    assert source.take_counts() == {MASKED: 1}
+    out = model(**got)  # the masked image adds nothing: the loss equals the one without it
+    keep = torch.tensor([0, 2])
+    ref = model.auxiliary_loss({t: {k: v[keep] for k, v in by.items()} for t, by in out.predictions.items()},
+                               {t: v[keep] for t, v in got["targets"].items()}, None, num_images=2)[0]
+    torch.testing.assert_close(out.loss, out.metrics["loss/ntp"] + ref, rtol=1e-5, atol=1e-6)
+
+
 def test_cache_live_checks_the_loaded_teachers(tiny_dir, data, model, caches):
     """With live teachers the cache must also have been computed in their dtype."""
     cfg = make_cfg(tiny_dir, data, caches[1], cache_miss="online")
