@@ -1,4 +1,4 @@
-"""`olavlm targets precompute CONFIG.yaml [--batch-size N] [--dtype bf16|fp16|fp32] [--workers N]
+"""`olavlm targets precompute CONFIG.yaml [--batch-size N] [--dtype DTYPE] [--workers N]
 [--shard-size N] [--no-progress] [section.key=value ...]` and `olavlm targets verify CACHE|CONFIG [--deep]`.
 
 Multi-GPU: ``torchrun --nproc_per_node 8 -m olavlm.cli targets precompute CONFIG.yaml`` (or
