@@ -62,11 +62,12 @@ class StepBench:
     def teachers(self, model, *, random_weights: bool = False):
         """(TeacherSet, dtype): the run's teachers, batched, in the teacher dtype (``train.teacher_dtype``,
         else bf16 under bf16 autocast, else fp32), on the device; shapes checked against the predictors."""
+        from olavlm.dtypes import torch_dtype
         from olavlm.plan.meta import meta_loading
         from olavlm.teachers import build_teachers
 
         t = self.bc.run.train
-        dtype = getattr(torch, t.teacher_dtype) if t.teacher_dtype else self.target_dtype
+        dtype = torch_dtype(t.teacher_dtype, "train.teacher_dtype") if t.teacher_dtype else self.target_dtype
         with meta_loading(device=self.dev.type) if random_weights else contextlib.nullcontext():
             teachers = build_teachers(model.cfg, grid=model.geometry.grid, device=self.dev, dtype=dtype,
                                       expected=model.target_shapes)

@@ -103,12 +103,18 @@ def test_garbage_weights_really_are_unloadable(setup, monkeypatch):
     (["--model.attn_implementation=flash_attention_2"], "model.attn_implementation", "flash-attn"),
     (["--train.deepspeed=/nowhere/zero2.json"], "train.deepspeed", "does not exist"),
     (["--train.init_from=/nowhere"], "train.init_from", "PT starts from model.llm"),
-    (["--train.teacher_dtype=int8"], "train.teacher_dtype", "unknown dtype"),
     (["--data.template=alpaca"], "data.template", "is not one of"),
     (["--data.target_cache=/nowhere/cache"], "data.target_cache", "not a target cache"),
 ])
 def test_each_model_and_engine_failure_is_one_named_line(setup, extra, field, text):
     _one(setup[1] + extra, field, text)
+
+
+def test_teacher_dtype_is_a_choice_of_the_dtype_table(setup):
+    """train.teacher_dtype is checked when the config loads (a Literal of olavlm.dtypes' spellings)."""
+    with pytest.raises(ConfigError, match=r"train\.teacher_dtype: 'int8' is not one of \['bfloat16'"):
+        load_config(PT, setup[1] + ["--train.teacher_dtype=int8"])
+    assert load_config(PT, setup[1] + ["--train.teacher_dtype=bf16"]).train.teacher_dtype == "bf16"
 
 
 def test_data_and_output_failures(setup, tmp_path):

@@ -19,6 +19,7 @@ from olavlm.config import ConfigError, load_config
 from olavlm.evaluation import probe_eval
 from olavlm.evaluation.probe_stage import PROBES_FILE, ProbeResampler, load_probe_model
 from olavlm.model.vlm import OlaVLM
+from olavlm.teachers.targets import TargetSource
 from olavlm.train.loop import model_inputs, train
 from olavlm.train.smoke import smoke_overrides, write_smoke_dataset
 
@@ -56,12 +57,13 @@ def test_only_the_probes_train_and_the_loss_is_the_sum_of_smooth_l1(setup):
         assert torch.equal(p, q), name  # the probed model is untouched
     assert set(model.probes) == {"depth", "seg"} and len(model.probes["depth"]) == 4  # every layer of the tiny LLM
     # one batch: the loss against an independent computation from the frozen states
-    from olavlm.train.loop import build_data, build_teachers_if_needed
+    from olavlm.train.loop import build_data, build_targets
 
-    teachers = build_teachers_if_needed(cfg, model, torch.device("cpu"), torch.float32)
-    dataset, collator = build_data(cfg, model, teachers)
+    cfg.train.teacher_dtype = "float32"
+    targets = build_targets(cfg, model)
+    dataset, collator = build_data(cfg, model, targets)
     batch = collator([dataset[i] for i in range(3)])
-    inputs = model_inputs(batch, torch.device("cpu"), teachers)
+    inputs = model_inputs(batch, torch.device("cpu"), targets)
     out = model(**inputs)
     states, layout = base.layer_states(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                        [1, 2, 3, 4])
@@ -152,7 +154,7 @@ def test_probe_eval_values_json_and_png(setup, capsys):
     ds = LlavaDataset(cfg.data, model.tokenizer, image_spec=model.image_spec, tokens_per_image=model.tokens_per_image,
                       teacher_image_size=teachers.input_size, seed=cfg.train.seed)
     batch = Collator(model.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
-    inputs = model_inputs(batch, torch.device("cpu"), teachers)
+    inputs = model_inputs(batch, torch.device("cpu"), TargetSource.live(teachers))
     with torch.no_grad():
         preds, _ = model.predict(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
     for task in ("depth", "seg"):
@@ -239,7 +241,7 @@ def test_memory_does_not_grow_with_the_number_of_images(setup, monkeypatch):
         ds = LlavaDataset(cfg.data, model.tokenizer, image_spec=model.image_spec,
                           tokens_per_image=model.tokens_per_image, teacher_image_size=teachers.input_size)
         make = lambda: torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=Collator(model.tokenizer.pad_token_id))
-        return _peaks(lambda s: probe_eval.stream_scores(model, teachers, make, torch.device("cpu"), progress=False,
+        return _peaks(lambda s: probe_eval.stream_scores(model, TargetSource.live(teachers), make, torch.device("cpu"), progress=False,
                                                          on_batch=s), "olavlm/evaluation/probe_eval.py")
 
     eval_peaks(10)  # warm-up: torch's and transformers' own small per-shape caches fill here, not in the runs compared
@@ -297,7 +299,7 @@ def test_probe_stage_reads_a_target_cache(setup):
     """Cached targets: a PT cache serves the probes with the training depth target; the last-block
     target (other teacher settings) is refused by the cache check, not silently mixed."""
     from olavlm.teachers.precompute import precompute
-    from olavlm.train.loop import build_data, build_teachers_if_needed
+    from olavlm.train.loop import build_data, build_targets
 
     root, _ = setup
     cache = root / "cache"
@@ -309,12 +311,13 @@ def test_probe_stage_reads_a_target_cache(setup):
     assert res.summary["finished"]
     # the cached targets are the live teachers' targets for the same images
     model = res.model
-    dataset, collator = build_data(cfg, model, None)
+    dataset, collator = build_data(cfg, model, build_targets(cfg, model))
     batch = collator([dataset[i] for i in range(2)])
     live_cfg = _cfg(setup, "--train.probe_depth_target=training")
-    teachers = build_teachers_if_needed(live_cfg, model, torch.device("cpu"), torch.float32)
-    live_ds, live_col = build_data(live_cfg, model, teachers)
-    live = model_inputs(live_col([live_ds[i] for i in range(2)]), torch.device("cpu"), teachers)["targets"]
+    live_cfg.train.teacher_dtype = "float32"
+    live_source = build_targets(live_cfg, model)
+    live_ds, live_col = build_data(live_cfg, model, live_source)
+    live = model_inputs(live_col([live_ds[i] for i in range(2)]), torch.device("cpu"), live_source)["targets"]
     for task in ("depth", "seg"):
         torch.testing.assert_close(batch["targets"][task].float(), live[task].float(), rtol=1e-4, atol=1e-4)
     with pytest.raises(Exception, match="teacher_kwargs"):

@@ -245,6 +245,7 @@ def test_training_step_cached_equals_online(tiny_dir, dataset, tmp_path):
 
     from olavlm.model.tiny import tiny_model_config
     from olavlm.model.vlm import OlaVLM
+    from olavlm.teachers.targets import TargetSource
     from olavlm.train.loop import build_data, model_inputs
 
     base = make_cfg(tiny_dir, dataset, tmp_path / "cache")
@@ -265,10 +266,12 @@ def test_training_step_cached_equals_online(tiny_dir, dataset, tmp_path):
     def step(online: bool):
         run = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, target_cache=None if online else
                                                                  cfg.data.target_cache))
-        ds, collate = build_data(run, model, teachers if online else None)
+        source = (TargetSource.live(teachers) if online else
+                  TargetSource("cache", model.target_shapes, cache=TargetCache.open(run.data.target_cache)))
+        ds, collate = build_data(run, model, source)
         batch = collate([ds[i] for i in range(4)])
         assert ("targets" in batch) != online
-        inputs = model_inputs(batch, torch.device("cpu"), teachers if online else None)
+        inputs = model_inputs(batch, torch.device("cpu"), source)
         model.zero_grad(set_to_none=True)
         out = model(**inputs)
         out.loss.backward()
@@ -288,7 +291,8 @@ def test_training_step_cached_equals_online(tiny_dir, dataset, tmp_path):
 
 def test_teacher_dtype_rule_and_storage_estimate():
     from olavlm.teachers.base import resolve_dtype
-    from olavlm.teachers.precompute import human_bytes, teacher_dtype
+    from olavlm.teachers.precompute import human_bytes
+    from olavlm.teachers.targets import teacher_dtype
 
     cfg = RunConfig()
     assert teacher_dtype(cfg) == torch.bfloat16  # train.bf16 defaults to True

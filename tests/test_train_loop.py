@@ -122,6 +122,11 @@ def test_target_cache_matches_online_teachers(tiny_dir, tmp_path, monkeypatch):
     mixed = train(load_config(PT, cached + ["--data.cache_miss=online"]), resume="none")
     assert len(hits) == 6 and len(set(hits)) == 6  # every image was looked up; 2 missed and went to the teachers
     assert mixed.summary["steps"] == 3
+    # the 2 gaps are counted: per logged step in metrics.jsonl (summed over ranks) and in summary.json
+    rows = [json.loads(line) for line in (mixed.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["targets/filled_live"] for r in rows) == 2
+    assert mixed.summary["targets"] == {"mode": "cache+live", "cache": str(cache), "filled_live": 2}
+    assert online.summary["targets"] == {"mode": "live", "cache": None}
     a, b = _losses(online.output_dir), _losses(mixed.output_dir)
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-4 * abs(a[k]) for k in a), (a, b)
     wa, wb = _final_weights(online.output_dir), _final_weights(mixed.output_dir)
@@ -137,4 +142,5 @@ def test_target_cache_matches_online_teachers(tiny_dir, tmp_path, monkeypatch):
     cached_only = train(load_config(PT, base + [f"--data.target_cache={full}", "--data.cache_miss=error",
                                                 f"--train.output_dir={tmp_path / 'full'}"]), resume="none")
     c = _losses(cached_only.output_dir)
+    assert cached_only.summary["targets"] == {"mode": "cache", "cache": str(full), "masked": 0}
     assert all(abs(a[k] - c[k]) <= 1e-4 * abs(a[k]) for k in a), (a, c)

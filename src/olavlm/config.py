@@ -18,10 +18,10 @@ from typing import Any, Literal
 import yaml
 
 from olavlm.config_parsing import ConfigError, coerce, parse_layer_spec, parse_weight_spec  # noqa: F401 (re-exported)
+from olavlm.dtypes import Dtype, DtypeSpelling  # the one dtype table (olavlm.dtypes)
 
 # The accepted values of every choice field, stated once: loading checks them (olavlm.config_parsing.coerce)
 # and so does validate() for configs built in code; other modules read them with typing.get_args.
-Dtype = Literal["bfloat16", "float16", "float32"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 QuerySource = Literal["task_tokens", "hidden"]
 OutputLayout = Literal["tokens", "grid", "vector"]
@@ -229,7 +229,7 @@ class TrainConfig:
     run_name: str | None = None
     deepspeed: str | None = None  # path to a DeepSpeed JSON (configs/deepspeed/*.json)
     fsdp: bool = False
-    teacher_dtype: str | None = None  # None = bf16 if train.bf16 else float32
+    teacher_dtype: DtypeSpelling | None = None  # None = bf16 if train.bf16 else float32 (olavlm.dtypes)
     lora: LoraConfig | None = None  # LoRA / QLoRA adapters instead of full LLM training (vpt / ift)
     probe: Literal["resampler", "small"] = "resampler"  # stage probe: the probe per (task, layer) (docs/evaluation.md)
     probe_layers: list[int] = field(default_factory=list)  # stage probe: 1-based LLM layers; [] = every layer

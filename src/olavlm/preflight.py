@@ -9,7 +9,7 @@ found are raised together as one :class:`PreflightError` (one line each). On suc
 function returns notes: what the run will use, one line each.
 
 What is checked, in order: config types, choices and ranges (:func:`olavlm.config.validate`);
-the environment (optional packages a setting needs, world-size divisibility, teacher dtype); the
+the environment (optional packages a setting needs, world-size divisibility); the
 DeepSpeed JSON; ``train.init_from`` (a finished model, its architecture against the recipe); the
 LLM and the tower (layers within depth, token-count divisibility, layouts, feature layer); the
 teachers' target shapes against the predictors' outputs; the template, the data file (parses,
@@ -90,13 +90,6 @@ def _check_environment(cfg: RunConfig, notes: list[str]) -> None:
     if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         problems.append("model.attn_implementation: 'flash_attention_2' needs the flash-attn package, which is not "
                         "installed (pip install flash-attn, or use sdpa)")
-    if cfg.train.teacher_dtype is not None:
-        from olavlm.teachers.base import resolve_dtype
-
-        try:
-            resolve_dtype(cfg.train.teacher_dtype)
-        except ValueError as e:
-            problems.append(f"train.teacher_dtype: {e}")
     if problems:
         raise PreflightError(problems)
 

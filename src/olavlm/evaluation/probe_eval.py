@@ -62,6 +62,7 @@ def evaluate(folder: str | Path, data: str, *, image_folder: str | None = None, 
     from olavlm.data.dataset import LlavaDataset
     from olavlm.evaluation.probe_stage import load_probe_model
     from olavlm.teachers import build_teachers
+    from olavlm.teachers.targets import TargetSource
 
     model = load_probe_model(folder, device=device)
     folder = Path(folder) / "final" if (Path(folder) / "final").is_dir() else Path(folder)
@@ -79,12 +80,14 @@ def evaluate(folder: str | Path, data: str, *, image_folder: str | None = None, 
         subset = torch.utils.data.Subset(dataset, indices)
         return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collator)
 
-    return stream_scores(model, teachers, loader, dev, progress=progress, where=str(data))
+    return stream_scores(model, TargetSource.live(teachers, teacher_image_size=side), loader, dev,
+                         progress=progress, where=str(data))
 
 
-def stream_scores(model, teachers, make_loader, device, *, progress: bool = True, where: str = "data",
+def stream_scores(model, targets, make_loader, device, *, progress: bool = True, where: str = "data",
                   on_batch=None) -> dict:
-    """The two streamed passes over ``make_loader()``; ``on_batch()`` is called after every batch."""
+    """The two streamed passes over ``make_loader()``; ``targets``: the TargetSource of the batches
+    (olavlm.teachers.targets); ``on_batch()`` is called after every batch."""
     from tqdm.auto import tqdm
 
     from olavlm.errors import UserError
@@ -95,10 +98,10 @@ def stream_scores(model, teachers, make_loader, device, *, progress: bool = True
     count = 0
     with torch.no_grad():
         for batch in tqdm(make_loader(), desc="probe eval: mean target", disable=not progress):
-            targets = model_inputs(batch, device, teachers).get("targets") or {}
+            found = model_inputs(batch, device, targets).get("targets") or {}
             for t in tasks:
-                if t in targets:
-                    sums[t] += targets[t].double().sum(0).cpu()
+                if t in found:
+                    sums[t] += found[t].double().sum(0).cpu()
             count += int(batch["num_images"].sum())
             if on_batch:
                 on_batch()
@@ -108,7 +111,7 @@ def stream_scores(model, teachers, make_loader, device, *, progress: bool = True
         acc = {t: {layer: CosineSums() for layer in model.layers} for t in tasks}
         const = {t: CosineSums() for t in tasks}
         for batch in tqdm(make_loader(), desc="probe eval: probes", disable=not progress):
-            inputs = model_inputs(batch, device, teachers)
+            inputs = model_inputs(batch, device, targets)
             preds, _ = model.predict(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
             for t in tasks:
                 target = inputs["targets"][t].cpu()

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from olavlm.cli_groups import CONVERT_HELP, command_group
+from olavlm.dtypes import NAMES
 
 
 def register(sub) -> None:
@@ -21,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--task-token-format", default=None, choices=["expand_emb", "emb"],
                    help="IFT task-token insertion when config.json does not say: expand_emb = K pooled rows per "
                         "task, emb = every raw row")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+    p.add_argument("--dtype", default="bfloat16", choices=NAMES,
                    help="model.dtype of the converted folder (tensors keep their stored precision)")
     p.add_argument("--vision-heads", type=int, default=None, help="CLIP ViT attention heads; None = hidden // 64")
     p.add_argument("--vision-act", default="quick_gelu", help="CLIP ViT activation")

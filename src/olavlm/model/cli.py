@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from olavlm.cli_groups import CONVERT_HELP, command_group
+from olavlm.dtypes import NAMES
 
 
 def register(sub) -> None:
@@ -33,7 +34,7 @@ def register_convert(convert_sub) -> None:
     p.add_argument("--norm-eps", type=float, default=None,
                    help="eps of every LayerNorm (default: timm's for the trunk's shape, 1e-5 for "
                         "convnext_xxlarge, 1e-6 for the other sizes)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default=None, choices=NAMES,
                    help="store the weights in this dtype (default: as in the source)")
     p.set_defaults(func=run_convert_open_clip)
 

@@ -151,13 +151,11 @@ def vision_geometry(model_cfg: ModelConfig) -> VisionGeometry:
     return VisionGeometry(num_tokens=tokens, grid=grid, spec=_image_spec(model_cfg, image_size), hidden_size=width)
 
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
 def torch_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ConfigError(f"model.dtype: {name!r} is not one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    """``model.dtype`` -> torch dtype, through the one table (olavlm.dtypes)."""
+    from olavlm.dtypes import torch_dtype as parse
+
+    return parse(name, "model.dtype")
 
 
 class VisionTower(nn.Module):

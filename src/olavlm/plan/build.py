@@ -92,7 +92,7 @@ def make_plan(run: RunConfig, *, gpus: int = 8, nodes: int = 1, gpu: str = "h100
               peak_tflops: float | None = None, gpu_memory: float | None = None, seq_len: int | None = None,
               samples: int | None = None, hub_configs: str | Path | None = None,
               config_path: str | None = None) -> dict[str, Any]:
-    from olavlm.teachers.precompute import teacher_dtype
+    from olavlm.teachers.targets import target_mode, teacher_dtype
     from olavlm.train.stages import STAGES
 
     notes: list[str] = []
@@ -124,7 +124,7 @@ def make_plan(run: RunConfig, *, gpus: int = 8, nodes: int = 1, gpu: str = "h100
         notes.append(f"train.global_batch_size {t.global_batch_size} is not divisible by micro {micro} x world "
                      f"{world}: the run would refuse to start")
     tdtype = teacher_dtype(run)
-    online = bool(model.target_shapes) and (d.target_cache is None or d.cache_miss == "online")
+    online = bool(model.target_shapes) and target_mode(d) != "cache"  # teachers run: live or cache+live
     teachers = meta_teachers(model.cfg, model.geometry.grid, tdtype, model.target_shapes,
                              tasks=list(model.predictors)) if model.target_shapes else None
 

@@ -233,14 +233,10 @@ class TeacherSet:
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``"bf16"``/``"bfloat16"``/``torch.bfloat16`` ... -> torch dtype (None stays None)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
-    return names[dtype]
+    """``"bf16"``/``"bfloat16"``/``torch.bfloat16`` ... -> torch dtype (None stays None), by olavlm.dtypes."""
+    from olavlm.dtypes import torch_dtype
+
+    return torch_dtype(dtype, "teacher dtype")
 
 
 def build_teachers(model_cfg, grid: int, device=None, dtype=None, *,

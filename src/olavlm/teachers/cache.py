@@ -39,12 +39,12 @@ from typing import Any, Iterable
 
 import torch
 
+from olavlm import dtypes
 from olavlm.errors import UserError
 
 INDEX = "index.json"
 FORMAT = "olavlm-target-cache"
 VERSION = 1
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DIGEST_SUFFIX = ".sha256"  # sidecar of a shard: {"size": bytes, "sha256": hex}
 
 
@@ -65,10 +65,11 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    for name, dt in _DTYPES.items():
-        if dt == dtype:
-            return name
-    raise CacheError(f"target cache dtype must be one of {sorted(_DTYPES)}, got {dtype}")
+    """The name a cache index records for a storage dtype (olavlm.dtypes)."""
+    try:
+        return dtypes.dtype_name(dtype, "target cache dtype")
+    except dtypes.DtypeError as e:
+        raise CacheError(str(e)) from None
 
 
 def shard_name(i: int) -> str:
@@ -116,7 +117,7 @@ class TargetCache:
         self.root = Path(root)
         self.index = index
         self.tasks: list[str] = list(index["tasks"])  # tasks stored in every shard
-        self.dtype: torch.dtype = _DTYPES[index["dtype"]]  # storage dtype of the targets
+        self.dtype: torch.dtype = dtypes.torch_dtype(index["dtype"])  # storage dtype of the targets
         self.shards: list[str] = list(index["shards"])  # shard file names, position = shard id
         self.entries: dict[str, list] = index["entries"]  # key -> [shard, row, sha1]
         self.unreadable: dict[str, str] = index.get("unreadable", {})  # key -> reason
@@ -139,7 +140,7 @@ class TargetCache:
         if index.get("format") != FORMAT or index.get("version") != VERSION:
             raise CacheError(f"{file}: format {index.get('format')!r} v{index.get('version')} is not "
                              f"{FORMAT!r} v{VERSION}")
-        if index.get("dtype") not in _DTYPES:
+        if index.get("dtype") not in dtypes.NAMES:
             raise CacheError(f"{file}: unknown dtype {index.get('dtype')!r}")
         for key, kind in (("tasks", dict), ("shards", list), ("entries", dict)):
             if not isinstance(index.get(key), kind):
@@ -296,11 +297,12 @@ class TargetCache:
                 seen.setdefault(k, None)
         return list(seen)
 
-    def verify(self, tasks: Iterable[str], fingerprints: dict[str, dict] | None = None, *,
-               shapes: dict[str, tuple[int, ...]] | None = None, geometry: dict[str, Any] | None = None) -> None:
-        """Raise :class:`CacheError` listing every mismatch: a task absent from the cache, a
-        fingerprint key whose value differs, a target shape different from the predictor's
-        (``shapes``, e.g. ``model.target_shapes``) or a different image geometry."""
+    def mismatches(self, tasks: Iterable[str], fingerprints: dict[str, dict] | None = None, *,
+                   shapes: dict[str, tuple[int, ...]] | None = None,
+                   geometry: dict[str, Any] | None = None) -> list[str]:
+        """One line per mismatch, naming the field: a task absent from the cache, a fingerprint key
+        whose value differs, a target shape different from the predictor's (``shapes``, e.g.
+        ``model.target_shapes``) or a different image geometry."""
         problems = []
         for task in tasks:
             if task not in self.index["tasks"]:
@@ -313,9 +315,16 @@ class TargetCache:
                                 f"the predictor outputs {tuple(shapes[task])}")
         if geometry:
             problems += _diff(geometry, self.geometry, "geometry")
+        return problems
+
+    def verify(self, tasks: Iterable[str], fingerprints: dict[str, dict] | None = None, *,
+               shapes: dict[str, tuple[int, ...]] | None = None, geometry: dict[str, Any] | None = None) -> None:
+        """Raise :class:`CacheError` with one line per :meth:`mismatches` entry, each naming this cache."""
+        problems = self.mismatches(tasks, fingerprints, shapes=shapes, geometry=geometry)
         if problems:
-            raise CacheError(f"target cache {self.root} does not match this run:\n  " + "\n  ".join(problems)
-                             + "\nrebuild it with `olavlm targets precompute` into a new folder")
+            lines = [f"target cache {self.root}: {p}" for p in problems]
+            lines[-1] += "; rebuild it with `olavlm targets precompute` into a new folder"
+            raise CacheError("\n".join(lines))
 
     def check_coverage(self, keys: Iterable[str], *, max_listed: int = 10) -> None:
         """Raise :class:`CacheError` naming (up to ``max_listed``) image keys without targets.

@@ -1,4 +1,4 @@
-"""`olavlm targets precompute CONFIG.yaml [--batch-size N] [--dtype bf16|fp16|fp32] [--workers N]
+"""`olavlm targets precompute CONFIG.yaml [--batch-size N] [--dtype DTYPE] [--workers N]
 [--shard-size N] [--no-progress] [section.key=value ...]` and `olavlm targets verify CACHE|CONFIG [--deep]`.
 
 Multi-GPU: ``torchrun --nproc_per_node 8 -m olavlm.cli targets precompute CONFIG.yaml`` (or
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 
+from olavlm.dtypes import SPELLINGS
 from olavlm.teachers.precompute import DEFAULT_SHARD_SIZE
 
 
 def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per teacher call (default 32)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="storage dtype of the targets (default: the training teacher dtype)")
+    p.add_argument("--dtype", choices=SPELLINGS, default=None, metavar="DTYPE",
+                   help=f"storage dtype of the targets, one of {', '.join(SPELLINGS)} (default: the training teacher dtype)")
     p.add_argument("--workers", type=int, default=None,
                    help="image-decoding worker processes (default data.num_workers)")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,

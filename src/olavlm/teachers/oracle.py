@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from olavlm.dtypes import torch_dtype
 from olavlm.teachers.base import Teacher, register_teacher
 
 
@@ -104,7 +105,7 @@ class _OracleTeacher(Teacher):
                             f"(known: dim, seed, centre{''.join(', ' + k for k in cls.options)})")
         teacher = cls(path, grid=grid, dim=dim, seed=seed, centre=centre, **{**cls.options, **kwargs})
         if dtype is not None:
-            teacher.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+            teacher.to(dtype=torch_dtype(dtype, "teacher dtype"))
         return teacher.eval()
 
     @property

@@ -28,19 +28,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from olavlm.teachers.cache import (DIGEST_SUFFIX, FORMAT, INDEX, VERSION, CacheError, config_fingerprints,
                                    dtype_name, file_sha256, geometry_fingerprint, shard_name)
+from olavlm.teachers.targets import teacher_dtype  # the run's teacher dtype (training uses the same rule)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 1024  # images per shard file (~1.2-3 GB per shard for the paper's teachers in bf16)
-
-
-def teacher_dtype(run_cfg) -> torch.dtype:
-    """The dtype teachers run in for a run: train.teacher_dtype, else bf16 when train.bf16, else fp32."""
-    from olavlm.teachers.base import resolve_dtype
-
-    if run_cfg.train.teacher_dtype:
-        return resolve_dtype(run_cfg.train.teacher_dtype)
-    return torch.bfloat16 if run_cfg.train.bf16 else torch.float32
 
 
 def teacher_image_size(run_cfg, teachers) -> int:
@@ -183,7 +175,8 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
     """
     from olavlm.data.records import image_paths
     from olavlm.model.vision import vision_geometry
-    from olavlm.teachers.base import build_teachers, resolve_dtype
+    from olavlm.dtypes import torch_dtype
+    from olavlm.teachers.base import build_teachers
 
     data = run_cfg.data
     if not data.target_cache:
@@ -192,7 +185,7 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
     main = rank == 0
     geo = vision_geometry(run_cfg.model)
     compute_dtype = teacher_dtype(run_cfg)
-    store_dtype = resolve_dtype(dtype) or compute_dtype
+    store_dtype = torch_dtype(dtype, "--dtype") or compute_dtype
     if teachers is None:
         from olavlm.train.stages import active_tasks  # the tasks the recipe's stage trains (OLA: pt, VIRAL: ift)
 

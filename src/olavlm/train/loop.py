@@ -2,12 +2,13 @@
 
 Read top to bottom: :func:`train` runs the weight-free pre-flight and locks the run directory (a
 finished run stops here); :func:`setup` builds model + tokenizer (validated against the loaded LLM
-before any data is read), freezes per stage, builds teachers or the target cache, the dataset and
-our per-rank batch sampler, the optimizer, and resumes from the newest intact checkpoint
-(olavlm.train.rundir); :func:`run_steps` repeats :func:`train_step` (one optimizer step of
-``accum`` micro-batches), logging and checkpointing at the cadence ``metrics.log_due`` /
-``checkpoint.save_due`` decide; :func:`finish` writes ``RUN_DIR/final/`` (the HF-style folder the
-next stage, ``olavlm chat`` and evaluation load) and summary.json.
+before any data is read), freezes per stage, builds the target source (live teachers and/or the
+target cache, olavlm.teachers.targets), the dataset and our per-rank batch sampler, the optimizer,
+and resumes from the newest intact checkpoint (olavlm.train.rundir); :func:`run_steps` repeats
+:func:`train_step` (one optimizer step of ``accum`` micro-batches), logging and checkpointing at
+the cadence ``metrics.log_due`` / ``checkpoint.save_due`` decide; :func:`finish` writes
+``RUN_DIR/final/`` (the HF-style folder the next stage, ``olavlm chat`` and evaluation load) and
+summary.json.
 """
 
 from __future__ import annotations
@@ -83,51 +84,28 @@ def build_model(cfg: RunConfig):
     return model, init_dir
 
 
-def open_target_cache(cfg: RunConfig, model):
-    """The target cache, checked against this run (tasks, teachers, shapes, geometry, coverage)."""
-    from olavlm.data.records import iter_records, record_images
-    from olavlm.teachers.cache import TargetCache, config_fingerprints
+def build_targets(cfg: RunConfig, model, accelerator=None):
+    """The run's :class:`~olavlm.teachers.targets.TargetSource` (live teachers, the target cache, or
+    the cache with live gaps), verified against the run; None when this stage predicts nothing.
+    Teachers stay outside the engine: full weights on every rank."""
+    from olavlm.teachers.targets import TargetSource
 
-    cache = TargetCache.open(cfg.data.target_cache)
-    spec = model.image_spec
-    cache.verify(list(model.target_shapes), config_fingerprints(model.cfg, model.geometry.grid, model.target_shapes),
-                 shapes=model.target_shapes,
-                 geometry={"image_geometry": cfg.data.image_geometry, "vision_size": int(spec.size),
-                           "mean": [float(m) for m in spec.mean], "std": [float(s) for s in spec.std]})
-    if cfg.data.cache_miss == "error":
-        keys = []
-        for _, _, record in iter_records(cfg.data.train_file):
-            try:
-                keys += record_images(record)
-            except ValueError:
-                continue  # a malformed record is the dataset's business (skipped or error)
-        cache.check_coverage(keys)
-    return cache
+    if accelerator is None:
+        return TargetSource.for_run(cfg, model)
+    return TargetSource.for_run(cfg, model, device=accelerator.device,
+                                loading=lambda: unpartitioned_loading(accelerator))
 
 
-def build_teachers_if_needed(cfg: RunConfig, model, device, dtype):
-    """PT encodes with the frozen teachers (outside the model) unless a target cache serves all
-    images; with ``data.cache_miss: online`` they fill the cache's gaps."""
-    if not model.target_shapes or (cfg.data.target_cache and cfg.data.cache_miss == "error"):
-        return None
-    from olavlm.teachers import build_teachers
-
-    return build_teachers(model.cfg, grid=model.geometry.grid, device=device, dtype=dtype,
-                          expected=model.target_shapes, tasks=list(model.target_shapes))
-
-
-def build_data(cfg: RunConfig, model, teachers):
-    """Dataset + collator; teacher images only when teachers run, cached targets when configured."""
+def build_data(cfg: RunConfig, model, targets):
+    """Dataset + collator: teacher images when live teachers run, cached targets from the cache."""
     from olavlm.data.collate import Collator
     from olavlm.data.dataset import LlavaDataset
 
-    cache = open_target_cache(cfg, model) if cfg.data.target_cache and model.target_shapes else None
-    teacher_side = cfg.data.teacher_image_size or (teachers.input_size if teachers is not None else None)
     dataset = LlavaDataset(cfg.data, model.tokenizer, image_spec=model.image_spec,
                            tokens_per_image=model.tokens_per_image,
-                           teacher_image_size=teacher_side if teachers is not None else None,
-                           target_lookup=cache.get if cache is not None else None, seed=cfg.train.seed)
-    collator = Collator(model.tokenizer.pad_token_id, target_shapes=model.target_shapes if cache else None,
+                           teacher_image_size=targets.teacher_image_size if targets is not None else None,
+                           target_lookup=targets.lookup if targets is not None else None, seed=cfg.train.seed)
+    collator = Collator(model.tokenizer.pad_token_id, target_shapes=targets.collate_shapes if targets else None,
                         pack_length=cfg.data.max_length if cfg.data.packing else None,
                         tokens_per_image=model.tokens_per_image)
     return dataset, collator
@@ -166,7 +144,7 @@ class Run:
     model: Any  # wrapped by the engine (DDP / DeepSpeed / FSDP)
     optimizer: Any
     scheduler: Any
-    teachers: Any  # live teachers (or None), called outside the model
+    targets: Any  # TargetSource (live teachers / cache / both, outside the model) or None
     dataset: Any
     collator: Any
     init_dir: Path | None
@@ -208,7 +186,7 @@ def _train_locked(cfg: RunConfig, accum: int, run_dir: Path, plan: ResumePlan,
 
 
 def setup(cfg: RunConfig, accum: int, run_dir: Path, plan: ResumePlan) -> Run:
-    """Model (frozen per stage), accelerator, teachers, data, optimizer + schedule, resumed state."""
+    """Model (frozen per stage), accelerator, target source, data, optimizer + schedule, resumed state."""
     from accelerate.utils import set_seed
 
     from olavlm.train import lora
@@ -230,13 +208,10 @@ def setup(cfg: RunConfig, accum: int, run_dir: Path, plan: ResumePlan) -> Run:
         model.gradient_checkpointing_enable()  # non-reentrant: gradients reach the spliced inputs anyway
         if t.stage == "pt":
             model.llm.enable_input_require_grads()
-    from olavlm.teachers.precompute import teacher_dtype  # the same dtype rule as the target cache
-
-    with unpartitioned_loading(accelerator):  # teachers stay outside the engine: full weights on every rank
-        teachers = build_teachers_if_needed(cfg, model, accelerator.device, teacher_dtype(cfg))
-    dataset, collator = build_data(cfg, model, teachers)
+    targets = build_targets(cfg, model, accelerator)
+    dataset, collator = build_data(cfg, model, targets)
     run = Run(cfg=cfg, run_dir=run_dir, accum=accum, accelerator=accelerator, model=model, optimizer=None,
-              scheduler=None, teachers=teachers, dataset=dataset, collator=collator, init_dir=init_dir, counts=counts,
+              scheduler=None, targets=targets, dataset=dataset, collator=collator, init_dir=init_dir, counts=counts,
               steps_per_epoch=0, total_steps=0, state=ckpt.TrainState(), engine_state=False,
               logger=None, tokens_per_image=model.tokens_per_image)
     run.steps_per_epoch = len(run.sampler(0, 0)) // accum
@@ -279,7 +254,7 @@ def train_step(run: Run, batches, tracker: StepAccumulator) -> float:
     for _ in range(run.accum):
         batch = next(batches)
         with accelerator.accumulate(model):
-            out = model(**model_inputs(batch, accelerator.device, run.teachers))
+            out = model(**model_inputs(batch, accelerator.device, run.targets))
             accelerator.backward(out.loss)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(run.trainables, run.cfg.train.max_grad_norm or float("inf"))
@@ -288,6 +263,8 @@ def train_step(run: Run, batches, tracker: StepAccumulator) -> float:
         tracker.add_metrics(out.metrics)
         tracker.add_counts(samples=len(batch["sample_ids"]), tokens=batch_tokens(batch, run.tokens_per_image))
         tracker.add_skipped(batch.get("skipped"))
+        if run.targets is not None:
+            tracker.add_counts(**run.targets.take_counts())  # cache gaps filled live / images without a target
     lr = run.scheduler.get_last_lr()[0]  # the rate this step used
     run.scheduler.step()
     if grad_norm is not None:
@@ -315,6 +292,8 @@ def run_steps(run: Run, stop_after_steps: int | None, wall_time) -> None:
                 values = fold_counters(tracker.reduce(run.accelerator), state, epoch_skipped, lr,
                                        time.perf_counter() - interval_start)
                 interval_start = time.perf_counter()
+                if run.targets is not None:
+                    run.targets.add_logged(values)
                 run.logger.log(state.step, values)
             if saving:
                 state.wall_time = wall_time()
@@ -341,6 +320,10 @@ def finish(run: Run) -> TrainResult:
         "world_size": accelerator.num_processes, "accumulation": run.accum, "trainable": run.counts,
         "final_dir": str(final_dir) if final_dir else None,
     }
+    if run.targets is not None:
+        summary["targets"] = run.targets.summary()  # mode + gaps of this invocation
+        if accelerator.is_main_process:
+            run.targets.report()
     run.logger.close(summary if finished else None)
     accelerator.wait_for_everyone()
     return TrainResult(output_dir=run.run_dir, final_dir=final_dir, summary=summary,
@@ -355,26 +338,13 @@ def batch_tokens(batch: dict, tokens_per_image: int) -> int:
     return n
 
 
-def model_inputs(batch: dict, device: torch.device, teachers) -> dict[str, Any]:
-    """The model's forward arguments for one micro-batch. Teacher targets are computed here,
-    outside the (wrapped) model: one call per teacher for the whole micro-batch, or only for the
-    images the target cache lacks (``data.cache_miss: online``)."""
+def model_inputs(batch: dict, device: torch.device, targets=None) -> dict[str, Any]:
+    """The model's forward arguments for one micro-batch; ``targets`` (a TargetSource) adds
+    ``targets`` + ``target_mask``, computed outside the (wrapped) model."""
     inputs = {k: batch[k].to(device, non_blocking=True)
               for k in ("input_ids", "labels", "attention_mask", "pixel_values", "num_images", "segment_ids") if k in batch}
-    cached = batch.get("targets")
-    if cached is not None:
-        inputs["targets"] = {k: v.to(device, non_blocking=True) for k, v in cached.items()}
-        mask = batch["target_mask"]
-        if teachers is not None and not bool(mask.all()):
-            missing = torch.nonzero(~mask).flatten()
-            keys = [batch["image_keys"][i] for i in missing.tolist()]
-            fresh = teachers.encode(batch["images"][missing].to(device, non_blocking=True), keys)
-            for task, value in fresh.items():
-                inputs["targets"][task][missing.to(device)] = value.to(inputs["targets"][task].dtype)
-            mask = torch.ones_like(mask)
-        inputs["target_mask"] = mask.to(device)
-    elif teachers is not None:
-        inputs["targets"] = teachers.encode(batch["images"].to(device, non_blocking=True), batch["image_keys"])
+    if targets is not None:
+        inputs.update(targets.batch_targets(batch, device))
     return inputs
 
 
