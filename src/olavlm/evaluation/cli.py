@@ -19,9 +19,11 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=8, help="greedy decoding length")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
-    p.add_argument("--template", default=None, help="override the template from olavlm_run.json")
+    p.add_argument("--template", default=None, help="override the template of the model's processor")
     p.add_argument("--image-geometry", default=None, choices=["pad", "square", "resize"],
-                   help="override the image geometry from olavlm_run.json")
+                   help="override the image geometry of the model's processor")
+    p.add_argument("--add-bos", default=None, choices=["auto", "true", "false"],
+                   help="override the BOS policy of the model's processor")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None = cuda if available")
     p.set_defaults(func=_cvbench)
 
@@ -106,9 +108,11 @@ def _decoding_args(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=8, help="greedy decoding length")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
-    p.add_argument("--template", default=None, help="override the template from olavlm_run.json")
+    p.add_argument("--template", default=None, help="override the template of the model's processor")
     p.add_argument("--image-geometry", default=None, choices=["pad", "square", "resize"],
-                   help="override the image geometry from olavlm_run.json")
+                   help="override the image geometry of the model's processor")
+    p.add_argument("--add-bos", default=None, choices=["auto", "true", "false"],
+                   help="override the BOS policy of the model's processor")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None = cuda if available")
 
 
@@ -117,7 +121,7 @@ def _mmstar(args) -> int:
 
     res = run_mmstar(args.model, args.data, output=args.output, max_new_tokens=args.max_new_tokens,
                      batch_size=args.batch_size, limit=args.limit, template=args.template,
-                     image_geometry=args.image_geometry, device=args.device)
+                     image_geometry=args.image_geometry, add_bos=args.add_bos, device=args.device)
     print(format_table(res))
     return 0
 
@@ -140,7 +144,8 @@ def _cvbench(args) -> int:
 
     res = run_cvbench(args.model, args.data, args.image_root, output=args.output,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
-                      template=args.template, image_geometry=args.image_geometry, device=args.device)
+                      template=args.template, image_geometry=args.image_geometry, add_bos=args.add_bos,
+                      device=args.device)
     print(format_table(res))
     return 0
 
