@@ -299,7 +299,7 @@ def training_teacher_side(model_cfg, grid: int) -> int | None:
 def run_probe(model_dir, data, teacher: str, *, teacher_path: str | None = None, teacher_kwargs: dict | None = None,
               layers="all", image_root=None, output=None, spec: ProbeSpec | None = None, limit: int | None = None,
               device: str | None = None, progress: bool = True, label: str | None = None,
-              teacher_image_size: int | None = None) -> dict:
+              teacher_image_size: int | None = None, **overrides) -> dict:
     """Probe every requested LLM layer of a trained model for ``teacher``'s targets.
 
     ``data``: LLaVA-format JSON/JSONL with images (e.g. ShapeWorld's probe.json); image paths are
@@ -322,7 +322,7 @@ def run_probe(model_dir, data, teacher: str, *, teacher_path: str | None = None,
     skipped = len(records) - len(with_image)
     records = with_image[:limit] if limit else with_image
     root = Path(image_root) if image_root is not None else path.parent
-    em = load_eval_model(model_dir, device=device)
+    em = load_eval_model(model_dir, device=device, **overrides)  # template / image_geometry / add_bos
     n_layers = em.model.llm.config.num_hidden_layers
     layer_list = parse_layers(layers, n_layers)
     name, tpath, kwargs = resolve_teacher(em.model.cfg, teacher, teacher_path, teacher_kwargs)

@@ -122,13 +122,14 @@ def save_figure(image, panels: dict, path: Path, skipped: dict[str, str]) -> Non
 
 
 def visualize(model_dir: str | Path, images: list[str | Path], *, layers: list[int] | None = None,
-              output: str | Path = "visualize", device: str | None = None) -> dict:
-    """Write ``OUTPUT/<image stem>.png`` per image; returns {image: {"panels", "skipped", "png"}}."""
+              output: str | Path = "visualize", device: str | None = None, **overrides) -> dict:
+    """Write ``OUTPUT/<image stem>.png`` per image; returns {image: {"panels", "skipped", "png"}}.
+    ``overrides``: template / image_geometry / add_bos instead of the processor's."""
     from olavlm.errors import UserError
     from olavlm.evaluation.runner import load_eval_model
     from olavlm.teachers import build_teachers
 
-    em = load_eval_model(model_dir, device=device, with_predictors=True)
+    em = load_eval_model(model_dir, device=device, with_predictors=True, **overrides)
     model = em.model
     if not model.predictors:
         raise UserError(f"{model_dir}: no predictors (visualize needs a PT model saved with them)")
