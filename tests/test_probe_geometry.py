@@ -132,3 +132,17 @@ def test_run_probe_sizes_the_square_like_training(world, tiny_dir, tmp_path):
     res = run_probe(folder, root / "data.json", "depth", layers="1", spec=ProbeSpec(steps=1), progress=False,
                     device="cpu", teacher_image_size=80)
     assert res["teacher_image_size"] == 80
+
+
+def test_run_probe_takes_the_teacher_side_from_the_processor(world, tiny_dir, tmp_path):
+    """A folder saved with its processor: the probe's teachers read the square side training recorded
+    (80 here, neither the seg teacher's 96 nor the depth teacher's 64), cut as the dataset cuts it."""
+    root, records, model = world
+    folder = tmp_path / "model"
+    model.save_pretrained(folder, with_predictors=False)
+    _processor(model, "pad", 80).save_pretrained(folder)
+    from olavlm.evaluation.probe import ProbeSpec
+
+    res = run_probe(folder, root / "data.json", "depth", layers="1", spec=ProbeSpec(steps=1), progress=False,
+                    device="cpu", limit=4)
+    assert res["teacher_image_size"] == 80

@@ -210,3 +210,22 @@ def test_cli_bad_processor_is_one_line(tiny_model, tmp_path, capsys):
     assert main(["data", "show", "--model", str(folder), "--data", str(data_file), "--index", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(file) in err and "image_geometry" in err
+
+
+def test_data_check_reads_the_model_processor(tiny_model, image, tmp_path, capsys):
+    """`data check --model`: tokenizer, template, geometry and the expanded length from the processor
+    (a record too long after image expansion is caught without any other flag)."""
+    from olavlm.cli import main
+
+    folder = tmp_path / "model"
+    OlaProcessor.for_model(tiny_model, DataConfig(template="llava_llama_3", image_geometry="pad")).save_pretrained(folder)
+    records = [{"id": "ok", "image": image.name, "conversations": CONVERSATION[:2]}]
+    data_file = tmp_path / "data.json"
+    data_file.write_text(json.dumps(records))
+    args = ["data", "check", "--model", str(folder), "--data", str(data_file), "--image-folder", str(image.parent),
+            "--no-progress", "--workers", "1"]
+    assert main(args) == 0
+    assert "not checked" not in capsys.readouterr().err  # tokens per image known: lengths checked
+    limit = tiny_model.tokens_per_image + 5  # shorter than the record after image expansion
+    assert main([*args, "--max-length", str(limit)]) == 1
+    assert "too_long" in capsys.readouterr().out

@@ -120,7 +120,9 @@ class OlaProcessor:
         squares = [self.square(img) for img in images]
         out = {"pixel_values": (torch.stack([pixel_values(s, spec) for s in squares]) if squares
                                 else torch.zeros((0, 3, spec.size, spec.size)))}
-        if teacher if teacher is not None else self.teacher_image_size is not None:
+        if teacher is None:
+            teacher = self.teacher_image_size is not None
+        if teacher:
             side = self.teacher_image_size or 0
             out["images"] = (torch.stack([self.teacher_image(img, sq) for img, sq in zip(images, squares)])
                              if squares else torch.zeros((0, 3, side, side), dtype=torch.uint8))
