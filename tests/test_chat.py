@@ -70,13 +70,13 @@ def test_chat_cli_prompt_and_missing_run_info(trained, capsys, tmp_path):
     session = ChatSession(final, device="cpu")
     session.set_image(image)
     assert printed == session.ask("Describe it.", max_new_tokens=4) + "\n"
-    (final / "olavlm_run.json").rename(tmp_path / "moved.json")
+    (final / "processor_config.json").rename(tmp_path / "moved.json")
     try:
         with pytest.raises(ValueError, match="--template and --image-geometry"):
             ChatSession(final)
         assert ChatSession(final, template="llava_phi_3", image_geometry="pad", device="cpu").template == "llava_phi_3"
     finally:
-        (tmp_path / "moved.json").rename(final / "olavlm_run.json")
+        (tmp_path / "moved.json").rename(final / "processor_config.json")
 
 
 def test_chat_uses_the_recorded_bos_policy(trained):
@@ -84,7 +84,7 @@ def test_chat_uses_the_recorded_bos_policy(trained):
     import json
 
     final, _ = trained
-    info_file = final / "olavlm_run.json"
+    info_file = final / "processor_config.json"
     info = json.loads(info_file.read_text())
     assert info["add_bos"] is True  # data.add_bos auto + a tokenizer that adds BOS
     session = ChatSession(final, device="cpu")
@@ -93,5 +93,6 @@ def test_chat_uses_the_recorded_bos_policy(trained):
     info_file.write_text(json.dumps({**info, "add_bos": False}))
     try:
         assert ChatSession(final, device="cpu").prompt_ids("Hi") == with_bos[1:]
+        assert ChatSession(final, device="cpu", add_bos="true").prompt_ids("Hi") == with_bos  # the override
     finally:
         info_file.write_text(json.dumps(info))

@@ -327,10 +327,13 @@ def test_converted_preprocessor_is_what_the_square_geometry_does(tiny_dir):
     from PIL import Image
     from transformers import AutoImageProcessor
 
-    from olavlm.data.images import ImageSpec, pixel_values, to_square
+    from olavlm.config import ModelConfig
+    from olavlm.data.images import pixel_values, to_square
+    from olavlm.model.vision import vision_geometry
 
     proc = AutoImageProcessor.from_pretrained(tiny_dir / "vision-convnext")
-    spec = ImageSpec.from_pretrained(tiny_dir / "vision-convnext")
+    spec = vision_geometry(ModelConfig(vision_tower=str(tiny_dir / "vision-convnext"),
+                                       vision_type="convnext", vision_feature_layer=-1)).spec  # production's reader
     assert spec.size == 256 and spec.resample == "bicubic"
     rng = np.random.default_rng(0)
     for w, h in [(300, 200), (120, 400), (256, 256)]:

@@ -126,8 +126,11 @@ def test_matches_hf_image_processor(tiny_dir, tower, geometry):
     """pixel_values(to_square(...)) equals the tower's own HF processor output."""
     from transformers import AutoImageProcessor
 
+    from olavlm.config import ModelConfig
+    from olavlm.model.vision import vision_geometry
+
     proc = AutoImageProcessor.from_pretrained(tiny_dir / tower)
-    spec = ImageSpec.from_pretrained(tiny_dir / tower)
+    spec = vision_geometry(ModelConfig(vision_tower=str(tiny_dir / tower), vision_type=tower.split("-")[1])).spec  # production's reader
     assert spec.size == 64
     for i, (w, h) in enumerate([(100, 70), (33, 90), (64, 64)]):
         img = _rgb(w, h, seed=i)

@@ -14,6 +14,7 @@ from PIL import Image
 from olavlm.config import DataConfig
 from olavlm.data.dataset import LlavaDataset
 from olavlm.data.images import load_image, to_square, uint8_tensor
+from olavlm.data.processor import OlaProcessor
 from olavlm.evaluation.probe import collect_states, run_probe
 from olavlm.evaluation.runner import EvalModel
 from olavlm.model.tiny import tiny_model_config
@@ -46,6 +47,11 @@ def world(tiny_dir, tmp_path_factory):
     return root, records, model
 
 
+def _processor(model, geometry: str, teacher_side: int | None = None) -> OlaProcessor:
+    return OlaProcessor.for_model(model, DataConfig(template=TEMPLATE, image_geometry=geometry),
+                                  teacher_image_size=teacher_side)
+
+
 def _teachers(model, tiny_dir) -> dict:
     grid = model.geometry.grid
     return {"depth": build_teacher("depth_anything", str(tiny_dir / "teachers" / "teacher-depth"), grid=grid).eval(),
@@ -72,7 +78,7 @@ def test_probe_teacher_input_equals_dataset_and_precompute(world, tiny_dir, geom
     seen = {name: [] for name in teachers}
     for name, t in teachers.items():
         _recording(t, seen[name])
-    em = EvalModel(model, model.tokenizer, TEMPLATE, geometry, torch.device("cpu"))
+    em = EvalModel(model, _processor(model, geometry), torch.device("cpu"))
     _, _, targets = collect_states(em, records, root, [1, 4], teachers, batch_size=4, progress=False)
 
     side = TeacherSet(teachers).input_size  # what training carries for this teacher set
@@ -82,7 +88,7 @@ def test_probe_teacher_input_equals_dataset_and_precompute(world, tiny_dir, geom
     dataset = LlavaDataset(data, model.tokenizer, image_spec=model.image_spec,
                            tokens_per_image=model.tokens_per_image, teacher_image_size=side)
     from_dataset = torch.stack([dataset.load(i)["images"][0] for i in range(len(records))])
-    reader = _ImageReader([(0, r["image"]) for r in records], str(root), geometry, model.image_spec, side)
+    reader = _ImageReader([(0, r["image"]) for r in records], str(root), _processor(model, geometry, side))
     from_cache = torch.stack([reader[i][3] for i in range(len(records))])
     for name in teachers:
         probe_input = torch.cat(seen[name])
@@ -106,7 +112,7 @@ def test_explicit_teacher_image_size(world, tiny_dir):
     depth = _teachers(model, tiny_dir)["depth"]
     seen: list = []
     _recording(depth, seen)
-    em = EvalModel(model, model.tokenizer, TEMPLATE, "pad", torch.device("cpu"))
+    em = EvalModel(model, _processor(model, "pad"), torch.device("cpu"))
     collect_states(em, records[:2], root, [2], {"depth": depth}, progress=False, teacher_image_size=128)
     assert seen[0].shape[-1] == 128
 
@@ -125,4 +131,18 @@ def test_run_probe_sizes_the_square_like_training(world, tiny_dir, tmp_path):
     assert res["teacher_image_size"] == SEG_SIDE and res["n_images"] == len(records)
     res = run_probe(folder, root / "data.json", "depth", layers="1", spec=ProbeSpec(steps=1), progress=False,
                     device="cpu", teacher_image_size=80)
+    assert res["teacher_image_size"] == 80
+
+
+def test_run_probe_takes_the_teacher_side_from_the_processor(world, tiny_dir, tmp_path):
+    """A folder saved with its processor: the probe's teachers read the square side training recorded
+    (80 here, neither the seg teacher's 96 nor the depth teacher's 64), cut as the dataset cuts it."""
+    root, records, model = world
+    folder = tmp_path / "model"
+    model.save_pretrained(folder, with_predictors=False)
+    _processor(model, "pad", 80).save_pretrained(folder)
+    from olavlm.evaluation.probe import ProbeSpec
+
+    res = run_probe(folder, root / "data.json", "depth", layers="1", spec=ProbeSpec(steps=1), progress=False,
+                    device="cpu", limit=4)
     assert res["teacher_image_size"] == 80

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -187,15 +186,15 @@ def test_data_check_reports_oversized_images(hostile, capsys):
 
 
 def test_chat_and_eval_use_the_guard(strips):
-    from olavlm.evaluation.runner import load_squares
+    from olavlm.data.processor import OlaProcessor
     from olavlm.infer.chat import ChatSession
 
+    proc = OlaProcessor(None, "plain", False, "pad", SPEC, tokens_per_image=16)  # images only: no tokenizer
     with pytest.raises(BadSample) as e:
-        load_squares([strips["wide"]], "pad", SPEC)
+        proc.load_image(strips["wide"])  # what eval's image loaders call
     assert e.value.reason == "bad_image_size"
-    session = object.__new__(ChatSession)  # the image path only needs the model's image spec
-    session.model, session.image_geometry, session.device, session.messages = (
-        SimpleNamespace(image_spec=SPEC), "pad", torch.device("cpu"), [])
+    session = object.__new__(ChatSession)  # the image path only needs the processor
+    session.processor, session.device, session.messages = proc, torch.device("cpu"), []
     with pytest.raises(BadSample) as e:
         session.set_image(strips["tall"])
     assert e.value.reason == "bad_image_size"
@@ -204,7 +203,10 @@ def test_chat_and_eval_use_the_guard(strips):
 def test_precompute_reader_lists_oversized_images_as_unreadable(hostile):
     from olavlm.teachers.precompute import _ImageReader
 
-    reader = _ImageReader([(0, "good.png"), (0, "wide.png")], str(hostile / "images"), "pad", SPEC, 48)
+    from olavlm.data.processor import OlaProcessor
+
+    proc = OlaProcessor(None, "plain", False, "pad", SPEC, tokens_per_image=16, teacher_image_size=48)
+    reader = _ImageReader([(0, "good.png"), (0, "wide.png")], str(hostile / "images"), proc)
     ok, bad = reader[0], reader[1]
     assert ok[3].shape == (3, 48, 48) and ok[4] is None and len(ok[2]) == 40
     assert bad[3] is None and bad[4].startswith("bad_image_size")

@@ -114,8 +114,9 @@ def test_recipe_chain_smoke_and_stage_policy(variant, tiny_dir, smoke_root):
         assert (run_dir / "config.yaml").is_file() and (run_dir / "loss.png").is_file()
         after = _weights(final)
         config = json.loads((final / "config.json").read_text())
-        run_info = json.loads((final / "olavlm_run.json").read_text())
-        assert run_info["template"] == ("llava_llama_3" if variant.startswith("llama") else "llava_phi_3")
+        processor = json.loads((final / "processor_config.json").read_text())
+        assert not (final / "olavlm_run.json").exists() and processor["run"]["stage"] == stage.replace("vpt_ift", "ift")
+        assert processor["template"] == ("llava_llama_3" if variant.startswith("llama") else "llava_phi_3")
         if stage == "pt":
             assert config["with_predictors"] is True
             _compare(before, after, {"projector", "task_tokens", "predictors", "logit_scales"})
@@ -129,4 +130,4 @@ def test_recipe_chain_smoke_and_stage_policy(variant, tiny_dir, smoke_root):
             assert not any(_group(k) in ("predictors", "logit_scales") for k in after)
             assert any(_group(k) in ("predictors", "logit_scales") for k in before) == (stage != "vpt_ift")
             _compare(before, after, {"llm", "projector"})
-            assert run_info["init_from"] == str(finals["vpt" if stage == "vpt_ift" else "pt"])
+            assert processor["run"]["init_from"] == str(finals["vpt" if stage == "vpt_ift" else "pt"])

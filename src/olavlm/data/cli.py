@@ -11,10 +11,14 @@ DEFAULT_TASK_TOKENS = 24  # 3 tasks x 8 task tokens inserted after every image (
 
 
 def _add_sequence_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="a trained model folder: template, tokenizer, BOS policy, geometry and image token count "
+                        "from its processor (the flags below override them)")
     p.add_argument("--template", help="llava_llama_3, llava_phi_3, vicuna_v1, plain or chat_template")
     p.add_argument("--tokenizer", help="tokenizer folder or hub id (usually the LLM's)")
-    p.add_argument("--add-bos", choices=["auto", "true", "false"], default="auto",
-                   help="BOS at the start of every sequence, as data.add_bos (default auto: as the tokenizer does)")
+    p.add_argument("--add-bos", choices=["auto", "true", "false"], default=None,
+                   help="BOS at the start of every sequence, as data.add_bos (default: the model's, else auto: "
+                        "as the tokenizer does)")
     p.add_argument("--max-length", type=int, default=None,
                    help="maximum sequence length after image expansion (default 4096 when the image token "
                         "count is known)")
@@ -41,8 +45,8 @@ def register(sub) -> None:
     check.add_argument("--image-folder", required=True, help="folder the records' image paths are relative to")
     _add_sequence_args(check)
     check.add_argument("--workers", type=int, default=4, help="threads decoding images (default 4)")
-    check.add_argument("--image-geometry", choices=["pad", "square", "resize"], default="pad",
-                       help="data.image_geometry of the run, for the image size guard (default pad)")
+    check.add_argument("--image-geometry", choices=["pad", "square", "resize"], default=None,
+                       help="data.image_geometry of the run, for the image size guard (default: the model's, else pad)")
     check.add_argument("--max-image-aspect", type=float, default=None,
                        help="data.max_image_aspect of the run (default 20): longer strips are bad_image_size")
     check.add_argument("--report", default=None, help="write the JSON report here")
@@ -77,10 +81,35 @@ def _load_tokenizer(path: str):
     return load_tokenizer(ModelConfig(llm=path))
 
 
+def _apply_model(args) -> None:
+    """``--model``: fill what the flags leave open from the folder's processor (weight-free)."""
+    args.processor = None
+    if args.model:
+        from olavlm.data.processor import OlaProcessor
+
+        tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
+        proc = OlaProcessor.from_pretrained(args.model, tokenizer=tokenizer, template=args.template,
+                                            add_bos=args.add_bos,
+                                            image_geometry=getattr(args, "image_geometry", None))
+        args.processor, args.template, args.add_bos = proc, proc.template, proc.add_bos
+        if getattr(args, "image_geometry", None) is None:
+            args.image_geometry = proc.image_geometry
+        if args.num_image_tokens is None and args.vision_tower is None:
+            args.num_image_tokens, args.task_tokens = proc.tokens_per_image, 0
+        if args.max_length is None:
+            args.max_length = proc.run.get("max_length")
+    if args.add_bos is None:
+        args.add_bos = "auto"
+    if getattr(args, "image_geometry", "pad") is None:
+        args.image_geometry = "pad"
+
+
 def _prepare_tokenizer(args):
     """The tokenizer checked against the template and BOS choice; (None, message) when unusable."""
     from olavlm.data.tokenize import check_template
 
+    if args.processor is not None:
+        return args.processor.tokenizer, None
     try:
         tokenizer = _load_tokenizer(args.tokenizer)
     except (OSError, ValueError) as e:
@@ -106,8 +135,9 @@ def _tokens_per_image(args) -> int | None:
 
 
 def _sequence_settings(args, need_template: bool):
-    if need_template and (not args.tokenizer or not args.template):
-        args.parser.error("--tokenizer and --template are required")
+    _apply_model(args)
+    if need_template and args.processor is None and (not args.tokenizer or not args.template):
+        args.parser.error("--model, or --tokenizer and --template, are required")
     if args.tokenizer and not args.template:
         args.parser.error("--tokenizer needs --template")
     tpi = _tokens_per_image(args)
@@ -125,7 +155,7 @@ def cmd_check(args) -> int:
 
     tpi, max_length = _sequence_settings(args, need_template=False)
     tokenizer = None
-    if args.tokenizer:
+    if args.tokenizer or args.processor is not None:
         tokenizer, problem = _prepare_tokenizer(args)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
@@ -136,12 +166,12 @@ def cmd_check(args) -> int:
         print("note: no --num-image-tokens / --vision-tower: expanded length not checked", file=sys.stderr)
     from olavlm.data.images import DEFAULT_LIMITS
 
-    limits = DEFAULT_LIMITS
+    limits = args.processor.limits if args.processor is not None else DEFAULT_LIMITS
     if args.max_image_aspect is not None:
         import dataclasses
         if not args.max_image_aspect > 0:
             args.parser.error("--max-image-aspect must be > 0")
-        limits = dataclasses.replace(DEFAULT_LIMITS, max_aspect=args.max_image_aspect)
+        limits = dataclasses.replace(limits, max_aspect=args.max_image_aspect)
     try:
         report, messages = run_check(args.data, args.image_folder, tokenizer=tokenizer, template=args.template,
                                      max_length=max_length, tokens_per_image=tpi, workers=args.workers,

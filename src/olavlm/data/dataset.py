@@ -1,8 +1,9 @@
 """LLaVA-format training dataset: record -> tokenized conversation + shared-square images.
 
-``LlavaDataset(data_cfg, tokenizer, image_spec=..., tokens_per_image=...)`` indexes the data file
-once (:class:`~olavlm.data.records.RecordIndex`); all per-sample work (JSON read, template,
-tokenization, image decoding) happens in ``__getitem__``, i.e. in dataloader workers.
+``LlavaDataset(data_cfg, processor=...)`` (or the processor's parts: ``tokenizer, image_spec=...,
+tokens_per_image=...``) indexes the data file once (:class:`~olavlm.data.records.RecordIndex`); all per-sample work (JSON read, template,
+tokenization, image decoding, all through the model's :class:`~olavlm.data.processor.OlaProcessor`)
+happens in ``__getitem__``, i.e. in dataloader workers.
 
 Sample dict (input of :class:`olavlm.data.collate.Collator`)::
 
@@ -46,10 +47,10 @@ from torch.utils.data import Dataset
 
 from olavlm.config_parsing import ConfigError
 from olavlm.data.errors import BadSample, NoValidRecord
-from olavlm.data.images import (GEOMETRIES, ImageLimits, ImageSpec, load_image, pixel_values, read_image,
-                                teacher_image, to_square)
+from olavlm.data.images import GEOMETRIES, ImageLimits, ImageSpec
+from olavlm.data.processor import OlaProcessor
 from olavlm.data.records import RecordIndex, record_images
-from olavlm.data.tokenize import Encoded, check_template, encode_conversation, truncate
+from olavlm.data.tokenize import Encoded, truncate
 
 log = logging.getLogger(__name__)
 
@@ -59,32 +60,28 @@ RANDOM_REPLACEMENTS = 64  # random same-modality draws before the walk scans eve
 class LlavaDataset(Dataset):
     """Map-style dataset over a LLaVA JSON/JSONL file (see the module docstring for a sample)."""
 
-    def __init__(self, data_cfg, tokenizer, *, image_spec: ImageSpec, tokens_per_image: int,
+    def __init__(self, data_cfg, tokenizer=None, *, processor: OlaProcessor | None = None,
+                 image_spec: ImageSpec | None = None, tokens_per_image: int | None = None,
                  teacher_image_size: int | None = None,
                  target_lookup: Callable[[str], dict[str, torch.Tensor]] | None = None,
                  seed: int = 0, add_bos: bool | None = None) -> None:
-        add_bos = getattr(data_cfg, "add_bos", "auto") if add_bos is None else add_bos
-        check_template(data_cfg.template, tokenizer, add_bos)  # unusable template/tokenizer/BOS -> ValueError now
-        if data_cfg.image_geometry not in GEOMETRIES:
-            raise ConfigError(f"data.image_geometry: {data_cfg.image_geometry!r} is not one of {GEOMETRIES}")
+        """``processor``: the model's processor (template, BOS, geometry, image spec, teacher side);
+        without it one is built from ``data_cfg`` and the given parts."""
         if data_cfg.on_bad_sample not in ("skip", "error"):
             raise ConfigError(f"data.on_bad_sample: {data_cfg.on_bad_sample!r} is not 'skip' or 'error'")
-        if tokens_per_image < 1:
-            raise ValueError(f"tokens_per_image must be >= 1, got {tokens_per_image}")
-        if teacher_image_size is not None and teacher_image_size < 1:
-            raise ValueError(f"teacher_image_size must be >= 1, got {teacher_image_size}")
+        if processor is None:
+            processor = _processor(data_cfg, tokenizer, image_spec, tokens_per_image, teacher_image_size, add_bos)
         self.cfg = data_cfg
-        self.tokenizer = tokenizer
-        self.image_spec = image_spec
-        self.tokens_per_image = tokens_per_image  # positions one image occupies after expansion
-        self.teacher_image_size = teacher_image_size
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_spec = processor.image_spec
+        self.tokens_per_image = processor.tokens_per_image  # positions one image occupies after expansion
+        self.teacher_image_size = processor.teacher_image_size
         self.target_lookup = target_lookup
         self.seed = seed
-        self.add_bos = add_bos  # auto | True | False (see olavlm.data.tokenize)
+        self.add_bos = processor.add_bos  # resolved: whether sequences start with BOS
         self.image_folder = Path(data_cfg.image_folder) if data_cfg.image_folder else None
-        self.limits = ImageLimits.from_config(data_cfg)
-        # largest square side an image is cut at: the size-after-geometry guard runs on the header
-        self.max_side = max(image_spec.size, teacher_image_size or 0)
+        self.limits = processor.limits
         self._lookup_sha1 = target_lookup is not None and _accepts_sha1(target_lookup)
         self.index = RecordIndex.build(data_cfg.train_file)
         if len(self.index) == 0:
@@ -116,8 +113,7 @@ class LlavaDataset(Dataset):
             keys = record_images(record)
         except ValueError as e:
             raise BadSample("bad_conversation", str(e)) from None
-        enc = encode_conversation(record.get("conversations"), self.cfg.template, self.tokenizer,
-                                  num_images=len(keys), add_bos=self.add_bos)
+        enc = self.processor.encode(record.get("conversations"), len(keys))
         n = enc.expanded_length(self.tokens_per_image)
         if n > self.cfg.max_length:
             if not self.cfg.truncate:
@@ -133,40 +129,23 @@ class LlavaDataset(Dataset):
         """Build sample ``i`` or raise BadSample (message names the record)."""
         record = self.index[i]
         sid = str(record.get("id", f"#{i}")) if isinstance(record, dict) else f"#{i}"
-        spec, geometry, limits = self.image_spec, self.cfg.image_geometry, self.limits
         try:
             enc, keys = self.encode(record)
             images, digests = self._images(keys)
-            squares = [to_square(img, geometry, spec, limits=limits) for img in images]  # the tower's processor input
-            teacher = None
-            if self.teacher_image_size is not None:
-                side = self.teacher_image_size
-                teacher = (torch.stack([teacher_image(img, sq, geometry, spec, side, limits=limits)
-                                        for img, sq in zip(images, squares)]) if squares
-                           else torch.zeros((0, 3, side, side), dtype=torch.uint8))
+            inputs = self.processor.images(images)  # the tower's pixels (+ the teachers' square)
         except BadSample as e:
             raise BadSample(e.reason, f"record {i} (id {sid}): {e.msg}") from None
-        sample = {
-            "id": sid,
-            "index": i,
-            "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
-            "labels": torch.tensor(enc.labels, dtype=torch.long),
-            "pixel_values": (torch.stack([pixel_values(s, spec) for s in squares]) if squares
-                             else torch.zeros((0, 3, spec.size, spec.size))),
-            "image_keys": keys,
-        }
-        if teacher is not None:
-            sample["images"] = teacher
+        sample = {"id": sid, "index": i, "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+                  "labels": torch.tensor(enc.labels, dtype=torch.long), **inputs, "image_keys": keys}
         if self.target_lookup is not None:
             sample["targets"] = [self._target(k, d) for k, d in zip(keys, digests)]
         return sample
 
     def _images(self, keys: list[str]) -> tuple[list, list[str | None]]:
         """Decoded images (size guard on the header first) and, for a hash-checking lookup, their sha1."""
-        opts = {"limits": self.limits, "geometry": self.cfg.image_geometry, "side": self.max_side}
         if not self._lookup_sha1:
-            return [load_image(self.image_path(k), **opts) for k in keys], [None] * len(keys)
-        pairs = [read_image(self.image_path(k), **opts) for k in keys]
+            return [self.processor.load_image(self.image_path(k)) for k in keys], [None] * len(keys)
+        pairs = [self.processor.read_image(self.image_path(k)) for k in keys]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
     def _target(self, key: str, sha1: str | None) -> dict | None:
@@ -249,3 +228,14 @@ def _accepts_sha1(fn) -> bool:
         return "sha1" in inspect.signature(fn).parameters
     except (TypeError, ValueError):  # builtins without a signature
         return False
+
+
+def _processor(data_cfg, tokenizer, image_spec, tokens_per_image, teacher_image_size, add_bos) -> OlaProcessor:
+    """The processor the dataset's parts describe (checked: unusable template/tokenizer/BOS -> ValueError)."""
+    if data_cfg.image_geometry not in GEOMETRIES:
+        raise ConfigError(f"data.image_geometry: {data_cfg.image_geometry!r} is not one of {GEOMETRIES}")
+    if image_spec is None or tokens_per_image is None:
+        raise ValueError("LlavaDataset: pass processor=, or image_spec= and tokens_per_image=")
+    add_bos = getattr(data_cfg, "add_bos", "auto") if add_bos is None else add_bos
+    return OlaProcessor(tokenizer, data_cfg.template, add_bos, data_cfg.image_geometry, image_spec,
+                        tokens_per_image, teacher_image_size, ImageLimits.from_config(data_cfg))

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import typing
 import warnings
@@ -64,12 +63,12 @@ _RESAMPLE = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-_PIL_CODE_TO_NAME = {int(v): k for k, v in _RESAMPLE.items()}
 
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """How the vision tower wants its input (read from the tower's preprocessor config)."""
+    """How the vision tower wants its input; the one reader of a tower's preprocessor_config.json is
+    :func:`olavlm.model.vision.vision_geometry` (its ``spec``)."""
 
     size: int  # side of the square input (e.g. 336)
     mean: tuple[float, float, float]  # normalisation mean (also the pad colour, int(255 * mean) as in LLaVA)
@@ -88,34 +87,6 @@ class ImageSpec:
     def pad_color(self) -> tuple[int, int, int]:
         """Background of the ``pad`` geometry: ``int(255 * mean)`` as in LLaVA's expand2square."""
         return tuple(int(255 * m) for m in self.mean)  # type: ignore[return-value]
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "ImageSpec":
-        """Read ``preprocessor_config.json`` of a local vision-tower folder (CLIP / SigLIP style)."""
-        file = Path(path) / "preprocessor_config.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: no preprocessor_config.json in the vision tower folder")
-        cfg = json.loads(file.read_text())
-        size = _side(cfg.get("crop_size")) if cfg.get("do_center_crop", True) and cfg.get("crop_size") else None
-        size = size or _side(cfg.get("size"))
-        if not size:
-            raise ValueError(f"{file}: cannot read the input side from size={cfg.get('size')!r}")
-        resample = cfg.get("resample", "bicubic")
-        resample = _PIL_CODE_TO_NAME.get(resample, "bicubic") if isinstance(resample, int) else str(resample)
-        return cls(size=size, mean=tuple(cfg["image_mean"]), std=tuple(cfg["image_std"]), resample=resample)
-
-
-def _side(size) -> int | None:
-    if isinstance(size, int):
-        return size
-    if isinstance(size, dict):
-        if "shortest_edge" in size:
-            return int(size["shortest_edge"])
-        if "height" in size and "width" in size:
-            if size["height"] != size["width"]:
-                raise ValueError(f"non-square processor size {size}")
-            return int(size["height"])
-    return None
 
 
 @dataclass(frozen=True)

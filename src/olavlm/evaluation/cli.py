@@ -19,9 +19,7 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=8, help="greedy decoding length")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
-    p.add_argument("--template", default=None, help="override the template from olavlm_run.json")
-    p.add_argument("--image-geometry", default=None, choices=["pad", "square", "resize"],
-                   help="override the image geometry from olavlm_run.json")
+    _processor_args(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None = cuda if available")
     p.set_defaults(func=_cvbench)
 
@@ -69,7 +67,8 @@ def register(sub) -> None:
     pr.add_argument("--limit", type=int, default=None, help="only the first N images")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--teacher-image-size", type=int, default=None,
-                    help="side of the square the teacher reads; None = what training used (largest teacher input)")
+                    help="side of the square the teacher reads; None = what training used (the processor's)")
+    _processor_args(pr)
     pr.add_argument("--device", default=None)
     pr.set_defaults(func=_probe)
     _register_visualize(sub)
@@ -83,6 +82,7 @@ def _register_visualize(sub) -> None:
     v.add_argument("--layers", default=None, help="comma list of predictor layers to show; None = all of them")
     v.add_argument("--output", default="visualize", help="folder for the PNGs")
     v.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None = cuda if available")
+    _processor_args(v)
     v.set_defaults(func=_visualize)
 
 
@@ -94,7 +94,8 @@ def _visualize(args) -> int:
         layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     except ValueError:
         raise UserError(f"--layers {args.layers!r}: expected a comma list of layer numbers") from None
-    res = visualize(args.model, args.image, layers=layers, output=args.output, device=args.device)
+    res = visualize(args.model, args.image, layers=layers, output=args.output, device=args.device,
+                    **_overrides(args))
     for image, r in res.items():
         print(f"{image} -> {r['png']}")
     for task, why in next(iter(res.values()))["skipped"].items():
@@ -102,13 +103,24 @@ def _visualize(args) -> int:
     return 0
 
 
+def _processor_args(p) -> None:
+    """Overrides of what the model folder's processor says (default: the processor's value)."""
+    p.add_argument("--template", default=None, help="override the template of the model's processor")
+    p.add_argument("--image-geometry", default=None, choices=["pad", "square", "resize"],
+                   help="override the image geometry of the model's processor")
+    p.add_argument("--add-bos", default=None, choices=["auto", "true", "false"],
+                   help="override the BOS policy of the model's processor")
+
+
+def _overrides(args) -> dict:
+    return {"template": args.template, "image_geometry": args.image_geometry, "add_bos": args.add_bos}
+
+
 def _decoding_args(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=8, help="greedy decoding length")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
-    p.add_argument("--template", default=None, help="override the template from olavlm_run.json")
-    p.add_argument("--image-geometry", default=None, choices=["pad", "square", "resize"],
-                   help="override the image geometry from olavlm_run.json")
+    _processor_args(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; None = cuda if available")
 
 
@@ -117,7 +129,7 @@ def _mmstar(args) -> int:
 
     res = run_mmstar(args.model, args.data, output=args.output, max_new_tokens=args.max_new_tokens,
                      batch_size=args.batch_size, limit=args.limit, template=args.template,
-                     image_geometry=args.image_geometry, device=args.device)
+                     image_geometry=args.image_geometry, add_bos=args.add_bos, device=args.device)
     print(format_table(res))
     return 0
 
@@ -140,7 +152,8 @@ def _cvbench(args) -> int:
 
     res = run_cvbench(args.model, args.data, args.image_root, output=args.output,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
-                      template=args.template, image_geometry=args.image_geometry, device=args.device)
+                      template=args.template, image_geometry=args.image_geometry, add_bos=args.add_bos,
+                      device=args.device)
     print(format_table(res))
     return 0
 
@@ -178,7 +191,7 @@ def _probe(args) -> int:
     res = run_probe(args.model, args.data, args.teacher, teacher_path=args.teacher_path, teacher_kwargs=kwargs,
                     layers=args.layers, image_root=args.image_root, output=args.output,
                     spec=ProbeSpec(steps=args.steps, seed=args.seed), limit=args.limit, device=args.device,
-                    teacher_image_size=args.teacher_image_size)
+                    teacher_image_size=args.teacher_image_size, **_overrides(args))
     print(f"probe {res['teacher']} ({res['n_train']} train / {res['n_test']} held-out images); "
           f"mean-target baseline cosine {res['constant_cosine']:.3f}")
     for layer, r in res["layers"].items():

@@ -139,7 +139,7 @@ def format_table(result: dict) -> str:
 def run_cvbench(model_dir: str | Path, data: str | Path, image_root: str | Path | None = None, *,
                 output: str | Path | None = None, max_new_tokens: int = 8, batch_size: int = 8,
                 limit: int | None = None, template: str | None = None, image_geometry: str | None = None,
-                device: str | None = None, progress: bool = True, em=None) -> dict:
+                device: str | None = None, progress: bool = True, em=None, add_bos=None) -> dict:
     """Greedy answers of a trained model on a CV-Bench jsonl, scored by :func:`score`.
 
     ``image_root``: folder the records' ``filename`` is relative to (default: the jsonl's folder).
@@ -147,20 +147,19 @@ def run_cvbench(model_dir: str | Path, data: str | Path, image_root: str | Path 
     answers are kept in ``<output>.partial.jsonl`` as they come, so a killed run resumes.
     ``em``: an already loaded :class:`~olavlm.evaluation.runner.EvalModel` (``eval all``).
     """
-    from olavlm.data.images import load_image
     from olavlm.evaluation.generation import Item, answer_and_score
     from olavlm.evaluation.runner import load_eval_model
 
     items = load_items(data)[:limit] if limit else load_items(data)
     root = Path(image_root) if image_root is not None else Path(data).parent
-    em = em or load_eval_model(model_dir, template=template, image_geometry=image_geometry, device=device)
-    side = em.model.image_spec.size
+    em = em or load_eval_model(model_dir, template=template, image_geometry=image_geometry, add_bos=add_bos,
+                               device=device)
     settings = {"benchmark": "cvbench", "model": str(Path(model_dir).resolve()), "data": str(Path(data).resolve()),
                 "image_root": str(root.resolve()), "template": em.template, "image_geometry": em.image_geometry,
                 "max_new_tokens": max_new_tokens, "decoding": "greedy", "suffix": SUFFIX}
 
     def loader(item):
-        return lambda: load_image(root / image_path(item), geometry=em.image_geometry, side=side)
+        return lambda: em.processor.load_image(root / image_path(item))
 
     queries = [Item(f"{i}:{it['idx']}", build_prompt(it), loader(it)) for i, it in enumerate(items)]
     return answer_and_score(em, items, queries, score, settings=settings, output=output, batch_size=batch_size,

@@ -131,16 +131,13 @@ def generate_batch(em, prompts: list[str], images: list, max_new_tokens: int) ->
     """Greedy decode of one batch of (prompt, RGB image); each output cut at the first stop token."""
     import torch
 
-    from olavlm.data.images import to_square
-    from olavlm.data.tokenize import encode_prompt, stop_token_ids
-    from olavlm.evaluation.runner import pad_right, pixel_batch
+    from olavlm.evaluation.runner import pad_right
 
-    stop = stop_token_ids(em.template, em.tokenizer)
-    spec = em.model.image_spec
-    seqs = [encode_prompt([{"from": "human", "value": p}], em.template, em.tokenizer, num_images=1,
-                          add_bos=em.add_bos) for p in prompts]
+    proc = em.processor
+    stop = proc.stop_token_ids()
+    seqs = [proc.prompt_ids([{"from": "human", "value": p}], num_images=1) for p in prompts]
     ids, mask = pad_right(seqs, em.tokenizer.pad_token_id)
-    pixels = pixel_batch([to_square(im, em.image_geometry, spec, spec.size) for im in images], spec)
+    pixels = proc.images(images, teacher=False)["pixel_values"]
     with torch.no_grad():
         new = em.model.generate(ids.to(em.device), pixels.to(em.device), mask.to(em.device),
                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop)

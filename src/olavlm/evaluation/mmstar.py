@@ -139,9 +139,9 @@ def format_table(result: dict) -> str:
 def run_mmstar(model_dir: str | Path, data: str | Path, *, output: str | Path | None = None,
                max_new_tokens: int = 8, batch_size: int = 8, limit: int | None = None,
                template: str | None = None, image_geometry: str | None = None, device: str | None = None,
-               progress: bool = True, em=None) -> dict:
+               progress: bool = True, em=None, add_bos=None) -> dict:
     """Greedy answers of a trained model on MMStar, scored by :func:`score` (resumable like CV-Bench)."""
-    from olavlm.data.images import DEFAULT_LIMITS, _decode
+    from olavlm.data.images import _decode
     from olavlm.evaluation.generation import Item, answer_and_score
     from olavlm.evaluation.runner import load_eval_model
 
@@ -149,8 +149,9 @@ def run_mmstar(model_dir: str | Path, data: str | Path, *, output: str | Path | 
     by_index = {str(it["index"]): it for it in items}
     items = items[:limit] if limit else items
     base = Path(data).parent
-    em = em or load_eval_model(model_dir, template=template, image_geometry=image_geometry, device=device)
-    side = em.model.image_spec.size
+    em = em or load_eval_model(model_dir, template=template, image_geometry=image_geometry, add_bos=add_bos,
+                               device=device)
+    proc = em.processor
     settings = {"benchmark": "mmstar", "model": str(Path(model_dir).resolve()), "data": str(Path(data).resolve()),
                 "template": em.template, "image_geometry": em.image_geometry, "max_new_tokens": max_new_tokens,
                 "decoding": "greedy", "suffix": SUFFIX}
@@ -158,7 +159,7 @@ def run_mmstar(model_dir: str | Path, data: str | Path, *, output: str | Path | 
     def loader(item):
         def load():
             name, data_bytes = image_bytes(item, by_index, base)
-            return _decode(Path(name), data_bytes, DEFAULT_LIMITS, em.image_geometry, side)
+            return _decode(Path(name), data_bytes, proc.limits, proc.image_geometry, proc.max_side)
         return load
 
     queries = [Item(str(it["index"]), build_prompt(it), loader(it)) for it in items]

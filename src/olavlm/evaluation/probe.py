@@ -246,34 +246,30 @@ def collect_states(em, records: list[dict], root: Path, layers: list[int], teach
     """Frozen hidden states {layer: (N, L, d)}, key mask (N, L) and {name: targets (N, *shape)}
     for each of ``teachers`` ({name: Teacher}), from one pass over ``records``.
 
-    The teachers get exactly what training and ``olavlm targets precompute`` give them for the same
-    image (:func:`olavlm.data.images.teacher_image`): the geometry's square cut from the original
-    image at max(tower side, S), resized to S, with S = ``teacher_image_size`` or the largest input
-    of ``teachers``; each teacher then resizes S to its own input."""
+    Ids, pixels and the teachers' images all come from the model's processor (``em.processor``), so
+    the teachers get exactly what training and ``olavlm targets precompute`` give them for the same
+    image: the geometry's square cut from the original image at max(tower side, S), resized to S,
+    with S = ``teacher_image_size``, else the processor's, else the largest input of ``teachers``;
+    each teacher then resizes S to its own input."""
     from tqdm.auto import tqdm
 
-    from olavlm.data.images import load_image, pixel_values, teacher_image, to_square
-    from olavlm.data.tokenize import encode_conversation
     from olavlm.evaluation.runner import batches, pad_right
 
-    spec, geometry = em.model.image_spec, em.image_geometry
-    side = teacher_image_size or max((t.input_size for t in teachers.values()), default=spec.size)
+    side = (teacher_image_size or em.processor.teacher_image_size
+            or max((t.input_size for t in teachers.values()), default=em.model.image_spec.size))
+    proc = em.processor.with_overrides(teacher_image_size=side)
     chunks, masks, targets = {lay: [] for lay in layers}, [], {name: [] for name in teachers}
     bar = tqdm(total=len(records), desc="probe: hidden states", disable=not progress, dynamic_ncols=True)
     for chunk in batches(records, batch_size):
-        seqs = [encode_conversation(r["conversations"], em.template, em.tokenizer, num_images=1,
-                                    add_bos=em.add_bos).input_ids
-                for r in chunk]
+        seqs = [proc.encode(r["conversations"], num_images=1).input_ids for r in chunk]
         ids, mask = pad_right(seqs, em.tokenizer.pad_token_id)
-        images = [load_image(root / r["image"]) for r in chunk]
-        squares = [to_square(img, geometry, spec) for img in images]  # the tower's input, as in the dataset
-        pixels = torch.stack([pixel_values(sq, spec) for sq in squares])
+        inputs = proc.images([proc.load_image(root / r["image"]) for r in chunk], teacher=bool(teachers))
         with torch.no_grad():
-            states, layout = em.model.layer_states(ids.to(em.device), mask.to(em.device), pixels.to(em.device), layers)
-            if teachers:
-                shared = torch.stack([teacher_image(img, sq, geometry, spec, side) for img, sq in zip(images, squares)])
+            states, layout = em.model.layer_states(ids.to(em.device), mask.to(em.device),
+                                                   inputs["pixel_values"].to(em.device), layers)
             for name, teacher in teachers.items():
-                targets[name].append(teacher.encode(shared.to(teacher.device), [r["image"] for r in chunk]).float().cpu())
+                images = inputs["images"].to(teacher.device)
+                targets[name].append(teacher.encode(images, [r["image"] for r in chunk]).float().cpu())
         for lay in layers:
             chunks[lay].append(states[lay].float().cpu())
         masks.append(layout.attention_mask.bool().cpu())
@@ -303,14 +299,14 @@ def training_teacher_side(model_cfg, grid: int) -> int | None:
 def run_probe(model_dir, data, teacher: str, *, teacher_path: str | None = None, teacher_kwargs: dict | None = None,
               layers="all", image_root=None, output=None, spec: ProbeSpec | None = None, limit: int | None = None,
               device: str | None = None, progress: bool = True, label: str | None = None,
-              teacher_image_size: int | None = None) -> dict:
+              teacher_image_size: int | None = None, **overrides) -> dict:
     """Probe every requested LLM layer of a trained model for ``teacher``'s targets.
 
     ``data``: LLaVA-format JSON/JSONL with images (e.g. ShapeWorld's probe.json); image paths are
     relative to ``image_root`` (default: the data file's folder). Writes ``probe.json`` and
     ``probe.png`` into ``output`` when given. ``teacher_image_size``: side of the square the teacher
-    reads; default = what training used (the largest input of the model's teachers, and of the
-    probed one); pass the run's ``data.teacher_image_size`` if it set one.
+    reads; default = what training used (the processor's teacher side, else the largest input of the
+    model's teachers) or the probed teacher's input when that is larger.
     """
     import json
     from pathlib import Path
@@ -326,12 +322,13 @@ def run_probe(model_dir, data, teacher: str, *, teacher_path: str | None = None,
     skipped = len(records) - len(with_image)
     records = with_image[:limit] if limit else with_image
     root = Path(image_root) if image_root is not None else path.parent
-    em = load_eval_model(model_dir, device=device)
+    em = load_eval_model(model_dir, device=device, **overrides)  # template / image_geometry / add_bos
     n_layers = em.model.llm.config.num_hidden_layers
     layer_list = parse_layers(layers, n_layers)
     name, tpath, kwargs = resolve_teacher(em.model.cfg, teacher, teacher_path, teacher_kwargs)
     t = build_teacher(name, tpath, grid=em.model.geometry.grid, **kwargs).to(em.device).eval()
-    side = teacher_image_size or max(training_teacher_side(em.model.cfg, em.model.geometry.grid) or 0, t.input_size)
+    trained = em.processor.teacher_image_size or training_teacher_side(em.model.cfg, em.model.geometry.grid)
+    side = teacher_image_size or max(trained or 0, t.input_size)
     states, mask, targets = collect_states(em, records, root, layer_list, {name: t}, progress=progress,
                                            teacher_image_size=side)
     log.info("probe: %d images x %d layers, targets %s; training probes for %d steps", len(records),

@@ -11,41 +11,27 @@ import torch
 @dataclass
 class EvalModel:
     model: object  # olavlm.model.vlm.OlaVLM in eval mode
-    tokenizer: object
-    template: str  # data template the model was trained with
-    image_geometry: str  # pad | square | resize
+    processor: object  # olavlm.data.processor.OlaProcessor: template, BOS policy, geometry the model was trained with
     device: torch.device
-    add_bos: bool | str = "auto"  # the BOS policy the model was trained with (olavlm_run.json)
+
+    tokenizer = property(lambda self: self.processor.tokenizer)
+    template = property(lambda self: self.processor.template)
+    image_geometry = property(lambda self: self.processor.image_geometry)  # pad | square | resize
+    add_bos = property(lambda self: self.processor.add_bos)
 
 
 def load_eval_model(model_dir: str | Path, *, template: str | None = None, image_geometry: str | None = None,
-                    device: str | None = None, with_predictors: bool = False) -> EvalModel:
-    """A final folder written by ``olavlm train``; template / geometry from its ``olavlm_run.json``."""
-    from olavlm.infer.chat import RUN_INFO, read_run_info
+                    add_bos=None, device: str | None = None, with_predictors: bool = False) -> EvalModel:
+    """A final folder written by ``olavlm train`` and its processor (template / BOS / geometry may be
+    overridden; an old folder's ``olavlm_run.json`` is read when it has no processor)."""
+    from olavlm.data.processor import OlaProcessor
     from olavlm.model.vlm import OlaVLM
 
-    info = read_run_info(model_dir)
-    template = template or info.get("template")
-    image_geometry = image_geometry or info.get("image_geometry")
-    if not template or not image_geometry:
-        raise ValueError(f"{model_dir}: no {RUN_INFO} with the data template / image geometry; pass "
-                         "--template and --image-geometry (the values the model was trained with)")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = OlaVLM.from_pretrained(model_dir, with_predictors=with_predictors).to(dev).eval()
-    return EvalModel(model, model.tokenizer, template, image_geometry, dev, info.get("add_bos", "auto"))
-
-
-def load_squares(paths: list[Path], geometry: str, spec) -> list:
-    """Decode images and bring each to the shared square the vision tower sees."""
-    from olavlm.data.images import load_image, to_square
-
-    return [to_square(load_image(p, geometry=geometry, side=spec.size), geometry, spec, spec.size) for p in paths]
-
-
-def pixel_batch(squares: list, spec) -> torch.Tensor:
-    from olavlm.data.images import pixel_values
-
-    return torch.stack([pixel_values(sq, spec) for sq in squares])
+    processor = OlaProcessor.from_pretrained(model_dir, model=model, template=template,
+                                             image_geometry=image_geometry, add_bos=add_bos)
+    return EvalModel(model, processor, dev)
 
 
 def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

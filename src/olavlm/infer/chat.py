@@ -1,16 +1,17 @@
 """Chat with a trained model folder (docs/method.md, "Inference"): image -> shared square -> tower -> projector ->
 image tokens + the frozen task tokens, prompt rendered with the template the model was trained with.
 
-The template, BOS policy and image geometry come from ``olavlm_run.json``, which ``olavlm train``
-writes into every ``RUN_DIR/final/``; template and geometry can be overridden (e.g. for a folder
-converted from elsewhere; without a recorded BOS policy the tokenizer's own behaviour is used).
+The template, BOS policy and image geometry come from the folder's processor
+(``processor_config.json``, :class:`olavlm.data.processor.OlaProcessor`), which ``olavlm train``
+saves into every ``RUN_DIR/final/``; older folders carry ``olavlm_run.json`` instead, which is read as
+a fallback. Template, BOS policy and geometry can be overridden (e.g. for a folder converted from
+elsewhere).
 Decoding is greedy by default (temperature 0, as in the reference evaluation), KV cache on, and
 stops at the template's end-of-turn token.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -18,60 +19,54 @@ import torch
 
 log = logging.getLogger(__name__)
 
-RUN_INFO = "olavlm_run.json"  # written by olavlm.train.loop.save_final into every final/ folder
+RUN_INFO = "olavlm_run.json"  # what folders written before the processor carry (read as a fallback)
 
 
 def read_run_info(model_dir: str | Path) -> dict:
-    """``olavlm_run.json`` of a final folder ({} when absent)."""
-    file = Path(model_dir) / RUN_INFO
-    return json.loads(file.read_text()) if file.is_file() else {}
+    """Provenance of a model folder (stage, run_dir, init_from, ...): the processor's ``run`` section,
+    or an old folder's ``olavlm_run.json``; {} when absent."""
+    from olavlm.data.processor import read_run_section
+
+    return read_run_section(model_dir)
 
 
 class ChatSession:
     """One conversation about (at most) one image; :meth:`ask` returns the assistant's reply."""
 
     def __init__(self, model_dir: str | Path, *, template: str | None = None, image_geometry: str | None = None,
-                 device: str | None = None, dtype: str | None = None) -> None:
-        from olavlm.data.tokenize import stop_token_ids
+                 add_bos=None, device: str | None = None, dtype: str | None = None) -> None:
+        from olavlm.data.processor import OlaProcessor
         from olavlm.model.vlm import OlaVLM
 
-        info = read_run_info(model_dir)
-        self.template = template or info.get("template")
-        self.image_geometry = image_geometry or info.get("image_geometry")
-        self.add_bos = info.get("add_bos", "auto")  # the BOS policy the model was trained with
-        if not self.template or not self.image_geometry:
-            raise ValueError(f"{model_dir}: no {RUN_INFO} with the data template / image geometry; pass "
-                             "--template and --image-geometry (the values the model was trained with)")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = OlaVLM.from_pretrained(model_dir, with_predictors=False, dtype=dtype).to(self.device).eval()
+        self.processor = OlaProcessor.from_pretrained(model_dir, model=self.model, template=template,
+                                                      image_geometry=image_geometry, add_bos=add_bos)
         self.tokenizer = self.model.tokenizer
-        self.stop_ids = stop_token_ids(self.template, self.tokenizer)
+        self.stop_ids = self.processor.stop_token_ids()
         self.messages: list[dict] = []
         self.pixel_values: torch.Tensor | None = None
 
+    template = property(lambda self: self.processor.template)
+    image_geometry = property(lambda self: self.processor.image_geometry)
+    add_bos = property(lambda self: self.processor.add_bos)
+
     def set_image(self, path: str | Path | None) -> None:
         """Use this image for a new conversation (None = text only); clears the history."""
-        from olavlm.data.images import load_image, pixel_values, to_square
-
         self.reset()
         if path is None:
             self.pixel_values = None
             return
-        spec = self.model.image_spec  # the size guard runs on the header, before anything is decoded
-        square = to_square(load_image(path, geometry=self.image_geometry, side=spec.size), self.image_geometry,
-                           spec, spec.size)
-        self.pixel_values = pixel_values(square, spec)[None].to(self.device)
+        self.pixel_values = self.processor.images([self.processor.load_image(path)],
+                                                  teacher=False)["pixel_values"].to(self.device)
 
     def reset(self) -> None:
         self.messages = []
 
     def prompt_ids(self, text: str) -> list[int]:
         """Token ids of the history + ``text`` as the open user turn (the image goes in the first turn)."""
-        from olavlm.data.tokenize import encode_prompt
-
         messages = [*self.messages, {"from": "human", "value": text}]
-        return encode_prompt(messages, self.template, self.tokenizer,
-                             num_images=0 if self.pixel_values is None else 1, add_bos=self.add_bos)
+        return self.processor.prompt_ids(messages, num_images=0 if self.pixel_values is None else 1)
 
     @torch.no_grad()
     def ask(self, text: str, *, max_new_tokens: int = 128, temperature: float = 0.0) -> str:

@@ -15,8 +15,11 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="override the saved model.dtype (bfloat16, float16, float32)")
-    p.add_argument("--template", default=None, help="override the data template saved in olavlm_run.json")
-    p.add_argument("--image-geometry", default=None, help="override the image geometry saved in olavlm_run.json")
+    p.add_argument("--template", default=None, help="override the data template of the model's processor")
+    p.add_argument("--image-geometry", default=None, choices=["pad", "square", "resize"],
+                   help="override the image geometry of the model's processor")
+    p.add_argument("--add-bos", default=None, choices=["auto", "true", "false"],
+                   help="override the BOS policy of the model's processor")
     p.set_defaults(func=run)
 
 
@@ -24,7 +27,7 @@ def run(args) -> int:
     from olavlm.infer.chat import ChatSession
 
     session = ChatSession(args.model, template=args.template, image_geometry=args.image_geometry,
-                          device=args.device, dtype=args.dtype)
+                          add_bos=args.add_bos, device=args.device, dtype=args.dtype)
     session.set_image(args.image)
     kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
     if args.prompt is not None:

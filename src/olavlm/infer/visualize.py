@@ -57,17 +57,14 @@ def _normalise(depth: torch.Tensor) -> torch.Tensor:
     return (depth - lo) / (hi - lo).clamp_min(1e-8)
 
 
-def panels_for(model, teachers, decoders: dict, image, *, template: str, geometry: str, add_bos="auto",
-               layers: list[int] | None = None) -> dict:
-    """{task: {"teacher": panel, layer: panel, ...}} for one PIL image (panels: arrays or PIL images)."""
-    from olavlm.data.images import pixel_values, teacher_image, to_square
-    from olavlm.data.tokenize import encode_prompt
-
-    spec = model.image_spec
-    square = to_square(image, geometry, spec)
-    ids = torch.tensor([encode_prompt([{"from": "human", "value": "<image>\n" + PROMPT}], template,
-                                      model.tokenizer, add_bos=add_bos)])
-    pixels = pixel_values(square, spec)[None]
+def panels_for(model, teachers, decoders: dict, image, processor, *, layers: list[int] | None = None) -> dict:
+    """{task: {"teacher": panel, layer: panel, ...}} for one PIL image (panels: arrays or PIL images).
+    Prompt, pixels and the teachers' square come from ``processor`` (the teachers' square at the
+    side training gave them: the processor's, else the largest teacher input)."""
+    proc = processor.with_overrides(teacher_image_size=processor.teacher_image_size or teachers.input_size)
+    ids = torch.tensor([proc.prompt_ids([{"from": "human", "value": "<image>\n" + PROMPT}], num_images=1)])
+    inputs = proc.images([image])
+    pixels = inputs["pixel_values"]
     dev = model.device
     with torch.no_grad():
         out = model(input_ids=ids.to(dev), pixel_values=pixels.to(dev), mode="predict")
@@ -75,7 +72,7 @@ def panels_for(model, teachers, decoders: dict, image, *, template: str, geometr
     result = {}
     for task, dec in decoders.items():
         teacher = teachers[task]
-        timg = teacher_image(image, square, geometry, spec, teacher.input_size)[None]
+        timg = inputs["images"].to(teacher.device)
         want = sorted(out.predictions[task]) if layers is None else [x for x in layers if x in out.predictions[task]]
         if hasattr(dec, "teacher_depth"):
             panels = {"teacher": _normalise(dec.teacher_depth(teacher.preprocess(timg)))[0].cpu()}
@@ -125,14 +122,14 @@ def save_figure(image, panels: dict, path: Path, skipped: dict[str, str]) -> Non
 
 
 def visualize(model_dir: str | Path, images: list[str | Path], *, layers: list[int] | None = None,
-              output: str | Path = "visualize", device: str | None = None) -> dict:
-    """Write ``OUTPUT/<image stem>.png`` per image; returns {image: {"panels", "skipped", "png"}}."""
-    from olavlm.data.images import load_image
+              output: str | Path = "visualize", device: str | None = None, **overrides) -> dict:
+    """Write ``OUTPUT/<image stem>.png`` per image; returns {image: {"panels", "skipped", "png"}}.
+    ``overrides``: template / image_geometry / add_bos instead of the processor's."""
     from olavlm.errors import UserError
     from olavlm.evaluation.runner import load_eval_model
     from olavlm.teachers import build_teachers
 
-    em = load_eval_model(model_dir, device=device, with_predictors=True)
+    em = load_eval_model(model_dir, device=device, with_predictors=True, **overrides)
     model = em.model
     if not model.predictors:
         raise UserError(f"{model_dir}: no predictors (visualize needs a PT model saved with them)")
@@ -145,9 +142,8 @@ def visualize(model_dir: str | Path, images: list[str | Path], *, layers: list[i
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for path in images:
-        img = load_image(path)
-        panels = panels_for(model, teachers, decoders, img, template=em.template, geometry=em.image_geometry,
-                            add_bos=em.add_bos, layers=layers)
+        img = em.processor.load_image(path)
+        panels = panels_for(model, teachers, decoders, img, em.processor, layers=layers)
         png = out / f"{Path(path).stem}.png"
         save_figure(img, panels, png, skipped)
         results[str(path)] = {"panels": panels, "skipped": skipped, "png": png}

@@ -39,9 +39,9 @@ def register(sub) -> None:
                           help="olavlm IFT/VPT folder -> transformers LlavaForConditionalGeneration folder")
     e.add_argument("src", help="olavlm model folder (RUN_DIR/final or a converted folder) or hub id")
     e.add_argument("dst", help="folder to write")
-    e.add_argument("--template", default=None, help="None = the template in SRC/olavlm_run.json")
+    e.add_argument("--template", default=None, help="None = the template of SRC's processor")
     e.add_argument("--image-geometry", default=None, choices=["pad", "square", "resize"],
-                   help="None = the geometry in SRC/olavlm_run.json")
+                   help="None = the geometry of SRC's processor")
     e.add_argument("--allow-token-mismatch", action="store_true",
                    help="export even when the chat template does not reproduce olavlm's token ids")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")

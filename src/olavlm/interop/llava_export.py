@@ -48,7 +48,7 @@ def task_token_names(cfg) -> list[str]:
 
 
 def _read_source(src: Path, template: str | None, geometry: str | None):
-    from olavlm.infer.chat import RUN_INFO, read_run_info
+    from olavlm.data.processor import PROCESSOR_FILE, read_settings
     from olavlm.model import io
 
     if not (src / io.CONFIG_NAME).is_file():
@@ -57,11 +57,12 @@ def _read_source(src: Path, template: str | None, geometry: str | None):
         cfg, _ = io.read_config(src)
     except ValueError as e:  # ConfigError and friends
         raise InteropError(f"{src / io.CONFIG_NAME}: {e}") from None
-    info = read_run_info(src)
-    template, geometry = template or info.get("template"), geometry or info.get("image_geometry")
+    saved = read_settings(src)  # the folder's processor (or an old folder's olavlm_run.json)
+    info = {**saved.get("run", {}), "add_bos": saved.get("add_bos", "auto")}
+    template, geometry = template or saved.get("template"), geometry or saved.get("image_geometry")
     if not template or not geometry:
-        raise InteropError(f"{src}: no {RUN_INFO} with the template / image geometry; pass --template and "
-                           "--image-geometry (the values the model was trained with)")
+        raise InteropError(f"{src}: no {PROCESSOR_FILE} (nor olavlm_run.json) with the template / image geometry; "
+                           "pass --template and --image-geometry (the values the model was trained with)")
     if cfg.vision_type not in EXPORTABLE_TOWERS:
         raise InteropError(f"model.vision_type: {cfg.vision_type!r} towers have no plain-LLaVA layout "
                            f"(exportable: {', '.join(EXPORTABLE_TOWERS)})")

@@ -19,7 +19,8 @@ reference key                              olavlm folder
 ========================================  =========================================================
 
 Anything else is an unknown key and stops the conversion. The folder also gets
-``olavlm_run.json`` (template, image geometry, stage: what ``chat`` / ``eval`` read) and
+``processor_config.json`` (the processor: template, image geometry, image facts, stage; what ``chat`` /
+``eval`` read) and
 ``olavlm_conversion.json`` (the source, every option used, what was dropped).
 """
 
@@ -195,6 +196,25 @@ def _expected_extras(cfg, out: Path, *, with_predictors: bool) -> dict[str, tupl
     return {k: v for k, v in shapes.items() if k.startswith(_EXTRA_PREFIXES)}
 
 
+def _write_processor(out: Path, cfg, ref: ReferenceConfig, run: dict) -> None:
+    """``processor_config.json`` of the converted folder (template, geometry, image facts; BOS: what
+    the converted tokenizer does), read weight-free from the written JSON files."""
+    from transformers import AutoTokenizer
+
+    from olavlm.data.processor import OlaProcessor
+    from olavlm.model.task_tokens import task_tokens_per_image
+    from olavlm.model.vision import vision_geometry
+
+    geometry = vision_geometry(_resolved(cfg, out))
+    task_tokens = task_tokens_per_image(cfg)
+    try:
+        proc = OlaProcessor(AutoTokenizer.from_pretrained(out), ref.template, "auto", ref.image_geometry,
+                            geometry.spec, geometry.num_tokens + task_tokens, run=run)
+    except ValueError as e:
+        raise InteropError(f"converted processor: {e}") from None
+    proc.save_pretrained(out, tokenizer=False)
+
+
 def _image_tokens(out: Path, vision: VisionResult, ref: ReferenceConfig) -> int:
     """Image tokens per image of the written tower (the default predictor query count)."""
     from olavlm.config import ModelConfig
@@ -317,7 +337,6 @@ def _convert_into(out: Path, src: str, ckpt: Checkpoint, groups: KeyGroups, ref:
                   opts: ConvertOptions) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    from olavlm.infer.chat import RUN_INFO
     from olavlm.model import io
 
     out.mkdir(parents=True)
@@ -335,10 +354,9 @@ def _convert_into(out: Path, src: str, ckpt: Checkpoint, groups: KeyGroups, ref:
     save_file(state, str(out / io.WEIGHTS_NAME), metadata={"format": "pt"})
     io.write_config(out, cfg, with_predictors=bool(plans))
     stage = "pt" if ref.pt else "ift"
-    info = {"stage": stage, "template": ref.template, "image_geometry": ref.image_geometry,
-            "max_length": int(ref.raw.get("tokenizer_model_max_length") or 4096), "init_from": None,
-            "run_dir": None, "converted_from": src}
-    (out / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    run = {"stage": stage, "max_length": int(ref.raw.get("tokenizer_model_max_length") or 4096), "init_from": None,
+           "run_dir": None, "converted_from": src}
+    _write_processor(out, cfg, ref, run)
     used_rows = {key for key, _ in rows.values()}
     record = {
         "source": src, "source_model_type": ref.model_type, "stage": stage, "options": asdict(opts),

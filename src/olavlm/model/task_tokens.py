@@ -56,6 +56,11 @@ class LogitScales(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def task_tokens_per_image(cfg: ModelConfig) -> int:
+    """Task tokens inserted after each image (what :attr:`TaskTokens.tokens_per_image` gives), weight-free."""
+    return len(cfg.task_order) * cfg.num_task_tokens if cfg.num_task_tokens else 0
+
+
 class TaskTokens(nn.Module):
     """ParameterDict of per-task rows plus the K-token pooling used in the sequence."""
 

@@ -54,30 +54,32 @@ def _digest(obj) -> str:
 
 
 class _ImageReader(Dataset):
-    """(shard, key) -> (shard, key, sha1 | None, uint8 (3, T, T) | None, error | None); runs in workers."""
+    """(shard, key) -> (shard, key, sha1 | None, uint8 (3, T, T) | None, error | None); runs in workers.
+    The teachers' square comes from the run's processor, as in training."""
 
-    def __init__(self, items: list[tuple[int, str]], folder: str, geometry: str, spec, side: int, limits=None) -> None:
-        from olavlm.data.images import DEFAULT_LIMITS
-
-        self.items, self.folder, self.geometry, self.spec, self.side = items, folder, geometry, spec, side
-        self.limits = limits or DEFAULT_LIMITS  # the training run's image size guard (data.max_image_*)
+    def __init__(self, items: list[tuple[int, str]], folder: str, processor) -> None:
+        self.items, self.folder, self.processor = items, folder, processor
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
         from olavlm.data.errors import BadSample
-        from olavlm.data.images import read_image, teacher_image
 
         shard, key = self.items[i]
         path = Path(self.folder) / key if self.folder else Path(key)
-        side = max(self.spec.size, self.side)
         try:
-            img, sha1 = read_image(path, limits=self.limits, geometry=self.geometry, side=side)
-            return shard, key, sha1, teacher_image(img, None, self.geometry, self.spec, self.side,
-                                                   limits=self.limits), None
+            img, sha1 = self.processor.read_image(path)
+            return shard, key, sha1, self.processor.teacher_image(img), None
         except BadSample as e:
             return shard, key, None, None, str(e)
+
+
+class _ImageFacts:
+    """What a processor needs of a model for images only (no tokenizer: precompute tokenizes nothing)."""
+
+    def __init__(self, image_spec, tokens_per_image: int) -> None:
+        self.tokenizer, self.image_spec, self.tokens_per_image = None, image_spec, tokens_per_image
 
 
 def _collate(items):
@@ -219,10 +221,13 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
     items = [(i, k) for i in todo for k in shards[i]]
     if items:
         workers = data.num_workers if workers is None else workers
-        from olavlm.data.images import ImageLimits
+        from olavlm.data.processor import OlaProcessor
+        from olavlm.model.task_tokens import task_tokens_per_image
 
-        reader = _ImageReader(items, data.image_folder, data.image_geometry, geo.spec, side,
-                              ImageLimits.from_config(data))
+        processor = OlaProcessor.for_model(  # images only: the run's geometry, tower spec and teacher side
+            _ImageFacts(geo.spec, geo.num_tokens + task_tokens_per_image(run_cfg.model)), data,
+            teacher_image_size=side, add_bos=False)
+        reader = _ImageReader(items, data.image_folder, processor)
         loader = DataLoader(reader,
                             batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                             persistent_workers=False, prefetch_factor=4 if workers else None)

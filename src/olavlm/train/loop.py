@@ -13,7 +13,7 @@ summary.json.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 import time
@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from olavlm.config import ConfigError, RunConfig, explicit_fields
-from olavlm.infer.chat import RUN_INFO  # written into final/: template + geometry for chat / eval
 from olavlm.train import checkpoint as ckpt
 from olavlm.train.engine import (accumulation_steps, apply_precision_policy, build_accelerator, check_shared_run_dir,
                                  full_parameters, prepare, unpartitioned_loading, uses_engine_state, world_size)
@@ -100,10 +99,11 @@ def build_data(cfg: RunConfig, model, targets):
     """Dataset + collator: teacher images when live teachers run, cached targets from the cache."""
     from olavlm.data.collate import Collator
     from olavlm.data.dataset import LlavaDataset
+    from olavlm.data.processor import OlaProcessor
 
-    dataset = LlavaDataset(cfg.data, model.tokenizer, image_spec=model.image_spec,
-                           tokens_per_image=model.tokens_per_image,
-                           teacher_image_size=targets.teacher_image_size if targets is not None else None,
+    processor = OlaProcessor.for_model(model, cfg.data,
+                                       teacher_image_size=targets.teacher_image_size if targets is not None else None)
+    dataset = LlavaDataset(cfg.data, processor=processor,
                            target_lookup=targets.lookup if targets is not None else None, seed=cfg.train.seed)
     collator = Collator(model.tokenizer.pad_token_id, target_shapes=targets.collate_shapes if targets else None,
                         pack_length=cfg.data.max_length if cfg.data.packing else None,
@@ -310,7 +310,8 @@ def run_steps(run: Run, stop_after_steps: int | None, wall_time) -> None:
 def finish(run: Run) -> TrainResult:
     """``final/`` when the schedule is done, then summary.json and the result."""
     state, accelerator, finished = run.state, run.accelerator, run.state.step >= run.total_steps
-    final_dir = save_final(run.cfg, accelerator, run.model, run.run_dir, run.init_dir) if finished else None
+    final_dir = (save_final(run.cfg, accelerator, run.model, run.run_dir, run.init_dir, run.dataset.processor)
+                 if finished else None)
     summary = {
         "stage": run.cfg.train.stage, "finished": finished, "steps": state.step, "total_steps": run.total_steps,
         "epochs_completed": state.epoch, "samples": state.samples, "tokens": state.tokens,
@@ -348,20 +349,20 @@ def model_inputs(batch: dict, device: torch.device, targets=None) -> dict[str, A
     return inputs
 
 
-def save_final(cfg: RunConfig, accelerator, model, run_dir: Path, init_dir: Path | None) -> Path:
-    """``RUN_DIR/final/``: model (+ predictors after PT), tokenizer and ``olavlm_run.json``."""
+def save_final(cfg: RunConfig, accelerator, model, run_dir: Path, init_dir: Path | None, processor=None) -> Path:
+    """``RUN_DIR/final/``: model (+ predictors after PT), tokenizer and the processor
+    (``processor_config.json``: template, BOS policy, geometry, image facts + the run's provenance)."""
+    from olavlm.data.processor import OlaProcessor
+
     final = run_dir / "final"
     accelerator.wait_for_everyone()
     with full_parameters(accelerator, model) as whole:  # the model with whole parameters (main process)
         if accelerator.is_main_process:
             whole.save_pretrained(final, with_predictors=uses_predictors(cfg.train.stage))
-            from olavlm.data.tokenize import resolve_bos
-
-            bos = resolve_bos(cfg.data.add_bos, cfg.data.template, accelerator.unwrap_model(model).tokenizer)
-            info = {"stage": cfg.train.stage, "template": cfg.data.template, "add_bos": bos,
-                    "image_geometry": cfg.data.image_geometry, "max_length": cfg.data.max_length,
-                    "init_from": str(init_dir) if init_dir else None, "run_dir": str(run_dir)}
-            (final / RUN_INFO).write_text(json.dumps(info, indent=2))
+            run = {"stage": cfg.train.stage, "max_length": cfg.data.max_length,
+                   "init_from": str(init_dir) if init_dir else None, "run_dir": str(run_dir)}
+            proc = processor or OlaProcessor.for_model(accelerator.unwrap_model(model), cfg.data)
+            dataclasses.replace(proc, run=run).save_pretrained(final)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         log.info("final model written to %s", final)

@@ -215,8 +215,8 @@ def load_adapter_folder(folder: str | Path, *, merge: bool, dtype: str | None = 
 
 def merge_lora(run: str | Path, dst: str | Path) -> Path:
     """``olavlm merge-lora RUN DST``: the run's adapter folder (RUN, RUN/final) merged into a plain
-    olavlm model folder at ``dst`` (with the run's olavlm_run.json)."""
-    from olavlm.infer.chat import RUN_INFO
+    olavlm model folder at ``dst`` (with the run's processor, or an old run's olavlm_run.json)."""
+    from olavlm.data.processor import LEGACY_FILE, PROCESSOR_FILE
 
     run = Path(run)
     src = next((p for p in (run / "final", run) if is_adapter_folder(p)), None)
@@ -228,6 +228,7 @@ def merge_lora(run: str | Path, dst: str | Path) -> Path:
         raise LoraFolderError(f"{dst}: exists and is not empty; pick a new folder")
     model = load_adapter_folder(src, merge=True)
     model.save_pretrained(dst, with_predictors=False)
-    if (src / RUN_INFO).is_file():
-        shutil.copy2(src / RUN_INFO, dst / RUN_INFO)
+    for name in (PROCESSOR_FILE, LEGACY_FILE):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
     return dst
