@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.harness import record
     from benchmarks.models import sync_fn
     from benchmarks.steps import StepBench
-    from olavlm.model.tiny import _CORPUS, train_tokenizer
+    from olavlm.devkit.tiny import _CORPUS, train_tokenizer
 
     sb = StepBench.from_args(args, micro_batch=8 if args.quick else 16)
     bc, micro, bf16 = sb.bc, sb.n, sb.bf16

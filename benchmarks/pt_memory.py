@@ -50,7 +50,7 @@ def write_checkpoints(out: Path, vocab: int) -> dict[str, str]:
     import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-    from olavlm.model.tiny import _CORPUS, train_tokenizer
+    from olavlm.devkit.tiny import _CORPUS, train_tokenizer
 
     s = SIZES
     tok = train_tokenizer(_CORPUS)

@@ -91,7 +91,7 @@ def test_teacher_targets_have_the_predictor_shapes(pt_model, task):
 
 def _two_layer_llm(tmp: Path, recipe: str) -> Path:
     """The recipe LLM's config with 2 layers, over the tiny tokenizer (vocabulary size is not width)."""
-    from olavlm.model.tiny import _CORPUS, train_tokenizer
+    from olavlm.devkit.tiny import _CORPUS, train_tokenizer
 
     src = resolve_paths(load_config(ROOT / "configs" / recipe / "pt.yaml").model, REAL).llm
     cfg = json.loads((Path(src) / "config.json").read_text())

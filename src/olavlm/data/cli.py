@@ -62,13 +62,8 @@ def register(sub) -> None:
     show.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="colour supervised spans")
     show.set_defaults(func=cmd_show, parser=show)
 
-    try:
-        from olavlm.data.prepare.cli import add_prepare_parser
-    except ModuleNotFoundError as e:
-        if e.name is None or not "olavlm.data.prepare.cli".startswith(e.name):
-            raise
-    else:
-        add_prepare_parser(dsub)
+    from olavlm.prepare.cli import add_prepare_parser
+    add_prepare_parser(dsub)
 
 
 def _load_tokenizer(path: str):

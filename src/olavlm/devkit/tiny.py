@@ -177,7 +177,7 @@ def make_tiny(output: str | Path, *, seed: int = 0, with_teachers: bool = True) 
     written.update(make_tiny_convnext(out, seed=seed))
     if with_teachers:
         try:
-            from olavlm.teachers.tiny import make_tiny_teachers
+            from olavlm.devkit.teachers import make_tiny_teachers
         except ImportError:  # teachers package not present
             log.info("teachers package has no tiny makers; skipping tiny teachers")
         else:
