@@ -91,7 +91,7 @@ def _tokens_per_image(args) -> int | None:
     n = args.num_image_tokens
     if n is None and args.vision_tower:
         from olavlm.config import ModelConfig
-        from olavlm.model.vision import vision_geometry
+        from olavlm.geometry import vision_geometry
         n = vision_geometry(ModelConfig(vision_tower=args.vision_tower, vision_type=args.vision_type)).num_tokens
     if n is None:
         return None

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import typing
 import warnings
@@ -51,6 +50,7 @@ from PIL import Image, UnidentifiedImageError
 
 from olavlm.config import ImageGeometry
 from olavlm.data.errors import BadSample
+from olavlm.geometry import ImageSpec  # noqa: F401  (re-exported: the tower's input spec)
 
 GEOMETRIES = typing.get_args(ImageGeometry)  # ("pad", "square", "resize")
 MAX_IMAGE_PIXELS = 89_478_485  # decompression-bomb guard: larger images are rejected (PIL's default limit)
@@ -64,58 +64,6 @@ _RESAMPLE = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-_PIL_CODE_TO_NAME = {int(v): k for k, v in _RESAMPLE.items()}
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """How the vision tower wants its input (read from the tower's preprocessor config)."""
-
-    size: int  # side of the square input (e.g. 336)
-    mean: tuple[float, float, float]  # normalisation mean (also the pad colour, int(255 * mean) as in LLaVA)
-    std: tuple[float, float, float]
-    resample: str = "bicubic"  # PIL filter used for resizing
-
-    def __post_init__(self) -> None:
-        if self.size < 1:
-            raise ValueError(f"ImageSpec.size must be >= 1, got {self.size}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"ImageSpec.mean/std need 3 channels, got {self.mean} / {self.std}")
-        if self.resample not in _RESAMPLE:
-            raise ValueError(f"ImageSpec.resample {self.resample!r} is not one of {sorted(_RESAMPLE)}")
-
-    @property
-    def pad_color(self) -> tuple[int, int, int]:
-        """Background of the ``pad`` geometry: ``int(255 * mean)`` as in LLaVA's expand2square."""
-        return tuple(int(255 * m) for m in self.mean)  # type: ignore[return-value]
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "ImageSpec":
-        """Read ``preprocessor_config.json`` of a local vision-tower folder (CLIP / SigLIP style)."""
-        file = Path(path) / "preprocessor_config.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: no preprocessor_config.json in the vision tower folder")
-        cfg = json.loads(file.read_text())
-        size = _side(cfg.get("crop_size")) if cfg.get("do_center_crop", True) and cfg.get("crop_size") else None
-        size = size or _side(cfg.get("size"))
-        if not size:
-            raise ValueError(f"{file}: cannot read the input side from size={cfg.get('size')!r}")
-        resample = cfg.get("resample", "bicubic")
-        resample = _PIL_CODE_TO_NAME.get(resample, "bicubic") if isinstance(resample, int) else str(resample)
-        return cls(size=size, mean=tuple(cfg["image_mean"]), std=tuple(cfg["image_std"]), resample=resample)
-
-
-def _side(size) -> int | None:
-    if isinstance(size, int):
-        return size
-    if isinstance(size, dict):
-        if "shortest_edge" in size:
-            return int(size["shortest_edge"])
-        if "height" in size and "width" in size:
-            if size["height"] != size["width"]:
-                raise ValueError(f"non-square processor size {size}")
-            return int(size["height"])
-    return None
 
 
 @dataclass(frozen=True)
@@ -204,6 +152,12 @@ def read_image(path: str | os.PathLike, *, limits: ImageLimits = DEFAULT_LIMITS,
     except OSError as e:
         raise BadSample("unreadable_image", f"{path}: {e.strerror or e}") from None
     return _decode(path, data, limits, geometry, side), hashlib.sha1(data).hexdigest()
+
+
+def decode_image_bytes(data: bytes, name: str | os.PathLike, *, limits: ImageLimits = DEFAULT_LIMITS,
+                       geometry: str | None = None, side: int | None = None) -> Image.Image:
+    """:func:`load_image` of bytes already in memory (``name`` is for messages), e.g. a TSV's base64 image."""
+    return _decode(Path(name), data, limits, geometry, side)
 
 
 def _decode(path: Path, data: bytes | None, limits: ImageLimits, geometry: str | None, side: int | None):

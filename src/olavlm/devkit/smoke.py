@@ -73,7 +73,7 @@ def smoke_overrides(tiny: str | Path, recipe: str | Path, out: str | Path = "run
     ``fp32``: train in float32 without autocast (CPUs without native bf16 run bf16 autocast ~10x
     slower than fp32 at these sizes); False keeps the recipe's precision."""
     from olavlm.config import ConfigError, load_config
-    from olavlm.model.vision import vision_geometry
+    from olavlm.geometry import vision_geometry
     from olavlm.teachers import build_teacher
 
     tiny, out = Path(tiny), Path(out)

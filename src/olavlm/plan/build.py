@@ -23,7 +23,7 @@ from olavlm.plan.counts import LLMDims, VisionDims, group_counts, nbytes, numel,
     trainable_split
 from olavlm.plan.hardware import lookup
 from olavlm.plan.meta import meta_model, meta_teachers, resolve_paths
-from olavlm.train.stages import active_tasks
+from olavlm.config import active_tasks
 
 log = logging.getLogger(__name__)
 

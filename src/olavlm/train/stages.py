@@ -31,7 +31,8 @@ from typing import Iterable
 
 from torch import nn
 
-from olavlm.config import ConfigError, ModelConfig, Stage, TaskConfig, TrainConfig, task_stages
+from olavlm.config import (ConfigError, ModelConfig, Stage, TaskConfig, TrainConfig,  # noqa: F401
+                           active_tasks, task_stages)  # active_tasks re-exported
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,6 @@ def uses_predictors(stage: str) -> bool:
     """Whether a stage builds/loads the embedding predictors and needs teacher targets (PT only)."""
     _check_stage(stage)
     return stage == "pt"
-
-
-def active_tasks(model_cfg: ModelConfig, stage: str) -> dict[str, TaskConfig]:
-    """The tasks whose predictors and losses run in ``stage`` (layers set, stage in their stages)."""
-    _check_stage(stage)
-    return {n: t for n, t in model_cfg.tasks.items() if t.layers and stage in task_stages(t)}
 
 
 def stage_model_config(saved: ModelConfig, recipe: ModelConfig, stage: str) -> ModelConfig:
