@@ -16,7 +16,7 @@ from olavlm.data.collate import Collator
 from olavlm.devkit.tiny import tiny_model_config
 from olavlm.model.vlm import OlaVLM
 from olavlm.train import checkpoint as ckpt
-from olavlm.train import lora
+from olavlm.model import lora
 from olavlm.train.loop import train
 from olavlm.devkit.smoke import smoke_overrides, write_smoke_dataset
 from olavlm.train.stages import configure_trainable

@@ -126,7 +126,7 @@ class OlaVLM(nn.Module):
         from safetensors.torch import load_file
 
         folder = io.resolve_dir(path)
-        from olavlm.train import lora
+        from olavlm.model import lora
 
         if lora.is_adapter_folder(folder):  # a LoRA run's final/: base + adapters, merged
             return lora.load_adapter_folder(folder, merge=True, dtype=dtype, attn_implementation=attn_implementation)
@@ -155,9 +155,9 @@ class OlaVLM(nn.Module):
         """HF-style folder (see olavlm.model.io); ``with_predictors=False`` drops predictors and scales."""
         from safetensors.torch import save_file
 
-        from olavlm.train import lora
+        from olavlm.model import lora
 
-        if lora.is_lora(self.llm):  # adapters + extras only (olavlm.train.lora)
+        if lora.is_lora(self.llm):  # adapters + extras only (olavlm.model.lora)
             return lora.save_adapter_folder(self, path)
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
@@ -220,7 +220,7 @@ class OlaVLM(nn.Module):
         return is_partitioned(self.projector_weight) or is_fully_sharded(self)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        from olavlm.train.lora import is_adapter_param  # LoRA: adapters are their own group, the base is "llm"
+        from olavlm.model.lora import is_adapter_param  # LoRA: adapters are their own group, the base is "llm"
 
         llm = dict(self.llm.named_parameters())
         return {"llm": [p for n, p in llm.items() if not is_adapter_param(n)],
