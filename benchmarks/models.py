@@ -110,11 +110,11 @@ def write_small_checkpoints(out: Path, seed: int = 0, sizes: dict[str, int] = SM
     where :func:`write_small_teachers` puts the teachers (written only when a benchmark needs them)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-    from olavlm.devkit.tiny import _CORPUS, train_tokenizer
+    from olavlm.devkit.tiny import CORPUS, train_tokenizer
     from olavlm.devkit.teachers import TINY_TEACHERS
 
     s = sizes
-    tok = train_tokenizer(_CORPUS)
+    tok = train_tokenizer(CORPUS)
     torch.manual_seed(seed)
     llm = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tok), hidden_size=s["llm_hidden"], intermediate_size=s["llm_intermediate"],
