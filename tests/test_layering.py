@@ -140,3 +140,31 @@ def test_checker_catches_an_upward_import_at_any_depth(tmp_path):
                                           ("olavlm.shapeworld.world", "world"), ("olavlm.shapeworld.demo", "demo app")])
 def test_units_resolve_by_longest_prefix(module, floor):
     assert FLOORS[unit_of(module)[0]][0] == floor
+
+
+MAX_FUNCTION_LINES = 80  # "functions under ~80 lines" (DESIGN.md); a longer one is split into named steps
+
+
+def long_functions(src: Path = SRC, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``path:line name (N lines)`` of every function or method longer than ``limit`` lines."""
+    found = []
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > limit:
+                    found.append(f"{path.relative_to(src.parent)}:{node.lineno} {node.name} ({n} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_80_lines():
+    assert not long_functions(), "functions over 80 lines:\n" + "\n".join(long_functions())
+
+
+def test_long_function_check_counts_decorators_out_and_bodies_in(tmp_path):
+    pkg = tmp_path / "olavlm"
+    pkg.mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(80))
+    (pkg / "m.py").write_text(f"@staticmethod\ndef ok():\n{body[:-len('    x79 = 79')-1]}\n"
+                              f"class C:\n    def long(self):\n{body.replace('    x', '        x')}")
+    assert long_functions(pkg) == ["olavlm/m.py:84 long (81 lines)"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 from olavlm.cli_groups import CONVERT_HELP, command_group
 
 

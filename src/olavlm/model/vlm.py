@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from olavlm.config import ConfigError, ModelConfig, RunConfig, validate, validate_against_model
+from olavlm.config import ModelConfig, RunConfig, validate, validate_against_model
 from olavlm.constants import IMAGE_TOKEN_INDEX
 from olavlm.geometry import ImageSpec, VisionGeometry, read_json, vision_geometry
 from olavlm.model import io
