@@ -1,16 +1,15 @@
-"""Vision towers (frozen base encoders) and the weight-free geometry helper.
+"""Vision towers (frozen base encoders); their weight-free facts live in :mod:`olavlm.geometry`.
 
 A tower is one :class:`~olavlm.geometry.TowerType` entry in :data:`olavlm.geometry.TOWERS` (the HF
 class, how to find its vision config, whether it has a CLS token, its family); adding an encoder is
-one class + one entry. A ViT
-tower returns ``hidden_states[model_cfg.vision_feature_layer]`` with the CLS token dropped when
-configured; a ConvNeXt tower returns its raw last-stage map (no final norm), flattened row-major to
-(N, H*W, C) (token n = row n // W, column n % W), with the exact LayerNorm eps of its config
-(``olavlm.model.convnext``).
+one class + one entry. A ViT tower returns ``hidden_states[model_cfg.vision_feature_layer]`` with
+the CLS token dropped when configured; a ConvNeXt tower returns its raw last-stage map (no final
+norm), flattened row-major to (N, H*W, C) (token n = row n // W, column n % W), with the exact
+LayerNorm eps of its config (``olavlm.model.convnext``).
 
-:func:`olavlm.geometry.vision_geometry` (re-exported here) reads only ``config.json`` and
-``preprocessor_config.json`` (no weights), so the data layer, the teachers and the training code can
-size things before any model is built.
+:func:`olavlm.geometry.vision_geometry` (re-exported here with the registry) reads only
+``config.json`` and ``preprocessor_config.json`` (no weights), so the data layer, the teachers and
+the training code can size things before any model is built.
 """
 
 from __future__ import annotations
