@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = 4 if args.quick else 40
     index_records = args.index_records or (20_000 if args.quick else 665_298)
 
-    from olavlm.model.tiny import _CORPUS, train_tokenizer
-    tokenizer = train_tokenizer(_CORPUS + [" ".join(WORDS)])
+    from olavlm.devkit.tiny import CORPUS, train_tokenizer
+    tokenizer = train_tokenizer(CORPUS + [" ".join(WORDS)])
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

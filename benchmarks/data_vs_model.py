@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.harness import record
     from benchmarks.models import sync_fn
     from benchmarks.steps import StepBench
-    from olavlm.model.tiny import _CORPUS, train_tokenizer
+    from olavlm.devkit.tiny import CORPUS, train_tokenizer
 
     sb = StepBench.from_args(args, micro_batch=8 if args.quick else 16)
     bc, micro, bf16 = sb.bc, sb.n, sb.bf16
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     sync = sync_fn(sb.dev)
     warmup, rounds = repeats(args)
     loader_batches = args.loader_batches or (3 if args.quick else 8)
-    tokenizer = train_tokenizer(_CORPUS + [" ".join(WORDS)])
+    tokenizer = train_tokenizer(CORPUS + [" ".join(WORDS)])
     loader_rates, step_times, step_cpu = [], [], []
     with tempfile.TemporaryDirectory(prefix="olavlm-dvm-") as tmp:
         data, images = write_data(Path(tmp), 32 if args.quick else 128)

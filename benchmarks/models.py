@@ -6,7 +6,7 @@ loaded through ``OlaVLM.from_config`` (the path users hit):
 
 * LLM  ``LlamaForCausalLM``: hidden 256, 4 layers, 4 heads (2 KV heads), MLP 688, vocab 512 (tiny BPE);
 * tower ``CLIPVisionModel``: 64 px, patch 8 -> 8 x 8 = 64 image tokens, hidden 128, 4 layers;
-* teachers: ``olavlm.teachers.tiny`` at ``scale=2`` (Depth-Anything / OneFormer / unCLIP classes,
+* teachers: ``olavlm.devkit.teachers`` at ``scale=2`` (Depth-Anything / OneFormer / unCLIP classes,
   target shapes depth (64, 64), seg (64, 8, 8), gen (1, 24));
 * tasks as in the reference (gen / depth / seg, 2 layers each, 8 task tokens per task, weight 0.5,
   SL1 + 0.3 InfoNCE), predictor widths scaled down with the LLM.
@@ -43,7 +43,7 @@ SMALL = {
     "vision_layers": 4,
     "image_size": 64,  # px; patch 8 -> 64 image tokens
     "patch_size": 8,
-    "teacher_scale": 2,  # olavlm.teachers.tiny scale
+    "teacher_scale": 2,  # olavlm.devkit.teachers scale
     "text_len": 96,  # text tokens per sample (system prefix + caption), before image expansion
     "micro_batch": 4,  # samples per step
 }
@@ -110,11 +110,11 @@ def write_small_checkpoints(out: Path, seed: int = 0, sizes: dict[str, int] = SM
     where :func:`write_small_teachers` puts the teachers (written only when a benchmark needs them)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-    from olavlm.model.tiny import _CORPUS, train_tokenizer
-    from olavlm.teachers.tiny import TINY_TEACHERS
+    from olavlm.devkit.tiny import CORPUS, train_tokenizer
+    from olavlm.devkit.teachers import TINY_TEACHERS
 
     s = sizes
-    tok = train_tokenizer(_CORPUS)
+    tok = train_tokenizer(CORPUS)
     torch.manual_seed(seed)
     llm = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tok), hidden_size=s["llm_hidden"], intermediate_size=s["llm_intermediate"],
@@ -137,7 +137,7 @@ def write_small_checkpoints(out: Path, seed: int = 0, sizes: dict[str, int] = SM
 def write_small_teachers(bc: "BenchConfig", seed: int = 0) -> None:
     """Write the small config's teachers (tiny teacher classes at ``teacher_scale``) where its
     ModelConfig points; a YAML config's teachers are whatever its teacher paths name."""
-    from olavlm.teachers.tiny import make_tiny_teachers
+    from olavlm.devkit.teachers import make_tiny_teachers
 
     if bc.tmp is not None and not (Path(bc.tmp.name) / "teachers").is_dir():
         make_tiny_teachers(Path(bc.tmp.name) / "teachers", seed=seed, scale=bc.sizes["teacher_scale"])

@@ -9,7 +9,7 @@ Same model, batch and trainable set; timed side by side (interleaved):
   ``olavlm.train.loop.model_inputs`` does when no cache is configured;
 * ``teachers_only``: the three batched teacher encodes alone (the difference, measured directly).
 
-With the small config the teachers are ``olavlm.teachers.tiny`` at scale 2 (the real classes with
+With the small config the teachers are ``olavlm.devkit.teachers`` at scale 2 (the real classes with
 small random configs), so their share is small here; with ``--config`` a real recipe's teachers
 (Depth-Anything-V2-L, OneFormer Swin-L, unCLIP ViT-H) are loaded from its teacher paths.
 FLOPs per teacher are recorded separately. Result: benchmarks/results/online_vs_cached.json.

@@ -133,14 +133,14 @@ def time_steps(args, words, image) -> dict:
     import torch
 
     from olavlm.data.collate import Collator
-    from olavlm.model.tiny import make_tiny, tiny_model_config
+    from olavlm.devkit.tiny import make_tiny, tiny_model_config
     from olavlm.model.vlm import OlaVLM
     from olavlm.config import TrainConfig
     from olavlm.train.stages import configure_trainable
 
     from transformers import AutoTokenizer
 
-    from olavlm.model.tiny import make_tiny_llms
+    from olavlm.devkit.tiny import make_tiny_llms
 
     tmp = Path(tempfile.mkdtemp(prefix="olavlm-bench-packing-"))
     make_tiny(tmp, seed=0)

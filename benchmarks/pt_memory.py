@@ -50,10 +50,10 @@ def write_checkpoints(out: Path, vocab: int) -> dict[str, str]:
     import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-    from olavlm.model.tiny import _CORPUS, train_tokenizer
+    from olavlm.devkit.tiny import CORPUS, train_tokenizer
 
     s = SIZES
-    tok = train_tokenizer(_CORPUS)
+    tok = train_tokenizer(CORPUS)
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(
         vocab_size=max(vocab, len(tok)), hidden_size=s["llm_hidden"], intermediate_size=s["llm_intermediate"],

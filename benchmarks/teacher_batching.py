@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else None
 
     from olavlm.teachers import build_teacher
-    from olavlm.teachers.tiny import make_tiny_teachers
+    from olavlm.devkit.teachers import make_tiny_teachers
 
     grid = 8
     results, table = {}, []

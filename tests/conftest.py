@@ -23,7 +23,7 @@ configure_threads(quiet=True)
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Folder written by `olavlm make-tiny` (tokenizer, llm-llama/phi3/qwen2, vision-clip/siglip, teachers)."""
-    from olavlm.model.tiny import make_tiny
+    from olavlm.devkit.tiny import make_tiny
 
     out = tmp_path_factory.mktemp("tiny")
     make_tiny(out, seed=0)

@@ -11,7 +11,7 @@ from olavlm.cli import main as cli_main
 from olavlm.config import load_config
 from olavlm.infer.chat import ChatSession
 from olavlm.train.loop import train
-from olavlm.train.smoke import smoke_overrides
+from olavlm.devkit.smoke import smoke_overrides
 
 IFT = Path("configs/phi3_mini_clip336/ift.yaml")
 

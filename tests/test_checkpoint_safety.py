@@ -29,7 +29,7 @@ from olavlm.train import checkpoint as ckpt
 from olavlm.train import manifest, rundir
 from olavlm.train.loop import train
 from olavlm.train.metrics import MetricsLogger, read_metrics
-from olavlm.train.smoke import smoke_overrides, write_smoke_dataset
+from olavlm.devkit.smoke import smoke_overrides, write_smoke_dataset
 
 PT = Path("configs/llama3_8b_clip336/pt.yaml")
 

@@ -1,4 +1,7 @@
+from pathlib import Path
+
 import pytest
+import yaml
 
 from olavlm.config import ConfigError, RunConfig, from_dict, load_config, parse_layer_spec, validate_against_model
 
@@ -52,3 +55,33 @@ def test_validate_against_model():
     cfg2 = load_config(None, ["model.num_task_tokens=7"]).model
     with pytest.raises(ConfigError, match="num_task_tokens"):
         validate_against_model(cfg2, num_layers=32, num_image_tokens=576)
+
+
+RECIPES = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_recipes_give_layers_as_typed_lists(recipe):
+    """Shipped recipes write model.tasks.<t>.layers as YAML lists of ints; no compact strings."""
+    raw = yaml.safe_load(recipe.read_text())["model"]
+    assert "layer_spec" not in raw and "weight_spec" not in raw
+    for name, task in raw.get("tasks", {}).items():
+        assert isinstance(task.get("layers"), list) and all(type(x) is int for x in task["layers"]), name
+
+
+def test_compact_strings_are_override_sugar_for_the_typed_lists():
+    """`--model.layer_spec=` / `--model.weight_spec=` on top of a recipe set the same fields as the
+    typed lists would: the two spellings give equal configs."""
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "phi3_mini_clip336" / "pt.yaml"
+    base = load_config(recipe, [])
+    assert {n: t.layers for n, t in base.model.tasks.items()} == {"depth": [8, 20], "seg": [10, 18], "gen": [12, 20]}
+    sugar = load_config(recipe, ["--model.layer_spec=d3-4-7_s2_g1", "--model.weight_spec=d1_s0.25_g0.5"])
+    typed = load_config(recipe, ["--model.tasks.depth.layers=[3, 4, 7]", "--model.tasks.seg.layers=[2]",
+                                 "--model.tasks.gen.layers=[1]", "--model.tasks.depth.weight=1",
+                                 "--model.tasks.seg.weight=0.25", "--model.tasks.gen.weight=0.5"])
+    assert {n: (t.layers, t.weight) for n, t in sugar.model.tasks.items()} == \
+        {"depth": ([3, 4, 7], 1.0), "seg": ([2], 0.25), "gen": ([1], 0.5)}
+    sugar.model.layer_spec = sugar.model.weight_spec = None
+    assert sugar.to_dict() == typed.to_dict()
+    with pytest.raises(ConfigError, match="model.tasks.depth.layers"):
+        load_config(recipe, ["--model.tasks.depth.layers=d18-20"])  # the list field takes no string

@@ -262,7 +262,7 @@ def test_xxlarge_geometry_and_shapes_on_meta(tmp_path):
 
 def test_convnext_recipe_runs_pt_then_ift(tiny_dir, tmp_path):
     from olavlm.model.vlm import OlaVLM
-    from olavlm.train.smoke import smoke_overrides
+    from olavlm.devkit.smoke import smoke_overrides
 
     for stage in ("pt", "ift"):
         recipe = Path("configs/llama3_8b_convnext") / f"{stage}.yaml"

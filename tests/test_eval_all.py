@@ -15,7 +15,7 @@ from olavlm.evaluation import generation
 from olavlm.evaluation.cvbench import score as cv_score
 from olavlm.evaluation.mmstar import score as ms_score
 from olavlm.model.vlm import OlaVLM
-from olavlm.train.smoke import smoke_overrides
+from olavlm.devkit.smoke import smoke_overrides
 
 IFT = Path("configs/phi3_mini_clip336/ift.yaml")
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from test_prepare import Server, hub_path  # noqa: F401  (the loopback hub)
 
-from olavlm.data.prepare import sources
-from olavlm.data.prepare.runner import Options, prepare
+from olavlm.prepare import sources
+from olavlm.prepare.runner import Options, prepare
 from olavlm.evaluation import cvbench, mmstar
 
 REV = sources.CVBENCH_REVISION
@@ -100,11 +100,11 @@ def test_mmstar_prepare_and_read(server, hub_online, tmp_path):
 
 
 def test_all_still_means_the_training_datasets(monkeypatch):
-    from olavlm.data.prepare import cli
+    from olavlm.prepare import cli
 
     seen = []
-    monkeypatch.setattr("olavlm.data.prepare.runner.prepare", lambda spec, root, **kw: seen.append(spec.name) or
-                        __import__("olavlm.data.prepare.runner", fromlist=["Report"]).Report(dataset=spec.name))
+    monkeypatch.setattr("olavlm.prepare.runner.prepare", lambda spec, root, **kw: seen.append(spec.name) or
+                        __import__("olavlm.prepare.runner", fromlist=["Report"]).Report(dataset=spec.name))
     args = cli.argparse.Namespace(name="all", only=None, workers=1, retries=0, backoff=0, timeout=1, hub_endpoint=None,
                                   delete_archives=False, retry_dead=False, dry_run=True, no_progress=True,
                                   no_check=True, root="x")

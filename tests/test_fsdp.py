@@ -11,7 +11,7 @@ import torch
 
 from olavlm.config import ConfigError
 from olavlm.train import checkpoint as ckpt
-from olavlm.train.smoke import smoke_overrides
+from olavlm.devkit.smoke import smoke_overrides
 from test_train_dist import _assert_agree, _assert_saved, _ranks, _torchrun
 
 PT = Path("configs/llama3_8b_clip336/pt.yaml")  # teachers online, gradient checkpointing, text-only samples
@@ -63,7 +63,7 @@ def test_fsdp_ift_two_processes_with_resume_equals_ddp(tiny_dir, tmp_path):
 
 def test_fsdp_refuses_tied_embeddings(tiny_dir):
     """Input and output embeddings are separate units: a tied LLM is refused before anything is sharded."""
-    from olavlm.model.tiny import tiny_model_config
+    from olavlm.devkit.tiny import tiny_model_config
     from olavlm.model.vlm import OlaVLM
     from olavlm.train.engine import is_sharded, shard
 

@@ -14,7 +14,7 @@ from olavlm.config import ConfigError, load_config
 from olavlm.model import io
 from olavlm.model.vlm import OlaVLM
 from olavlm.preflight import PreflightError, check_command
-from olavlm.train.smoke import smoke_overrides
+from olavlm.devkit.smoke import smoke_overrides
 
 PT = Path("configs/llama3_8b_clip336/pt.yaml")
 IFT = Path("configs/llama3_8b_clip336/ift.yaml")

@@ -19,7 +19,7 @@ import torch
 from olavlm.cli import main
 from olavlm.interop.reference import convert_reference
 from olavlm.interop.reference_config import ConvertOptions
-from olavlm.interop.tiny import make_tiny_reference, read_tensors, write_shards
+from olavlm.devkit.reference import make_tiny_reference, read_tensors, write_shards
 
 K, P = 2, 64  # tiny task tokens per task; image tokens (256 px / stride 32 = 8x8 grid)
 OPTS = ConvertOptions(dtype="float32")

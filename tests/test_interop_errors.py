@@ -14,7 +14,7 @@ from olavlm.errors import UserError
 from olavlm.interop import InteropError
 from olavlm.interop.reference import convert_reference
 from olavlm.interop.reference_config import ConvertOptions
-from olavlm.interop.tiny import make_tiny_reference, read_tensors, write_shards
+from olavlm.devkit.reference import make_tiny_reference, read_tensors, write_shards
 
 OPTS = ConvertOptions(vision_heads=4, dtype="float32")
 
@@ -159,7 +159,7 @@ def test_error_types_and_existing_destination(refs, tmp_path, capsys):
 
 
 def test_export_rejects_what_llava_cannot_hold(tiny_dir, tmp_path, capsys):
-    from olavlm.model.tiny import tiny_model_config
+    from olavlm.devkit.tiny import tiny_model_config
     from olavlm.model.vlm import OlaVLM
 
     def export_error(src, *extra):

@@ -111,7 +111,7 @@ def hub_online(monkeypatch):
 
 @pytest.fixture(scope="module")
 def olavlm_ift(tiny_dir, tmp_path_factory):
-    from olavlm.model.tiny import tiny_model_config
+    from olavlm.devkit.tiny import tiny_model_config
     from olavlm.model.vlm import OlaVLM
 
     folder = tmp_path_factory.mktemp("hub") / "final"
@@ -156,7 +156,7 @@ def test_hub_refusal_is_one_line(olavlm_ift, tmp_path, hub_online, capsys):
 def test_convert_reference_from_a_hub_id(tiny_dir, tmp_path, hub_online, monkeypatch, capsys):
     from huggingface_hub import constants
 
-    from olavlm.interop.tiny import make_tiny_reference, read_tensors
+    from olavlm.devkit.reference import make_tiny_reference, read_tensors
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     ref = make_tiny_reference(tiny_dir, tmp_path / "ref", stage="pt")

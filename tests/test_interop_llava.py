@@ -79,7 +79,7 @@ def _image(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def olavlm_ift(tiny_dir, tmp_path_factory):
     """A tiny olavlm IFT folder (llama + CLIP, 2 task tokens per task) as `olavlm train` writes it."""
-    from olavlm.model.tiny import tiny_model_config
+    from olavlm.devkit.tiny import tiny_model_config
     from olavlm.model.vlm import OlaVLM
 
     folder = tmp_path_factory.mktemp("olavlm") / "final"
@@ -125,7 +125,7 @@ def test_plain_transformers_matches_olavlm(source, olavlm_ift, tiny_dir, tmp_pat
     if source.startswith("converted"):  # released layout -> olavlm -> LLaVA
         from olavlm.interop.reference import convert_reference
         from olavlm.interop.reference_config import ConvertOptions
-        from olavlm.interop.tiny import make_tiny_reference
+        from olavlm.devkit.reference import make_tiny_reference
 
         spare = 9 if source == "converted_spare_rows" else 0  # like Phi-3: rows past the tokenizer, reused
         ref = make_tiny_reference(tiny_dir, tmp_path / "ref", stage="ift", spare_rows=spare)
@@ -163,7 +163,7 @@ def test_plain_transformers_matches_olavlm(source, olavlm_ift, tiny_dir, tmp_pat
 
 def test_task_token_rows_are_olavlm_pooled_tokens(olavlm_ift, tmp_path):
     from olavlm.interop.llava_export import export_llava
-    from olavlm.interop.tiny import read_tensors
+    from olavlm.devkit.reference import read_tensors
     from olavlm.model.vlm import OlaVLM
 
     info = export_llava(olavlm_ift, tmp_path / "llava")

@@ -18,8 +18,8 @@ from olavlm.cli import main
 from olavlm.constants import IMAGE_TOKEN_INDEX
 from olavlm.interop.reference import convert_reference
 from olavlm.interop.reference_config import ConvertOptions
-from olavlm.interop.tiny import TINY_HEAD_ATTN, TINY_HEADS, make_tiny_reference
-from olavlm.interop.tiny import read_tensors as read_all
+from olavlm.devkit.reference import TINY_HEAD_ATTN, TINY_HEADS, make_tiny_reference
+from olavlm.devkit.reference import read_tensors as read_all
 
 K, P = 2, 64  # tiny task tokens per task, image tokens (8x8 CLIP grid)
 OPTS = ConvertOptions(vision_heads=4, dtype="float32")  # the tiny CLIP has 4 heads (not hidden // 64)
@@ -286,7 +286,7 @@ def test_every_chained_recipe_accepts_a_converted_pt_folder(real_k_pt, vision, t
 def test_converted_pt_folder_is_an_ift_init_from(real_k_pt, tiny_dir, tmp_path, vision, tower):
     from olavlm.config import load_config
     from olavlm.train.loop import train
-    from olavlm.train.smoke import smoke_overrides
+    from olavlm.devkit.smoke import smoke_overrides
 
     recipe = f"configs/llama3_8b_{tower}/ift.yaml"  # as written: num_task_tokens 8, the released value
     pt = real_k_pt[vision]

@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 from olavlm.cli import main as cli_main
 from olavlm.config import ConfigError, LoraConfig, TrainConfig, load_config
 from olavlm.data.collate import Collator
-from olavlm.model.tiny import tiny_model_config
+from olavlm.devkit.tiny import tiny_model_config
 from olavlm.model.vlm import OlaVLM
 from olavlm.train import checkpoint as ckpt
-from olavlm.train import lora
+from olavlm.model import lora
 from olavlm.train.loop import train
-from olavlm.train.smoke import smoke_overrides, write_smoke_dataset
+from olavlm.devkit.smoke import smoke_overrides, write_smoke_dataset
 from olavlm.train.stages import configure_trainable
 
 from test_packing import make_samples

@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from olavlm.model import io
-from olavlm.model.tiny import tiny_model_config
+from olavlm.devkit.tiny import tiny_model_config
 from olavlm.model.vlm import OlaVLM
 from olavlm.constants import IGNORE_INDEX
 from olavlm.objectives.embedding import embedding_loss

@@ -10,7 +10,7 @@ from olavlm.config import ConfigError, PredictorConfig
 from olavlm.model.predictor import Predictor, adapt_queries
 from olavlm.model.projector import build_projector
 from olavlm.model.task_tokens import TaskTokens
-from olavlm.model.tiny import tiny_model_config
+from olavlm.devkit.tiny import tiny_model_config
 
 
 def test_projector_kinds():

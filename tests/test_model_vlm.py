@@ -7,7 +7,7 @@ import torch
 
 from olavlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from olavlm.model.sequence import SequenceTooLong
-from olavlm.model.tiny import tiny_model_config
+from olavlm.devkit.tiny import tiny_model_config
 from olavlm.model.vlm import OlaVLM
 
 PREFIXES = ["<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful AI assistant.<|eot_id|>"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from olavlm.train import checkpoint as ckpt
-from olavlm.train.smoke import smoke_overrides
+from olavlm.devkit.smoke import smoke_overrides
 from test_train_dist import WORKER, _assert_agree, _free_port, _ranks, _torchrun
 
 PT = Path("configs/llama3_8b_clip336/pt.yaml")

@@ -14,7 +14,7 @@ from olavlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, KIND_PAD
 from olavlm.data.collate import Collator
 from olavlm.data.packing import expanded_length, pack_balanced, pack_rows, padding_fraction
 from olavlm.model.sequence import build_layout
-from olavlm.model.tiny import tiny_model_config
+from olavlm.devkit.tiny import tiny_model_config
 from olavlm.model.vlm import OlaVLM
 
 PROMPTS = ["<|start_header_id|>user<|end_header_id|>\n\n", "<|system|>\nA chat.<|end|>\n<|user|>\n"]

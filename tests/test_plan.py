@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from olavlm.config import TrainConfig, load_config
 from olavlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from olavlm.model.tiny import tiny_model_config
+from olavlm.devkit.tiny import tiny_model_config
 from olavlm.model.vlm import OlaVLM
 from olavlm.plan import flops as F
 from olavlm.plan import memory as M
@@ -229,7 +229,7 @@ def test_ift_plan_steps_and_no_predictors():
 
 def test_cli_prints_a_table_and_json(tiny_dir, capsys):
     from olavlm.cli import main
-    from olavlm.train.smoke import smoke_overrides
+    from olavlm.devkit.smoke import smoke_overrides
 
     recipe = ROOT / "configs/llama3_8b_clip336/pt.yaml"
     over = smoke_overrides(tiny_dir, recipe, tiny_dir / "plan-smoke")

@@ -17,7 +17,7 @@ from olavlm.config import ConfigError, RunConfig, TrainConfig, load_config
 from olavlm.config_checks import predictor_output_shape
 from olavlm.errors import UserError
 from olavlm.preflight import PreflightError, check_command, preflight
-from olavlm.train.smoke import smoke_overrides, write_smoke_dataset
+from olavlm.devkit.smoke import smoke_overrides, write_smoke_dataset
 
 PT = Path("configs/llama3_8b_clip336/pt.yaml")
 IFT = Path("configs/llama3_8b_clip336/ift.yaml")
@@ -191,7 +191,7 @@ def test_check_command_line(setup, capsys):
 def test_predictor_shapes_match_the_built_model(tiny_dir, monkeypatch):
     """The weight-free predictor output shapes equal those of a built model (independent computation)."""
     monkeypatch.undo()
-    from olavlm.model.tiny import tiny_model_config
+    from olavlm.devkit.tiny import tiny_model_config
     from olavlm.model.vlm import OlaVLM
 
     for overrides in ({}, {"vision": "siglip"}):

@@ -20,11 +20,11 @@ from urllib.parse import urlparse
 import pytest
 from PIL import Image
 
-from olavlm.data.prepare import sources
-from olavlm.data.prepare.archive import UnsafeArchive, list_members, safe_extract
-from olavlm.data.prepare.download import InsufficientDisk, check_free_disk, download_http
-from olavlm.data.prepare.ocr_vqa import fetch_ocr_vqa
-from olavlm.data.prepare.runner import Options, prepare
+from olavlm.prepare import sources
+from olavlm.prepare.archive import UnsafeArchive, list_members, safe_extract
+from olavlm.prepare.download import InsufficientDisk, check_free_disk, download_http
+from olavlm.prepare.ocr_vqa import fetch_ocr_vqa
+from olavlm.prepare.runner import Options, prepare
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -215,7 +215,7 @@ def hub_online(monkeypatch):
 def run_cli(argv: list[str], specs, monkeypatch) -> int:
     """`olavlm data prepare ARGV` through the real command line, with the registry rewired."""
     from olavlm.cli import main
-    from olavlm.data.prepare import cli
+    from olavlm.prepare import cli
 
     monkeypatch.setattr(cli, "DATASETS", specs)
     return main(["data", "prepare", *argv])
@@ -340,7 +340,7 @@ def test_download_resumes_after_drop_and_restarts_on_bad_checksum(server, tmp_pa
 
 
 def test_download_404_is_permanent(server, tmp_path):
-    from olavlm.data.prepare.download import DownloadError
+    from olavlm.prepare.download import DownloadError
 
     with pytest.raises(DownloadError, match="HTTP 404"):
         download_http(server.base + "/nope.zip", tmp_path / "x.zip", backoff=0.01, progress=False)
@@ -370,7 +370,7 @@ def test_flatten_unpacks_flat_and_refuses_collisions(tmp_path):
     assert safe_extract(z, tmp_path / "o", flatten=True, progress=False) == 2
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["1.jpg", "2.jpg"]
     z.write_bytes(make_zip({"x/1.jpg": b"a", "y/1.jpg": b"b"}))
-    from olavlm.data.prepare.archive import ArchiveError
+    from olavlm.prepare.archive import ArchiveError
 
     with pytest.raises(ArchiveError, match="both flatten"):
         safe_extract(z, tmp_path / "o2", flatten=True, progress=False)
@@ -441,7 +441,7 @@ def test_tar_archives_unpack_and_links_are_refused(tmp_path):
 def test_not_enough_disk_stops_before_any_download(server, tmp_path, monkeypatch, capsys):
     import collections
 
-    from olavlm.data.prepare import download
+    from olavlm.prepare import download
 
     specs = publish(server)
     usage = collections.namedtuple("usage", "total used free")
@@ -453,7 +453,7 @@ def test_not_enough_disk_stops_before_any_download(server, tmp_path, monkeypatch
 
 
 def test_size_announced_differently_fails_fast(server, tmp_path):
-    from olavlm.data.prepare.download import DownloadError
+    from olavlm.prepare.download import DownloadError
 
     server.files["/f.bin"] = b"x" * 100
     with pytest.raises(DownloadError, match="changed upstream"):
@@ -475,7 +475,7 @@ def test_mirror_zip_then_ocr_step_reencodes_present_gif_and_fetches_only_missing
 
 
 def test_allava_assemble_drops_unsafe_paths_and_flags_foreign_folders(tmp_path):
-    from olavlm.data.prepare.allava import assemble
+    from olavlm.prepare.allava import assemble
 
     part = [{"id": 1, "image": "a/images/1.jpg", "conversations": conv(1), "url": "u"},
             {"id": 2, "image": "../../etc/passwd", "conversations": conv(2)},
@@ -501,7 +501,7 @@ def test_allava_assemble_drops_unsafe_paths_and_flags_foreign_folders(tmp_path):
 
 
 def test_redirect_only_to_the_same_host_or_an_allow_listed_cdn(server, tmp_path):
-    from olavlm.data.prepare.download import DownloadError, RedirectRefused, host_allowed, http_size
+    from olavlm.prepare.download import DownloadError, RedirectRefused, host_allowed, http_size
 
     port = server.httpd.server_address[1]
     server.files["/real.bin"] = data = b"r" * 1000
@@ -529,7 +529,7 @@ def test_redirect_only_to_the_same_host_or_an_allow_listed_cdn(server, tmp_path)
 
 
 def test_byte_cap_from_the_registry_without_content_length(server, tmp_path):
-    from olavlm.data.prepare.download import DownloadError
+    from olavlm.prepare.download import DownloadError
 
     server.files["/big.bin"] = b"b" * (3 << 20)
     server.faults["/big.bin"] = ["nolength"]
@@ -555,7 +555,7 @@ def _png_header_only(w: int, h: int) -> bytes:
 
 
 def test_ocr_vqa_hostile_names_bombs_and_undecodable_images(server, tmp_path, monkeypatch):
-    from olavlm.data.prepare import ocr_vqa
+    from olavlm.prepare import ocr_vqa
 
     server.files["/i/ok.jpg"] = jpeg()
     server.files["/i/bomb.png"] = _png_header_only(100_000, 100_000)
@@ -605,7 +605,7 @@ def test_ocr_vqa_hostile_names_bombs_and_undecodable_images(server, tmp_path, mo
 def test_unpack_size_limit_zip_and_tar(tmp_path):
     import tarfile
 
-    from olavlm.data.prepare.archive import UNPACK_RATIO, UNPACK_SLACK, unpack_limit
+    from olavlm.prepare.archive import UNPACK_RATIO, UNPACK_SLACK, unpack_limit
 
     assert unpack_limit(1 << 20) == UNPACK_RATIO * (1 << 20) + UNPACK_SLACK < 1 << 30  # "1 MiB zip -> 1 GiB" refused
     zeros = b"\0" * (4 << 20)
@@ -631,7 +631,7 @@ def test_unpack_size_limit_zip_and_tar(tmp_path):
 def test_unpack_name_clashes_are_reported(tmp_path):
     import warnings
 
-    from olavlm.data.prepare.archive import ArchiveError
+    from olavlm.prepare.archive import ArchiveError
 
     z = tmp_path / "dup.zip"
     with warnings.catch_warnings():

@@ -17,7 +17,7 @@ from olavlm.data.images import load_image, to_square, uint8_tensor
 from olavlm.data.processor import OlaProcessor
 from olavlm.evaluation.probe import collect_states, run_probe
 from olavlm.evaluation.runner import EvalModel
-from olavlm.model.tiny import tiny_model_config
+from olavlm.devkit.tiny import tiny_model_config
 from olavlm.model.vlm import OlaVLM
 from olavlm.teachers import TeacherSet, build_teacher
 from olavlm.teachers.precompute import _ImageReader

@@ -21,7 +21,7 @@ from olavlm.evaluation.probe_stage import PROBES_FILE, ProbeResampler, load_prob
 from olavlm.model.vlm import OlaVLM
 from olavlm.teachers.targets import TargetSource
 from olavlm.train.loop import model_inputs, train
-from olavlm.train.smoke import smoke_overrides, write_smoke_dataset
+from olavlm.devkit.smoke import smoke_overrides, write_smoke_dataset
 
 PT = Path("configs/llama3_8b_clip336/pt.yaml")
 

@@ -54,7 +54,7 @@ def _expected_images(image: Path, geometry: str, spec: ImageSpec, side: int) -> 
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_dir):
-    from olavlm.model.tiny import tiny_model_config
+    from olavlm.devkit.tiny import tiny_model_config
     from olavlm.model.vlm import OlaVLM
 
     return OlaVLM.from_config(tiny_model_config(tiny_dir), with_predictors=False).eval()

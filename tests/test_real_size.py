@@ -91,11 +91,11 @@ def test_teacher_targets_have_the_predictor_shapes(pt_model, task):
 
 def _two_layer_llm(tmp: Path, recipe: str) -> Path:
     """The recipe LLM's config with 2 layers, over the tiny tokenizer (vocabulary size is not width)."""
-    from olavlm.model.tiny import _CORPUS, train_tokenizer
+    from olavlm.devkit.tiny import CORPUS, train_tokenizer
 
     src = resolve_paths(load_config(ROOT / "configs" / recipe / "pt.yaml").model, REAL).llm
     cfg = json.loads((Path(src) / "config.json").read_text())
-    tok = train_tokenizer(_CORPUS)
+    tok = train_tokenizer(CORPUS)
     cfg.update(num_hidden_layers=2, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                pad_token_id=tok.pad_token_id)
     cfg.pop("auto_map", None)

@@ -243,7 +243,7 @@ def test_training_step_cached_equals_online(tiny_dir, dataset, tmp_path):
     """A PT forward/backward with cached targets gives the losses and gradients of online teachers."""
     import dataclasses
 
-    from olavlm.model.tiny import tiny_model_config
+    from olavlm.devkit.tiny import tiny_model_config
     from olavlm.model.vlm import OlaVLM
     from olavlm.teachers.targets import TargetSource
     from olavlm.train.loop import build_data, model_inputs

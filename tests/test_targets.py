@@ -45,7 +45,7 @@ def data(tmp_path_factory):
 
 
 def make_cfg(tiny_dir, data, cache=None, **data_fields) -> RunConfig:
-    from olavlm.model.tiny import tiny_model_config
+    from olavlm.devkit.tiny import tiny_model_config
 
     model = tiny_model_config(tiny_dir)
     teachers = tiny_dir / "teachers"

@@ -15,7 +15,7 @@ import torch
 
 from olavlm.model.vlm import OlaVLM
 from olavlm.train import checkpoint as ckpt
-from olavlm.train.smoke import smoke_overrides
+from olavlm.devkit.smoke import smoke_overrides
 
 WORKER = Path(__file__).parent / "dist" / "train_worker.py"
 

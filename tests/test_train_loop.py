@@ -13,7 +13,7 @@ from olavlm.cli import main as cli_main
 from olavlm.config import ConfigError, load_config
 from olavlm.train import checkpoint as ckpt
 from olavlm.train.loop import train
-from olavlm.train.smoke import smoke_overrides, write_smoke_dataset
+from olavlm.devkit.smoke import smoke_overrides, write_smoke_dataset
 
 PT = Path("configs/llama3_8b_clip336/pt.yaml")
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from olavlm.cli import main as cli_main
-from olavlm.train.smoke import smoke_overrides
+from olavlm.devkit.smoke import smoke_overrides
 
 @pytest.fixture(autouse=True)
 def one_thread():

@@ -13,7 +13,7 @@ import torch
 
 from olavlm.config import ConfigError, PredictorConfig, RunConfig, TaskConfig, TrainConfig, load_config, validate
 from olavlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from olavlm.model.tiny import tiny_model_config
+from olavlm.devkit.tiny import tiny_model_config
 from olavlm.model.vlm import OlaVLM
 from olavlm.objectives.alignment import alignment_loss, alignment_task_loss
 from olavlm.train.stages import active_tasks, configure_trainable
@@ -302,7 +302,7 @@ def test_methods_plan_and_shapeworld_recipe(tmp_path):
 def test_ola_pt_and_viral_ift_steps_from_recipes(tiny_dir, tmp_path):
     """2 OLA PT steps from the PT recipe, then 2 VIRAL IFT steps from it, on the tiny models."""
     from olavlm.cli import main as cli_main
-    from olavlm.train.smoke import smoke_overrides
+    from olavlm.devkit.smoke import smoke_overrides
 
     variant = "llama3_8b_clip336"
     for stage in ("pt", "viral_ift"):

@@ -13,7 +13,7 @@ import torch
 from olavlm.cli import main as cli_main
 from olavlm.config import load_config
 from olavlm.model.vlm import OlaVLM
-from olavlm.train.smoke import smoke_overrides
+from olavlm.devkit.smoke import smoke_overrides
 
 PT = Path("configs/llama3_8b_clip336/pt.yaml")
 

@@ -14,7 +14,7 @@ GOLDEN = Path(__file__).parent / "data" / "ola_pt_fingerprint.json"
 
 
 def ola_pt_fingerprint(tiny_dir) -> dict[str, float]:
-    from olavlm.model.tiny import tiny_model_config
+    from olavlm.devkit.tiny import tiny_model_config
     from olavlm.model.vlm import OlaVLM
     from olavlm.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 

@@ -32,7 +32,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 
 if [[ -n "${TINY:-}" ]]; then
   export DS_ACCELERATOR=cpu
-  SMOKE_ARGS=$("$PYTHON" -m olavlm.train.smoke --tiny "$TINY" --recipe "$RECIPE" --out "${SMOKE_OUT:-runs/smoke}")
+  SMOKE_ARGS=$("$PYTHON" -m olavlm.devkit.smoke --tiny "$TINY" --recipe "$RECIPE" --out "${SMOKE_OUT:-runs/smoke}")
   mapfile -t SMOKE <<<"$SMOKE_ARGS"
   echo "smoke run of $RECIPE on $TINY (CPU)" >&2
   exec "$PYTHON" -m olavlm.cli train "$RECIPE" "${SMOKE[@]}" "$@"

@@ -30,7 +30,8 @@ COMMAND_MODULES = [
     "olavlm.infer.cli",      # chat
     "olavlm.evaluation.cli", # eval cvbench, probe
     "olavlm.shapeworld.cli", # demo
-    "olavlm.model.cli",      # make-tiny
+    "olavlm.devkit.cli",     # make-tiny
+    "olavlm.model.cli",      # convert open-clip
     "olavlm.interop.cli",    # convert reference, export llava
     "olavlm.plan.cli",       # plan
 ]

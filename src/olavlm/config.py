@@ -82,6 +82,13 @@ def task_stages(task: "TaskConfig") -> tuple[str, ...]:
     return tuple(task.stages) if task.stages is not None else DEFAULT_TASK_STAGES[task.kind]
 
 
+def active_tasks(model_cfg: "ModelConfig", stage: str) -> dict[str, "TaskConfig"]:
+    """The tasks whose predictors and losses run in ``stage`` (layers set, stage in their stages)."""
+    if stage not in typing.get_args(Stage):
+        raise ConfigError(f"train.stage: {stage!r} is not one of {list(typing.get_args(Stage))}")
+    return {n: t for n, t in model_cfg.tasks.items() if t.layers and stage in task_stages(t)}
+
+
 def default_tasks() -> dict[str, TaskConfig]:
     """The reference defaults: gen, depth, seg with code-default layers and 0.5 weights."""
     return {

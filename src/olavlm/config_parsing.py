@@ -9,11 +9,7 @@ import types
 import typing
 from typing import Any, Callable
 
-from olavlm.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration problem; the message starts with the dotted name of the field."""
+from olavlm.errors import ConfigError, UserError  # noqa: F401  (ConfigError is re-exported here)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,3 +10,15 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A problem with the user's input; the message names the field or file and says what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem; the message starts with the dotted name of the field."""
+
+
+class CacheError(UserError, ValueError):
+    """The target cache is missing, malformed, damaged, incomplete or built for something else."""
+
+
+class StaleTarget(KeyError):
+    """The cached entry was computed from other image bytes (sha1 differs): a cache miss, not a target."""

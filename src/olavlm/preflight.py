@@ -154,7 +154,7 @@ def _auto_config(path: str, field: str):
 
 
 def _model_facts(cfg: RunConfig, notes: list[str]) -> _ModelFacts:
-    from olavlm.model.vision import vision_geometry
+    from olavlm.geometry import vision_geometry
 
     t = cfg.train
     if t.init_from is not None and t.stage == "pt":
@@ -200,7 +200,7 @@ def _check_teachers(cfg: RunConfig, facts: _ModelFacts, notes: list[str]) -> Non
     """Target shapes of the teachers the run builds against the predictors' output shapes."""
     from olavlm.teachers.registry import TEACHERS, target_spec
     from olavlm.teachers.specs import SpecError
-    from olavlm.train.stages import active_tasks
+    from olavlm.config import active_tasks
 
     d = cfg.data
     tasks = active_tasks(facts.cfg, cfg.train.stage)

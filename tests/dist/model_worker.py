@@ -79,7 +79,7 @@ def _step(ddp, opt, batch) -> None:
 def check_ddp_text_only(rank: int, tiny_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from olavlm.model.tiny import tiny_model_config
+    from olavlm.devkit.tiny import tiny_model_config
     from olavlm.model.vlm import OlaVLM
     from test_model_vlm import make_batch, pt_mode, targets_for
 

@@ -66,13 +66,8 @@ def register(sub) -> None:
     show.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="colour supervised spans")
     show.set_defaults(func=cmd_show, parser=show)
 
-    try:
-        from olavlm.data.prepare.cli import add_prepare_parser
-    except ModuleNotFoundError as e:
-        if e.name is None or not "olavlm.data.prepare.cli".startswith(e.name):
-            raise
-    else:
-        add_prepare_parser(dsub)
+    from olavlm.prepare.cli import add_prepare_parser
+    add_prepare_parser(dsub)
 
 
 def _load_tokenizer(path: str):
@@ -125,7 +120,7 @@ def _tokens_per_image(args) -> int | None:
     n = args.num_image_tokens
     if n is None and args.vision_tower:
         from olavlm.config import ModelConfig
-        from olavlm.model.vision import vision_geometry
+        from olavlm.geometry import vision_geometry
         n = vision_geometry(ModelConfig(vision_tower=args.vision_tower, vision_type=args.vision_type)).num_tokens
     if n is None:
         return None

@@ -150,7 +150,7 @@ class LlavaDataset(Dataset):
 
     def _target(self, key: str, sha1: str | None) -> dict | None:
         """Cached targets of one image; None = a miss (filled online, or masked out of the loss)."""
-        from olavlm.teachers.cache import CacheError, StaleTarget
+        from olavlm.errors import CacheError, StaleTarget
 
         try:
             return self.target_lookup(key, sha1=sha1) if self._lookup_sha1 else self.target_lookup(key)

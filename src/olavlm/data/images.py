@@ -50,6 +50,7 @@ from PIL import Image, UnidentifiedImageError
 
 from olavlm.config import ImageGeometry
 from olavlm.data.errors import BadSample
+from olavlm.geometry import ImageSpec  # noqa: F401  (re-exported: the tower's input spec)
 
 GEOMETRIES = typing.get_args(ImageGeometry)  # ("pad", "square", "resize")
 MAX_IMAGE_PIXELS = 89_478_485  # decompression-bomb guard: larger images are rejected (PIL's default limit)
@@ -63,30 +64,6 @@ _RESAMPLE = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """How the vision tower wants its input; the one reader of a tower's preprocessor_config.json is
-    :func:`olavlm.model.vision.vision_geometry` (its ``spec``)."""
-
-    size: int  # side of the square input (e.g. 336)
-    mean: tuple[float, float, float]  # normalisation mean (also the pad colour, int(255 * mean) as in LLaVA)
-    std: tuple[float, float, float]
-    resample: str = "bicubic"  # PIL filter used for resizing
-
-    def __post_init__(self) -> None:
-        if self.size < 1:
-            raise ValueError(f"ImageSpec.size must be >= 1, got {self.size}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"ImageSpec.mean/std need 3 channels, got {self.mean} / {self.std}")
-        if self.resample not in _RESAMPLE:
-            raise ValueError(f"ImageSpec.resample {self.resample!r} is not one of {sorted(_RESAMPLE)}")
-
-    @property
-    def pad_color(self) -> tuple[int, int, int]:
-        """Background of the ``pad`` geometry: ``int(255 * mean)`` as in LLaVA's expand2square."""
-        return tuple(int(255 * m) for m in self.mean)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -175,6 +152,12 @@ def read_image(path: str | os.PathLike, *, limits: ImageLimits = DEFAULT_LIMITS,
     except OSError as e:
         raise BadSample("unreadable_image", f"{path}: {e.strerror or e}") from None
     return _decode(path, data, limits, geometry, side), hashlib.sha1(data).hexdigest()
+
+
+def decode_image_bytes(data: bytes, name: str | os.PathLike, *, limits: ImageLimits = DEFAULT_LIMITS,
+                       geometry: str | None = None, side: int | None = None) -> Image.Image:
+    """:func:`load_image` of bytes already in memory (``name`` is for messages), e.g. a TSV's base64 image."""
+    return _decode(Path(name), data, limits, geometry, side)
 
 
 def _decode(path: Path, data: bytes | None, limits: ImageLimits, geometry: str | None, side: int | None):

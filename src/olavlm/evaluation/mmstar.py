@@ -141,7 +141,7 @@ def run_mmstar(model_dir: str | Path, data: str | Path, *, output: str | Path | 
                template: str | None = None, image_geometry: str | None = None, device: str | None = None,
                progress: bool = True, em=None, add_bos=None) -> dict:
     """Greedy answers of a trained model on MMStar, scored by :func:`score` (resumable like CV-Bench)."""
-    from olavlm.data.images import _decode
+    from olavlm.data.images import decode_image_bytes
     from olavlm.evaluation.generation import Item, answer_and_score
     from olavlm.evaluation.runner import load_eval_model
 
@@ -159,7 +159,7 @@ def run_mmstar(model_dir: str | Path, data: str | Path, *, output: str | Path | 
     def loader(item):
         def load():
             name, data_bytes = image_bytes(item, by_index, base)
-            return _decode(Path(name), data_bytes, proc.limits, proc.image_geometry, proc.max_side)
+            return decode_image_bytes(data_bytes, name, limits=proc.limits, geometry=proc.image_geometry, side=proc.max_side)
         return load
 
     queries = [Item(str(it["index"]), build_prompt(it), loader(it)) for it in items]

@@ -199,7 +199,7 @@ def _write_weights(out: Path, src: Path, llava_cfg, *, image_id: int, task_ids: 
 def _processor(tokenizer, cfg, vision_dir: Path, geometry: str, chat_template: str):
     from transformers import AutoConfig, LlavaImageProcessorPil, LlavaProcessor
 
-    from olavlm.model.vision import drop_cls, tower_type, vision_geometry
+    from olavlm.geometry import drop_cls, tower_type, vision_geometry
 
     spec = vision_geometry(cfg).spec
     side = int(spec.size)
@@ -296,7 +296,7 @@ def export_llava(src: str | Path, dst: str | Path, *, template: str | None = Non
     from olavlm.data.tokenize import resolve_bos, tokenizer_adds_bos
     from olavlm.interop.llava_template import chat_template
     from olavlm.model import io
-    from olavlm.model.vision import drop_cls, vision_geometry
+    from olavlm.geometry import drop_cls, vision_geometry
 
     try:
         source = io.resolve_dir(src)

@@ -176,8 +176,9 @@ def _expected_extras(cfg, out: Path, *, with_predictors: bool) -> dict[str, tupl
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from olavlm.config import ConfigError
-    from olavlm.model.vision import VisionTower, drop_cls, tower_type, vision_geometry
-    from olavlm.model.vlm import _EXTRA_PREFIXES, OlaVLM
+    from olavlm.geometry import drop_cls, tower_type, vision_geometry
+    from olavlm.model.vision import VisionTower
+    from olavlm.model.vlm import EXTRA_PREFIXES, OlaVLM
 
     resolved = _resolved(cfg, out)
     try:
@@ -193,7 +194,7 @@ def _expected_extras(cfg, out: Path, *, with_predictors: bool) -> dict[str, tupl
         shapes = meta_state_shapes(build)
     except ConfigError as e:
         raise InteropError(f"converted config: {e}") from None
-    return {k: v for k, v in shapes.items() if k.startswith(_EXTRA_PREFIXES)}
+    return {k: v for k, v in shapes.items() if k.startswith(EXTRA_PREFIXES)}
 
 
 def _write_processor(out: Path, cfg, ref: ReferenceConfig, run: dict) -> None:
@@ -218,7 +219,7 @@ def _write_processor(out: Path, cfg, ref: ReferenceConfig, run: dict) -> None:
 def _image_tokens(out: Path, vision: VisionResult, ref: ReferenceConfig) -> int:
     """Image tokens per image of the written tower (the default predictor query count)."""
     from olavlm.config import ModelConfig
-    from olavlm.model.vision import vision_geometry
+    from olavlm.geometry import vision_geometry
 
     return vision_geometry(ModelConfig(vision_tower=str(out / "vision"), vision_type=vision.vision_type,
                                        **vision_fields(ref, vision))).num_tokens

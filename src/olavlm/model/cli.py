@@ -1,18 +1,12 @@
-"""`olavlm make-tiny` (tiny random checkpoints for CPU smoke runs) and `olavlm convert open-clip`."""
+"""`olavlm convert open-clip` (the ConvNeXt trunk of an open_clip checkpoint -> a transformers folder)."""
 
 from __future__ import annotations
-
-import argparse
 
 from olavlm.cli_groups import CONVERT_HELP, command_group
 from olavlm.dtypes import NAMES
 
 
 def register(sub) -> None:
-    p = sub.add_parser("make-tiny", help="write tiny random checkpoints (tokenizer, LLMs, vision towers, teachers)")
-    p.add_argument("--output", required=True, help="folder to write into")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run)
     register_convert(command_group(sub, "convert", CONVERT_HELP))
 
 
@@ -37,17 +31,6 @@ def register_convert(convert_sub) -> None:
     p.add_argument("--dtype", default=None, choices=NAMES,
                    help="store the weights in this dtype (default: as in the source)")
     p.set_defaults(func=run_convert_open_clip)
-
-
-def run(args) -> int:
-    from olavlm.model.tiny import make_tiny
-
-    written = make_tiny(args.output, seed=args.seed)
-    width = max(len(k) for k in written)
-    print(f"wrote {len(written)} tiny checkpoints under {args.output}:")
-    for name, path in written.items():
-        print(f"  {name:<{width}}  {path}")
-    return 0
 
 
 def run_convert_open_clip(args) -> int:

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from olavlm.geometry import convnext_stride, convnext_width  # noqa: F401  (re-exported)
+
 log = logging.getLogger(__name__)
 
 XXLARGE_DEPTHS = (3, 4, 30, 3)
@@ -98,17 +100,6 @@ def convnext_config(depths=XXLARGE_DEPTHS, hidden_sizes=XXLARGE_DIMS, *, image_s
     cfg.norm_eps = float(norm_eps)
     cfg.architectures = ["ConvNextModel"]
     return cfg
-
-
-def convnext_stride(config) -> int:
-    """Output stride of the last stage: stem patch size x 2 per downsampling stage."""
-    patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
-    return int(patch) * 2 ** (int(config.num_stages) - 1)
-
-
-def convnext_width(config) -> int:
-    """Channels of the last stage (the tower's feature width)."""
-    return int(config.hidden_sizes[-1])
 
 
 def _trunk(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

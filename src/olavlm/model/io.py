@@ -135,12 +135,6 @@ def read_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
     return cfg, meta
 
 
-def read_json_file(path_or_id: str, filename: str) -> dict[str, Any]:
-    from olavlm.model.vision import _read_json
-
-    return _read_json(path_or_id, filename)
-
-
 # -- a later stage loading a saved folder (train.init_from) ----------------------------------
 
 # How the saved weights are loaded and run, not what they are: a VPT/IFT recipe that sets them wins.

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from olavlm.config import ConfigError, ModelConfig, RunConfig, validate, validate_against_model
+from olavlm.config import ModelConfig, RunConfig, validate, validate_against_model
 from olavlm.constants import IMAGE_TOKEN_INDEX
-from olavlm.data.images import ImageSpec
+from olavlm.geometry import ImageSpec, VisionGeometry, read_json, vision_geometry
 from olavlm.model import io
 from olavlm.model.predictor import predictors_keepalive, task_predictors
 from olavlm.model.projector import build_projector
@@ -26,13 +26,13 @@ from olavlm.model.decode import decode
 from olavlm.model.lockstep import agreed_ntp_chunks, is_fully_sharded, is_partitioned
 from olavlm.model.sequence import SequenceLayout, assemble_embeddings, build_layout
 from olavlm.model.task_tokens import LogitScales, TaskTokens, tasks_with_rows
-from olavlm.model.vision import VisionGeometry, VisionTower, vision_geometry
+from olavlm.model.vision import VisionTower
 from olavlm.objectives import auxiliary_losses
 from olavlm.objectives.ntp import ntp_loss
 
 log = logging.getLogger(__name__)
 
-_EXTRA_PREFIXES = ("projector.", "task_tokens.", "predictors.", "logit_scales.")
+EXTRA_PREFIXES = ("projector.", "task_tokens.", "predictors.", "logit_scales.")
 FORWARD_MODES = ("auto", "predict", "lm")  # predictors iff targets are given / always / never
 
 
@@ -126,7 +126,7 @@ class OlaVLM(nn.Module):
         from safetensors.torch import load_file
 
         folder = io.resolve_dir(path)
-        from olavlm.train import lora
+        from olavlm.model import lora
 
         if lora.is_adapter_folder(folder):  # a LoRA run's final/: base + adapters, merged
             return lora.load_adapter_folder(folder, merge=True, dtype=dtype, attn_implementation=attn_implementation)
@@ -143,7 +143,7 @@ class OlaVLM(nn.Module):
         model = cls.from_config(cfg, with_predictors=with_predictors)
         state = load_file(str(folder / io.WEIGHTS_NAME))
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k.startswith(_EXTRA_PREFIXES)]
+        missing = [k for k in missing if k.startswith(EXTRA_PREFIXES)]
         if missing:
             raise ValueError(f"{folder / io.WEIGHTS_NAME} lacks {missing[:5]}")
         kept = [k for k in unexpected if not k.startswith(("predictors.", "logit_scales.", "task_tokens."))]
@@ -155,9 +155,9 @@ class OlaVLM(nn.Module):
         """HF-style folder (see olavlm.model.io); ``with_predictors=False`` drops predictors and scales."""
         from safetensors.torch import save_file
 
-        from olavlm.train import lora
+        from olavlm.model import lora
 
-        if lora.is_lora(self.llm):  # adapters + extras only (olavlm.train.lora)
+        if lora.is_lora(self.llm):  # adapters + extras only (olavlm.model.lora)
             return lora.save_adapter_folder(self, path)
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
@@ -165,7 +165,7 @@ class OlaVLM(nn.Module):
         self.tokenizer.save_pretrained(folder / "llm")
         self.tokenizer.save_pretrained(folder)
         self.vision.save_pretrained(folder / "vision")
-        pre = io.read_json_file(self.cfg.vision_tower, "preprocessor_config.json")
+        pre = read_json(self.cfg.vision_tower, "preprocessor_config.json")
         (folder / "vision" / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
         save_file(self.extra_state(with_predictors=with_predictors), str(folder / io.WEIGHTS_NAME),
                   metadata={"format": "pt"})
@@ -176,7 +176,7 @@ class OlaVLM(nn.Module):
         keep_rows = set(tasks_with_rows(self.cfg, with_predictors=with_predictors and bool(self.predictors)))
         state = {}
         for key, value in self.state_dict().items():
-            if not key.startswith(_EXTRA_PREFIXES):
+            if not key.startswith(EXTRA_PREFIXES):
                 continue
             if not with_predictors and key.startswith(("predictors.", "logit_scales.")):
                 continue
@@ -220,7 +220,7 @@ class OlaVLM(nn.Module):
         return is_partitioned(self.projector_weight) or is_fully_sharded(self)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        from olavlm.train.lora import is_adapter_param  # LoRA: adapters are their own group, the base is "llm"
+        from olavlm.model.lora import is_adapter_param  # LoRA: adapters are their own group, the base is "llm"
 
         llm = dict(self.llm.named_parameters())
         return {"llm": [p for n, p in llm.items() if not is_adapter_param(n)],

@@ -11,19 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from olavlm.config import RunConfig
+from olavlm.config import RunConfig, active_tasks
 from olavlm.plan import flops as F
 from olavlm.plan import memory as M
 from olavlm.plan.counts import LLMDims, VisionDims, group_counts, nbytes, numel, predictor_counts, stage_counts, \
     trainable_split
 from olavlm.plan.hardware import lookup
 from olavlm.plan.meta import meta_model, meta_teachers, resolve_paths
-from olavlm.train.stages import active_tasks
 
 log = logging.getLogger(__name__)
 
@@ -88,20 +88,41 @@ def _checkpoints(model, stage: str, run: RunConfig) -> dict[str, Any]:
             "keep_last": run.train.keep_last}
 
 
-def make_plan(run: RunConfig, *, gpus: int = 8, nodes: int = 1, gpu: str = "h100", mfu: float = 0.4,
-              peak_tflops: float | None = None, gpu_memory: float | None = None, seq_len: int | None = None,
-              samples: int | None = None, hub_configs: str | Path | None = None,
-              config_path: str | None = None) -> dict[str, Any]:
+@dataclass
+class _Run:
+    """What every section of the plan reads: the configs, the meta models and the batch shape."""
+
+    run: RunConfig
+    mcfg: Any  # the ModelConfig with hub ids resolved to local config folders
+    world: int
+    notes: list[str]
+    models: dict[str, Any]  # stage -> the meta model that stage trains
+    model: Any  # models[run.train.stage]
+    with_pred: Any  # every task with layers (counts, cache)
+    llm: LLMDims
+    vis: VisionDims
+    length: int  # sequence length the memory and FLOPs are computed at
+    accum: int | None  # gradient accumulation steps (None: the batch does not divide)
+    tdtype: torch.dtype  # teacher dtype
+    online: bool  # teachers run live (no cache, or cache misses filled online)
+    teachers: Any  # meta TeacherSet or None
+
+    @property
+    def online_teachers(self) -> list:
+        return list(self.teachers.teachers.values()) if (self.teachers and self.online) else []
+
+    @property
+    def supervised(self) -> int:
+        return max(1, self.length - self.model.tokens_per_image)
+
+
+def _setup(run: RunConfig, world: int, seq_len: int | None, hub_configs, notes: list[str]) -> _Run:
     from olavlm.teachers.targets import target_mode, teacher_dtype
     from olavlm.train.stages import STAGES
 
-    notes: list[str] = []
-    device = lookup(gpu, peak_tflops=peak_tflops, memory_gib=gpu_memory)
-    world = gpus * nodes
     t, d = run.train, run.data
     mcfg = resolve_paths(run.model, hub_configs)
-    with_pred = meta_model(mcfg, with_predictors=True, notes=notes)  # every task with layers (counts, cache)
-
+    with_pred = meta_model(mcfg, with_predictors=True, notes=notes)
     built: dict[tuple[str, ...], Any] = {}
 
     def stage_model(stage: str):
@@ -113,12 +134,7 @@ def make_plan(run: RunConfig, *, gpus: int = 8, nodes: int = 1, gpu: str = "h100
 
     models = {s: stage_model(s) for s in STAGES}
     model = models[t.stage]
-    llm, vis = LLMDims.of(model.llm), VisionDims.of(model.vision, mcfg.vision_type)
-    preds = predictor_counts(with_pred)
-    active_preds = predictor_counts(model)  # the predictors this stage runs
-    length = seq_len or d.max_length
     micro = t.micro_batch_size
-    supervised = max(1, length - model.tokens_per_image)
     accum = t.global_batch_size // (micro * world) if t.global_batch_size % (micro * world) == 0 else None
     if accum is None:
         notes.append(f"train.global_batch_size {t.global_batch_size} is not divisible by micro {micro} x world "
@@ -127,72 +143,112 @@ def make_plan(run: RunConfig, *, gpus: int = 8, nodes: int = 1, gpu: str = "h100
     online = bool(model.target_shapes) and target_mode(d) != "cache"  # teachers run: live or cache+live
     teachers = meta_teachers(model.cfg, model.geometry.grid, tdtype, model.target_shapes,
                              tasks=list(model.predictors)) if model.target_shapes else None
+    return _Run(run=run, mcfg=mcfg, world=world, notes=notes, models=models, model=model, with_pred=with_pred,
+                llm=LLMDims.of(model.llm), vis=VisionDims.of(model.vision, mcfg.vision_type),
+                length=seq_len or d.max_length, accum=accum, tdtype=tdtype, online=online, teachers=teachers)
 
-    # -- parameters ---------------------------------------------------------------------------
-    params = {"groups": {g: vars(c) for g, c in group_counts(model).items()},
-              "predictors": preds, "total": numel(model.parameters()),
-              "stages": {s: stage_counts(models[s], s, t) for s in STAGES}}
+
+def _parameters(r: _Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(parameter counts per group / predictor / stage, the teachers' facts)."""
+    from olavlm.train.stages import STAGES
+
+    params = {"groups": {g: vars(c) for g, c in group_counts(r.model).items()},
+              "predictors": predictor_counts(r.with_pred), "total": numel(r.model.parameters()),
+              "stages": {s: stage_counts(r.models[s], s, r.run.train) for s in STAGES}}
     teacher_info = {task: {"class": type(tt).__name__, "source": tt.source, "params": numel(tt.parameters()),
-                           "dtype": str(tdtype).replace("torch.", ""), "input_size": tt.input_size,
-                           "target_shape": list(tt.target_shape), "online": online}
-                    for task, tt in (teachers.teachers.items() if teachers else [])}
-    # -- memory --------------------------------------------------------------------------------
+                           "dtype": str(r.tdtype).replace("torch.", ""), "input_size": tt.input_size,
+                           "target_shape": list(tt.target_shape), "online": r.online}
+                    for task, tt in (r.teachers.teachers.items() if r.teachers else [])}
+    return params, teacher_info
+
+
+def _memory(r: _Run, device) -> dict[str, Any]:
+    """Memory per GPU for each engine, and whether it fits ``device``."""
+    t = r.run.train
     act_bytes = 2 if t.bf16 else 4
-    common = dict(llm=llm, vision=vis, predictors=active_preds, stage=t.stage, batch=micro, length=length, act_bytes=act_bytes)
+    common = dict(llm=r.llm, vision=r.vis, predictors=predictor_counts(r.model), stage=t.stage,
+                  batch=t.micro_batch_size, length=r.length, act_bytes=act_bytes)
     act, act_ckpt = M.activations(**common, checkpointing=False), M.activations(**common, checkpointing=True)
-    online_teachers = list(teachers.teachers.values()) if (teachers and online) else []
-    t_weights = sum(nbytes(tt.parameters()) for tt in online_teachers)
-    static = M.static_memory(_static_inputs(model, t.stage, run, world))
-    memory = M.per_gpu(static, act, act_ckpt, t_weights, M.teacher_transient(online_teachers, micro, act_bytes))
+    t_weights = sum(nbytes(tt.parameters()) for tt in r.online_teachers)
+    static = M.static_memory(_static_inputs(r.model, t.stage, r.run, r.world))
+    memory = M.per_gpu(static, act, act_ckpt, t_weights,
+                       M.teacher_transient(r.online_teachers, t.micro_batch_size, act_bytes))
     for engine in memory.values():
         key = "total_ckpt" if t.gradient_checkpointing else "total"
         engine["fits"] = engine[key] <= device.memory_bytes
+    return memory
 
-    # -- FLOPs and time --------------------------------------------------------------------------
+
+def _flops(r: _Run) -> dict[str, Any]:
+    """FLOPs of one micro-batch forward, of one optimizer step per component, and the recompute."""
+    t, model = r.run.train, r.model
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.projector.modules())
-    mb = F.micro_batch_flops(llm=llm, vision=vis, projector=(vis.hidden, llm.hidden, linears), predictors=active_preds,
-                             stage=t.stage, length=length, supervised=supervised, batch=micro, world=world,
-                             image_tokens=model.num_image_tokens, teachers=online_teachers,
+    mb = F.micro_batch_flops(llm=r.llm, vision=r.vis, projector=(r.vis.hidden, r.llm.hidden, linears),
+                             predictors=predictor_counts(model), stage=t.stage, length=r.length,
+                             supervised=r.supervised, batch=t.micro_batch_size, world=r.world,
+                             image_tokens=model.num_image_tokens, teachers=r.online_teachers,
                              vision_trains=t.unfreeze_vision_tower)
-    per_step = (accum or 0) * world
+    per_step = (r.accum or 0) * r.world
     step = {k: v * per_step for k, v in mb["train"].items()}
-    body = F.llm_forward(llm, length, supervised)
-    recompute = per_step * micro * (body["matmul"] + body["attention"]) if t.gradient_checkpointing else 0
-    n, source = count_samples(d.train_file, samples)
+    body = F.llm_forward(r.llm, r.length, r.supervised)
+    recompute = per_step * t.micro_batch_size * (body["matmul"] + body["attention"]) if t.gradient_checkpointing else 0
+    return {"per_micro_batch_forward": mb["forward"], "per_step": step, "total_per_step": F.total(step),
+            "recompute_per_step": recompute}
+
+
+def _steps_and_time(r: _Run, flops: dict[str, Any], device, mfu: float, samples: int | None):
+    """(the step count and where the sample count comes from, the time at ``mfu``)."""
+    t = r.run.train
+    n, source = count_samples(r.run.data.train_file, samples)
     steps_per_epoch = math.ceil(n / t.global_batch_size) if n else None
     total_steps = t.max_steps or (steps_per_epoch * t.epochs if steps_per_epoch else None)
-    step_flops = F.total(step)
-    achieved = world * device.bf16_tflops * 1e12 * mfu
-    sec = step_flops / achieved if step_flops else None
+    step_flops = flops["total_per_step"]
+    sec = step_flops / (r.world * device.bf16_tflops * 1e12 * mfu) if step_flops else None
     time_info = {"mfu": mfu, "peak_tflops_per_gpu": device.bf16_tflops, "seconds_per_step": sec,
                  "hours_total": sec * total_steps / 3600 if sec and total_steps else None,
-                 "gpu_hours_total": sec * total_steps * world / 3600 if sec and total_steps else None}
+                 "gpu_hours_total": sec * total_steps * r.world / 3600 if sec and total_steps else None}
+    steps = {"samples": n, "samples_source": source, "steps_per_epoch": steps_per_epoch, "epochs": t.epochs,
+             "total": total_steps}
+    return steps, time_info
 
-    # -- disk ------------------------------------------------------------------------------------
-    elem = torch.empty((), dtype=tdtype).element_size()
-    shapes = model.target_shapes  # the targets of the tasks this stage trains (PT: OLA's; IFT: VIRAL's)
+
+def _target_cache(r: _Run, images: int | None) -> dict[str, Any]:
+    """Size of the target cache of the tasks this stage trains (PT: OLA's; IFT: VIRAL's)."""
+    elem = torch.empty((), dtype=r.tdtype).element_size()
+    shapes = r.model.target_shapes
     per_image = sum(math.prod(s) for s in shapes.values()) * elem
-    cache = {"bytes_per_image": per_image, "dtype": str(tdtype).replace("torch.", ""),
-             "images": n if shapes else None, "bytes": per_image * n if (n and shapes) else None,
-             "shapes": {k: list(s) for k, s in shapes.items()}}
-    if length == d.max_length:
-        notes.append(f"sequence length = data.max_length ({length}), the longest sample the run accepts: memory "
+    return {"bytes_per_image": per_image, "dtype": str(r.tdtype).replace("torch.", ""),
+            "images": images if shapes else None, "bytes": per_image * images if (images and shapes) else None,
+            "shapes": {k: list(s) for k, s in shapes.items()}}
+
+
+def make_plan(run: RunConfig, *, gpus: int = 8, nodes: int = 1, gpu: str = "h100", mfu: float = 0.4,
+              peak_tflops: float | None = None, gpu_memory: float | None = None, seq_len: int | None = None,
+              samples: int | None = None, hub_configs: str | Path | None = None,
+              config_path: str | None = None) -> dict[str, Any]:
+    notes: list[str] = []
+    device = lookup(gpu, peak_tflops=peak_tflops, memory_gib=gpu_memory)
+    r = _setup(run, gpus * nodes, seq_len, hub_configs, notes)
+    t, model, mcfg = run.train, r.model, r.mcfg
+    params, teacher_info = _parameters(r)
+    memory = _memory(r, device)
+    flops = _flops(r)
+    steps, time_info = _steps_and_time(r, flops, device, mfu, samples)
+    if r.length == run.data.max_length:
+        notes.append(f"sequence length = data.max_length ({r.length}), the longest sample the run accepts: memory "
                      "and time are upper bounds; pass --seq-len with your data's typical expanded length")
     return {
         "config": config_path, "stage": t.stage, "engine": "deepspeed" if t.deepspeed else "fsdp" if t.fsdp else "ddp",
-        "world": {"gpus_per_node": gpus, "nodes": nodes, "world_size": world},
+        "world": {"gpus_per_node": gpus, "nodes": nodes, "world_size": r.world},
         "gpu": {"key": gpu, "name": device.name, "bf16_tflops": device.bf16_tflops, "memory_gib": device.memory_gib},
-        "model": {"llm": mcfg.llm, "vision_tower": mcfg.vision_tower, "llm_dims": vars(llm), "vision_dims": vars(vis),
-                  "image_tokens": model.num_image_tokens, "tokens_per_image": model.tokens_per_image,
-                  "dtype": mcfg.dtype},
+        "model": {"llm": mcfg.llm, "vision_tower": mcfg.vision_tower, "llm_dims": vars(r.llm),
+                  "vision_dims": vars(r.vis), "image_tokens": model.num_image_tokens,
+                  "tokens_per_image": model.tokens_per_image, "dtype": mcfg.dtype},
         "parameters": params, "teachers": teacher_info,
-        "batch": {"micro": micro, "global": t.global_batch_size, "accumulation": accum, "sequence_length": length,
-                  "supervised_positions": supervised, "activation_bytes": act_bytes,
-                  "gradient_checkpointing": t.gradient_checkpointing},
-        "memory": memory,
-        "flops": {"per_micro_batch_forward": mb["forward"], "per_step": step, "total_per_step": step_flops,
-                  "recompute_per_step": recompute},
-        "steps": {"samples": n, "samples_source": source, "steps_per_epoch": steps_per_epoch, "epochs": t.epochs,
-                  "total": total_steps},
-        "time": time_info, "target_cache": cache, "checkpoints": _checkpoints(model, t.stage, run), "notes": notes,
+        "batch": {"micro": t.micro_batch_size, "global": t.global_batch_size, "accumulation": r.accum,
+                  "sequence_length": r.length, "supervised_positions": r.supervised,
+                  "activation_bytes": 2 if t.bf16 else 4, "gradient_checkpointing": t.gradient_checkpointing},
+        "memory": memory, "flops": flops, "steps": steps, "time": time_info,
+        "target_cache": _target_cache(r, steps["samples"]), "checkpoints": _checkpoints(model, t.stage, run),
+        "notes": notes,
     }

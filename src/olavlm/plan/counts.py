@@ -68,7 +68,7 @@ class VisionDims:
     def of(cls, tower: nn.Module, vision_type: str) -> "VisionDims":
         """Dims of a ViT tower (``vision_type`` names its registry entry, which says if it has a CLS
         token) or of a ConvNeXt tower (stem patch, blocks and widths per stage)."""
-        from olavlm.model.vision import TOWERS
+        from olavlm.geometry import TOWERS
 
         c = tower.model.config
         if TOWERS[vision_type].family == "convnext":

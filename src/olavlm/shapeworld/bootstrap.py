@@ -5,7 +5,7 @@ locally, briefly, from the world itself, and save them as ordinary Hugging Face 
 they go through exactly the code paths real checkpoints use (``from_pretrained`` by path):
 
 * ``tokenizer/``: byte-level BPE (vocab <= 512) trained on the world's text, with every template's
-  special tokens and a Llama-3-style chat template (:func:`olavlm.model.tiny.train_tokenizer`);
+  special tokens and a Llama-3-style chat template (:func:`olavlm.devkit.tiny.train_tokenizer`);
 * ``llm/``: a small ``LlamaForCausalLM`` language-modelled on the world's conversations rendered
   with the chat template (no images);
 * ``vision/``: a small ``CLIPVisionModel`` (+ ``CLIPImageProcessor``) trained with a simple
@@ -264,7 +264,7 @@ def cache_key(world_dir: Path, spec: BootstrapSpec) -> str:
 
 def bootstrap(world_dir: str | Path, out_dir: str | Path, spec: BootstrapSpec | None = None) -> BootstrapResult:
     """Make (or reuse) tokenizer/, llm/, vision/ under ``out_dir`` for the world in ``world_dir``."""
-    from olavlm.model.tiny import train_tokenizer
+    from olavlm.devkit.tiny import train_tokenizer
     from olavlm.shapeworld.world import read_meta
 
     spec = spec or BootstrapSpec()

@@ -40,20 +40,12 @@ from typing import Any, Iterable
 import torch
 
 from olavlm import dtypes
-from olavlm.errors import UserError
+from olavlm.errors import CacheError, StaleTarget, UserError  # noqa: F401  (the cache's errors, re-exported)
 
 INDEX = "index.json"
 FORMAT = "olavlm-target-cache"
 VERSION = 1
 DIGEST_SUFFIX = ".sha256"  # sidecar of a shard: {"size": bytes, "sha256": hex}
-
-
-class CacheError(UserError, ValueError):
-    """The target cache is missing, malformed, damaged, incomplete or built for something else."""
-
-
-class StaleTarget(KeyError):
-    """The cached entry was computed from other image bytes (sha1 differs): a cache miss, not a target."""
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:

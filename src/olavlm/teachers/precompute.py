@@ -176,7 +176,7 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
     ``teachers`` lets tests pass a prebuilt TeacherSet. Returns a summary dict.
     """
     from olavlm.data.records import image_paths
-    from olavlm.model.vision import vision_geometry
+    from olavlm.geometry import vision_geometry
     from olavlm.dtypes import torch_dtype
     from olavlm.teachers.base import build_teachers
 
@@ -189,7 +189,7 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
     compute_dtype = teacher_dtype(run_cfg)
     store_dtype = torch_dtype(dtype, "--dtype") or compute_dtype
     if teachers is None:
-        from olavlm.train.stages import active_tasks  # the tasks the recipe's stage trains (OLA: pt, VIRAL: ift)
+        from olavlm.config import active_tasks  # the tasks the recipe's stage trains (OLA: pt, VIRAL: ift)
 
         teachers = build_teachers(run_cfg.model, geo.grid, device=device, dtype=compute_dtype,
                                   tasks=list(active_tasks(run_cfg.model, run_cfg.train.stage)))

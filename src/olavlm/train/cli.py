@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def _add_flags(p: argparse.ArgumentParser) -> None:
@@ -38,10 +39,32 @@ def register(sub) -> None:
 
 
 def run_merge(args) -> int:
-    from olavlm.train.lora import merge_lora
-
     print(f"merged model: {merge_lora(args.run, args.dst)}")
     return 0
+
+
+def merge_lora(run: str | Path, dst: str | Path) -> Path:
+    """``olavlm merge-lora RUN DST``: the run's adapter folder (RUN, RUN/final) merged into a plain
+    olavlm model folder at ``dst`` (with the run's processor, or an old run's olavlm_run.json)."""
+    import shutil
+
+    from olavlm.data.processor import LEGACY_FILE, PROCESSOR_FILE
+    from olavlm.model.lora import MARKER, LoraFolderError, is_adapter_folder, load_adapter_folder
+
+    run = Path(run)
+    src = next((p for p in (run / "final", run) if is_adapter_folder(p)), None)
+    if src is None:
+        raise LoraFolderError(f"{run}: no LoRA adapter folder here (expected {run}/final/{MARKER}); "
+                              "only runs trained with train.lora have one")
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise LoraFolderError(f"{dst}: exists and is not empty; pick a new folder")
+    model = load_adapter_folder(src, merge=True)
+    model.save_pretrained(dst, with_predictors=False)
+    for name in (PROCESSOR_FILE, LEGACY_FILE):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    return dst
 
 
 def split_args(rest: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -189,7 +189,7 @@ def setup(cfg: RunConfig, accum: int, run_dir: Path, plan: ResumePlan) -> Run:
     """Model (frozen per stage), accelerator, target source, data, optimizer + schedule, resumed state."""
     from accelerate.utils import set_seed
 
-    from olavlm.train import lora
+    from olavlm.model import lora
     t = cfg.train
     lora.check_config(cfg)
     set_seed(t.seed)

@@ -14,7 +14,7 @@ Auxiliary tasks are active in the stages ``model.tasks.<name>.stages`` names (No
 default: embedding/OLA tasks in ``pt``, alignment/VIRAL tasks in ``ift``). An alignment task
 active in ``vpt``/``ift`` adds its fresh projector ("predictors" group) to what trains there.
 
-With ``train.lora`` the ``lora`` group (peft adapters, see olavlm.train.lora) trains instead of
+With ``train.lora`` the ``lora`` group (peft adapters, see olavlm.model.lora) trains instead of
 ``llm``, whose base weights stay frozen.
 
 Overrides: ``train.freeze_task_tokens`` (None = stage default: trainable in PT, frozen after,
@@ -31,7 +31,8 @@ from typing import Iterable
 
 from torch import nn
 
-from olavlm.config import ConfigError, ModelConfig, Stage, TaskConfig, TrainConfig, task_stages
+from olavlm.config import (ConfigError, ModelConfig, Stage, TaskConfig, TrainConfig,  # noqa: F401
+                           active_tasks, task_stages)  # active_tasks re-exported
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,6 @@ def uses_predictors(stage: str) -> bool:
     """Whether a stage builds/loads the embedding predictors and needs teacher targets (PT only)."""
     _check_stage(stage)
     return stage == "pt"
-
-
-def active_tasks(model_cfg: ModelConfig, stage: str) -> dict[str, TaskConfig]:
-    """The tasks whose predictors and losses run in ``stage`` (layers set, stage in their stages)."""
-    _check_stage(stage)
-    return {n: t for n, t in model_cfg.tasks.items() if t.layers and stage in task_stages(t)}
 
 
 def stage_model_config(saved: ModelConfig, recipe: ModelConfig, stage: str) -> ModelConfig:
@@ -123,7 +118,7 @@ def configure_trainable(model: nn.Module, stage: str, train_cfg: TrainConfig) ->
             wanted.add("predictors")  # the alignment projectors of the tasks active in this stage
 
     if "lora" in wanted and not _numel(groups.get("lora", [])):
-        raise ValueError("train.lora is set but the model has no LoRA adapters (olavlm.train.lora.apply_lora)")
+        raise ValueError("train.lora is set but the model has no LoRA adapters (olavlm.model.lora.apply_lora)")
     model.requires_grad_(False)
     seen: set[int] = set()
     counts: dict[str, int] = {}

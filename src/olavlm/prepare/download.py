@@ -74,7 +74,7 @@ class _RedirectGuard(urllib.request.HTTPRedirectHandler):
             fp.close()
             hosts = ", ".join((self.origin, *self.allowed))
             raise RedirectRefused(f"{req.full_url}: HTTP {code} redirect to {newurl} refused (allowed hosts: {hosts}; "
-                                  "add the host to the source's redirect_hosts in olavlm/data/prepare/sources.py "
+                                  "add the host to the source's redirect_hosts in olavlm/prepare/sources.py "
                                   "if it is a CDN of that source)")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
@@ -194,7 +194,7 @@ def _fetch_once(url: str, part: Path, size: int | None, timeout: float, bar, on_
         total = _content_total(resp, start)
         if size is not None and total is not None and total != size:  # retrying would fetch the same wrong file
             raise DownloadError(f"GET {url}: the server announces {total} bytes but the registry expects {size}; "
-                                "the file changed upstream: check it and update olavlm/data/prepare/sources.py")
+                                "the file changed upstream: check it and update olavlm/prepare/sources.py")
         if bar is not None and total is not None:
             bar.total = total
             bar.refresh()

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from olavlm.data.prepare.sources import STATE
+from olavlm.prepare.sources import STATE
 
 
 def marker_path(root: Path, kind: str, rel: str) -> Path:

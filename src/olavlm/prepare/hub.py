@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from olavlm.data.prepare.download import DownloadError, verify_file
-from olavlm.data.prepare.sources import HubFile
+from olavlm.prepare.download import DownloadError, verify_file
+from olavlm.prepare.sources import HubFile
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def download_hub(
     hub_size, etag = hub_metadata(remote, endpoint)
     if remote.size is not None and hub_size is not None and hub_size != remote.size:
         raise DownloadError(f"hub {remote.repo_id}:{remote.filename}: the hub announces {hub_size} bytes but the "
-                            f"registry expects {remote.size}; update olavlm/data/prepare/sources.py (or pin revision)")
+                            f"registry expects {remote.size}; update olavlm/prepare/sources.py (or pin revision)")
     size = remote.size if remote.size is not None else hub_size
     checksum = expected_checksum(remote, etag)
     last, force = "no attempt made", False

@@ -44,7 +44,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
-_CORPUS = [
+CORPUS = [
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
     "helpful, detailed, and polite answers to the user's questions.",
     "You are a helpful AI assistant.",
@@ -169,7 +169,7 @@ def make_tiny(output: str | Path, *, seed: int = 0, with_teachers: bool = True) 
     """Write every tiny checkpoint into ``output``; returns {name: folder}."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(_CORPUS)
+    tokenizer = train_tokenizer(CORPUS)
     tokenizer.save_pretrained(out / "tokenizer")
     written = {"tokenizer": out / "tokenizer"}
     written.update(make_tiny_llms(out, tokenizer, seed=seed))
@@ -177,7 +177,7 @@ def make_tiny(output: str | Path, *, seed: int = 0, with_teachers: bool = True) 
     written.update(make_tiny_convnext(out, seed=seed))
     if with_teachers:
         try:
-            from olavlm.teachers.tiny import make_tiny_teachers
+            from olavlm.devkit.teachers import make_tiny_teachers
         except ImportError:  # teachers package not present
             log.info("teachers package has no tiny makers; skipping tiny teachers")
         else:

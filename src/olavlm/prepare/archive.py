@@ -42,7 +42,7 @@ def unpack_limit(archive_size: int) -> int:
 
 
 def _human(n: int) -> str:
-    from olavlm.data.prepare.download import human
+    from olavlm.prepare.download import human
 
     return human(n)
 

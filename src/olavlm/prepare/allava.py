@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path, PurePosixPath
 
-from olavlm.data.prepare.sources import AssembleSpec
+from olavlm.prepare.sources import AssembleSpec
 from olavlm.data.records import iter_records
 
 

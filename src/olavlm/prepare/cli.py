@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from olavlm.data.prepare.sources import ALL, DATASETS, DatasetSpec
+from olavlm.prepare.sources import ALL, DATASETS, DatasetSpec
 
 
 def add_prepare_parser(data_subparsers) -> None:
@@ -74,8 +74,8 @@ def _validate_only(specs: list[DatasetSpec], only: list[str] | None) -> None:
 
 
 def run(args) -> int:
-    from olavlm.data.prepare.download import InsufficientDisk
-    from olavlm.data.prepare.runner import Options, prepare
+    from olavlm.prepare.download import InsufficientDisk
+    from olavlm.prepare.runner import Options, prepare
 
     specs = [d for d in DATASETS.values() if not d.evaluation] if args.name == ALL else [DATASETS[args.name]]
     _validate_only(specs, args.only)

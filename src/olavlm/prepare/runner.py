@@ -16,13 +16,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from olavlm.data.prepare import state
-from olavlm.data.prepare.allava import assemble
-from olavlm.data.prepare.archive import ArchiveError, UnsafeArchive, safe_extract
-from olavlm.data.prepare.download import DownloadError, check_free_disk, download_http, http_size, human
-from olavlm.data.prepare.hub import download_hub, hub_metadata
-from olavlm.data.prepare.ocr_vqa import fetch_ocr_vqa
-from olavlm.data.prepare.sources import TEXT_ONLY, DatasetSpec, Fetch, HttpFile, HubFile, Source
+from olavlm.prepare import state
+from olavlm.prepare.allava import assemble
+from olavlm.prepare.archive import ArchiveError, UnsafeArchive, safe_extract
+from olavlm.prepare.download import DownloadError, check_free_disk, download_http, http_size, human
+from olavlm.prepare.hub import download_hub, hub_metadata
+from olavlm.prepare.ocr_vqa import fetch_ocr_vqa
+from olavlm.prepare.sources import TEXT_ONLY, DatasetSpec, Fetch, HttpFile, HubFile, Source
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def _run_ocr_vqa(src: Source, root: Path, opts: Options, report: Report) -> Step
 
 
 def _run_hub_files(src: Source, root: Path, opts: Options) -> Step:
-    from olavlm.data.prepare.hub_listed import fetch_listed
+    from olavlm.prepare.hub_listed import fetch_listed
 
     spec = src.hub_files
     if not (root / spec.listing).is_file():

@@ -13,14 +13,14 @@ A LoRA run's ``final/`` is an *adapter folder*::
     lora.json                                           {"base": base model folder or null, "model": ...}
 
 :func:`load_adapter_folder` rebuilds base + adapter (``OlaVLM.from_pretrained`` does so and merges),
-and ``olavlm merge-lora RUN DST`` writes the merged plain model folder.
+and ``olavlm merge-lora RUN DST`` (:func:`olavlm.train.cli.merge_lora`) writes the merged plain
+model folder.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -211,24 +211,3 @@ def load_adapter_folder(folder: str | Path, *, merge: bool, dtype: str | None = 
     if merge:
         model.llm = model.llm.merge_and_unload()
     return model
-
-
-def merge_lora(run: str | Path, dst: str | Path) -> Path:
-    """``olavlm merge-lora RUN DST``: the run's adapter folder (RUN, RUN/final) merged into a plain
-    olavlm model folder at ``dst`` (with the run's processor, or an old run's olavlm_run.json)."""
-    from olavlm.data.processor import LEGACY_FILE, PROCESSOR_FILE
-
-    run = Path(run)
-    src = next((p for p in (run / "final", run) if is_adapter_folder(p)), None)
-    if src is None:
-        raise LoraFolderError(f"{run}: no LoRA adapter folder here (expected {run}/final/{MARKER}); "
-                              "only runs trained with train.lora have one")
-    dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()):
-        raise LoraFolderError(f"{dst}: exists and is not empty; pick a new folder")
-    model = load_adapter_folder(src, merge=True)
-    model.save_pretrained(dst, with_predictors=False)
-    for name in (PROCESSOR_FILE, LEGACY_FILE):
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-    return dst

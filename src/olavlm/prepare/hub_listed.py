@@ -13,9 +13,9 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
-from olavlm.data.prepare.download import DownloadError
-from olavlm.data.prepare.hub import download_hub
-from olavlm.data.prepare.sources import HubFile, HubListSpec
+from olavlm.prepare.download import DownloadError
+from olavlm.prepare.hub import download_hub
+from olavlm.prepare.sources import HubFile, HubListSpec
 
 
 def listed_files(spec: HubListSpec, root: Path) -> tuple[list[str], dict[str, str]]:

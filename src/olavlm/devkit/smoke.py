@@ -1,8 +1,8 @@
 """CPU smoke runs of any recipe: tiny models from ``olavlm make-tiny`` + a generated 8-image dataset.
 
-    olavlm train RECIPE $(python -m olavlm.train.smoke --tiny runs/tiny --recipe RECIPE)
+    olavlm train RECIPE $(python -m olavlm.devkit.smoke --tiny runs/tiny --recipe RECIPE)
 
-``python -m olavlm.train.smoke --tiny runs/tiny --recipe configs/llama3_8b_clip336/pt.yaml``
+``python -m olavlm.devkit.smoke --tiny runs/tiny --recipe configs/llama3_8b_clip336/pt.yaml``
 prints (one per line) the ``--section.key=value`` overrides that point the recipe at the tiny
 checkpoints (the tiny LLM of its template, the tiny tower of its ``model.vision_type``: CLIP,
 SigLIP or ConvNeXt), shrink batch sizes and layers to them, train in fp32 (``--keep-precision``
@@ -73,7 +73,7 @@ def smoke_overrides(tiny: str | Path, recipe: str | Path, out: str | Path = "run
     ``fp32``: train in float32 without autocast (CPUs without native bf16 run bf16 autocast ~10x
     slower than fp32 at these sizes); False keeps the recipe's precision."""
     from olavlm.config import ConfigError, load_config
-    from olavlm.model.vision import vision_geometry
+    from olavlm.geometry import vision_geometry
     from olavlm.teachers import build_teacher
 
     tiny, out = Path(tiny), Path(out)
@@ -117,7 +117,7 @@ def smoke_overrides(tiny: str | Path, recipe: str | Path, out: str | Path = "run
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m olavlm.train.smoke", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m olavlm.devkit.smoke", description=__doc__.splitlines()[0])
     p.add_argument("--tiny", required=True, help="folder written by `olavlm make-tiny`")
     p.add_argument("--recipe", required=True, help="recipe YAML to smoke-run")
     p.add_argument("--out", default="runs/smoke", help="where the smoke data and runs go")

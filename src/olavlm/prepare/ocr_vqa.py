@@ -35,8 +35,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from olavlm.data.images import MAX_IMAGE_PIXELS
-from olavlm.data.prepare.download import PERMANENT_HTTP, TRANSIENT, USER_AGENT, RedirectRefused, open_url
-from olavlm.data.prepare.sources import OcrVqaSpec
+from olavlm.prepare.download import PERMANENT_HTTP, TRANSIENT, USER_AGENT, RedirectRefused, open_url
+from olavlm.prepare.sources import OcrVqaSpec
 
 log = logging.getLogger(__name__)
 
