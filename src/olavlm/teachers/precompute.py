@@ -220,17 +220,7 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
                "bytes_per_image": per_image, "estimated_bytes": per_image * len(keys), "path": str(root)}
     items = [(i, k) for i in todo for k in shards[i]]
     if items:
-        workers = data.num_workers if workers is None else workers
-        from olavlm.data.processor import OlaProcessor
-        from olavlm.model.task_tokens import task_tokens_per_image
-
-        processor = OlaProcessor.for_model(  # images only: the run's geometry, tower spec and teacher side
-            _ImageFacts(geo.spec, geo.num_tokens + task_tokens_per_image(run_cfg.model)), data,
-            teacher_image_size=side, add_bos=False)
-        reader = _ImageReader(items, data.image_folder, processor)
-        loader = DataLoader(reader,
-                            batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                            persistent_workers=False, prefetch_factor=4 if workers else None)
+        loader = _image_loader(run_cfg, geo, side, items, batch_size, data.num_workers if workers is None else workers)
         bar = None
         if progress and main:
             from tqdm.auto import tqdm
@@ -248,6 +238,18 @@ def precompute(run_cfg, *, batch_size: int = 32, dtype: torch.dtype | str | None
         _finish_index(root, header, len(shards), summary, progress)
     barrier()
     return summary
+
+
+def _image_loader(run_cfg, geo, side: int | None, items, batch_size: int, workers: int) -> DataLoader:
+    """The (shard, key) items read through the run's processor (images only: geometry, tower spec, teacher side)."""
+    from olavlm.data.processor import OlaProcessor
+    from olavlm.model.task_tokens import task_tokens_per_image
+
+    processor = OlaProcessor.for_model(_ImageFacts(geo.spec, geo.num_tokens + task_tokens_per_image(run_cfg.model)),
+                                       run_cfg.data, teacher_image_size=side, add_bos=False)
+    reader = _ImageReader(items, run_cfg.data.image_folder, processor)
+    return DataLoader(reader, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                      persistent_workers=False, prefetch_factor=4 if workers else None)
 
 
 def _launch(rank: int | None, world_size: int | None, device) -> tuple[int, int, Any, Callable[[], None]]:
