@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from olavlm.shapeworld.bootstrap import caption_targets, world_texts
-from olavlm.shapeworld.world import WorldSpec, generate_world
+from olavlm.demo.bootstrap import caption_targets, world_texts
+from olavlm.world.generate import WorldSpec, generate_world
 
 CAPS = [
     "The image shows two objects standing on a grey ground. From left to right there is a small red circle "
@@ -41,7 +41,7 @@ def test_world_texts_are_chat_messages_without_image_placeholders(tmp_path):
 def test_patch_colours_are_row_major_sub_cell_means():
     import torch
 
-    from olavlm.shapeworld.bootstrap import patch_colours
+    from olavlm.demo.bootstrap import patch_colours
 
     x = torch.randn(2, 3, 16, 16)
     out = patch_colours(x, patch=8, sub=2)  # 2x2 patches, each 2x2 cells of 4x4 pixels

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from olavlm.shapeworld import text
-from olavlm.shapeworld.world import COLOURS, WorldSpec, generate_world, load_maps, world_fingerprint
+from olavlm.world import text
+from olavlm.world.generate import COLOURS, WorldSpec, generate_world, load_maps, world_fingerprint
 
 SMALL = dict(n_pretrain=24, n_instruct=24, n_text_only=4, n_cvbench=16, n_probe=4)
 

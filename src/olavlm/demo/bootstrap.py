@@ -11,7 +11,7 @@ they go through exactly the code paths real checkpoints use (``from_pretrained``
 * ``vision/``: a small ``CLIPVisionModel`` (+ ``CLIPImageProcessor``) trained with a simple
   image-caption objective: from the mean of its patch features at the layer the VLM reads
   (``vision_feature_layer``), predict the words and word pairs of the image's long caption
-  (multi-label). The captions carry no depth words (``olavlm.shapeworld.text.DEPTH_WORDS``).
+  (multi-label). The captions carry no depth words (``olavlm.world.text.DEPTH_WORDS``).
 
 The result is cached: ``bootstrap.json`` records a key of (world, settings); a re-run with the same
 key returns the existing folders.
@@ -86,7 +86,7 @@ def _read(path: Path):
 
 def world_texts(world_dir: Path) -> tuple[list[list[dict]], list[str]]:
     """(conversations as chat messages, plain strings) from pretrain/allava/instruct."""
-    from olavlm.shapeworld import text
+    from olavlm.world import text
 
     convs, plain = [], [LLAVA_LLAMA3_SYSTEM, "You are a helpful AI assistant.", text.CVBENCH_SUFFIX.strip(),
                         text.PROBE_PROMPT]
@@ -256,7 +256,7 @@ def train_vision(world_dir: Path, spec: BootstrapSpec, size: int, out: Path) -> 
 
 
 def cache_key(world_dir: Path, spec: BootstrapSpec) -> str:
-    from olavlm.shapeworld.world import read_meta
+    from olavlm.world.generate import read_meta
 
     payload = json.dumps({"world": read_meta(world_dir), "spec": dataclasses.asdict(spec)}, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()
@@ -265,7 +265,7 @@ def cache_key(world_dir: Path, spec: BootstrapSpec) -> str:
 def bootstrap(world_dir: str | Path, out_dir: str | Path, spec: BootstrapSpec | None = None) -> BootstrapResult:
     """Make (or reuse) tokenizer/, llm/, vision/ under ``out_dir`` for the world in ``world_dir``."""
     from olavlm.model.tiny import train_tokenizer
-    from olavlm.shapeworld.world import read_meta
+    from olavlm.world.generate import read_meta
 
     spec = spec or BootstrapSpec()
     world_dir, out = Path(world_dir), Path(out_dir)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from olavlm.shapeworld import text
+from olavlm.world import text
 
 GENERATOR_VERSION = 3  # bump when the bytes produced for a given seed change
 
@@ -352,5 +352,5 @@ def read_meta(root: str | Path) -> dict:
     path = Path(root) / "world.json"
     if not path.is_file():
         raise FileNotFoundError(f"{root} is not a ShapeWorld folder (no world.json); run `olavlm demo` or "
-                                f"olavlm.shapeworld.world.generate_world first")
+                                f"olavlm.world.generate.generate_world first")
     return json.loads(path.read_text())
