@@ -45,7 +45,7 @@ class DemoSettings:
     pt_epochs: int = 2  # passes over pretrain.json
     ift_epochs: int = 2  # passes over instruct.json
     max_steps: int | None = None  # cap per stage (quick mode)
-    batch_size: int = 16  # global = micro batch of PT and IFT
+    batch_size: int = 8  # global = micro batch of PT and IFT (small batches: more steps in the budget)
     probe_steps: int = 100  # optimisation steps of each probe set
     # which final model is probed for which teacher: the PT model shows what the embedding losses
     # alone changed (its LLM is frozen); the IFT model is the one the paper probes
