@@ -8,7 +8,7 @@ so both see the same machine load:
   pipeline of ``benchmarks/data_loading.py`` (its functions are reused), heavier images than the
   demo's 64-px ShapeWorld ones, so the ratio is conservative; worker start-up is excluded;
 * model: PT steps with cached targets of a model with the ShapeWorld demo's sizes (``--config
-  demo``, read from ``olavlm.shapeworld.bootstrap.BootstrapSpec``) at the same micro batch;
+  demo``, read from ``olavlm.demo.bootstrap.BootstrapSpec``) at the same micro batch;
   consumption = samples per second of training steps.
 
 Result: benchmarks/results/data_vs_model.json.

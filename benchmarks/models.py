@@ -47,7 +47,7 @@ SMALL = {
     "text_len": 96,  # text tokens per sample (system prefix + caption), before image expansion
     "micro_batch": 4,  # samples per step
 }
-# The ShapeWorld demo's base models (olavlm.shapeworld.bootstrap.BootstrapSpec defaults; read from
+# The ShapeWorld demo's base models (olavlm.demo.bootstrap.BootstrapSpec defaults; read from
 # there when that module is importable, these values otherwise): the "model consumption" side of goal 5.
 DEMO = {**SMALL, "llm_hidden": 128, "llm_layers": 4, "llm_heads": 4, "llm_kv_heads": 4, "llm_intermediate": 256,
         "vision_hidden": 64, "vision_layers": 4, "image_size": 64, "patch_size": 8, "micro_batch": 16}
@@ -95,14 +95,14 @@ def quiet() -> None:
 def demo_sizes() -> tuple[dict[str, int], str]:
     """(sizes of the demo's base models, where they were read from)."""
     try:
-        from olavlm.shapeworld.bootstrap import BootstrapSpec
+        from olavlm.demo.bootstrap import BootstrapSpec
     except ImportError:
         return dict(DEMO), "benchmarks.models.DEMO"
     b = BootstrapSpec()
     return ({**DEMO, "llm_hidden": b.llm_hidden, "llm_layers": b.llm_layers, "llm_heads": b.llm_heads,
              "llm_kv_heads": b.llm_heads, "llm_intermediate": 2 * b.llm_hidden, "vision_hidden": b.vision_hidden,
              "vision_layers": b.vision_layers, "patch_size": b.vision_patch},
-            "olavlm.shapeworld.bootstrap.BootstrapSpec")
+            "olavlm.demo.bootstrap.BootstrapSpec")
 
 
 def write_small_checkpoints(out: Path, seed: int = 0, sizes: dict[str, int] = SMALL) -> dict[str, str]:

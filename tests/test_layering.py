@@ -19,11 +19,9 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "olavlm"
 
-# The world generator (a leaf the oracle teachers import) and the demo application (top floor):
-# both spellings are listed, the package split (``world``, ``demo``) and the single ``shapeworld``
-# package; a name with no module is simply unused.
-WORLD = ("world", "shapeworld.world", "shapeworld.text")
-DEMO = ("demo", "shapeworld", "methods")
+# The ShapeWorld generator (a leaf the oracle teachers import) and the demo application (top floor).
+WORLD = ("world",)
+DEMO = ("demo", "methods")
 
 # (floor name, units, units of this floor may import each other), lowest floor first
 FLOORS: list[tuple[str, tuple[str, ...], bool]] = [
@@ -136,8 +134,7 @@ def test_checker_catches_an_upward_import_at_any_depth(tmp_path):
 
 
 @pytest.mark.parametrize("module,floor", [("olavlm.data.cli", "cli"), ("olavlm.geometry", "weight-free facts"),
-                                          ("olavlm.world.generate", "world"), ("olavlm.demo.run", "demo app"),
-                                          ("olavlm.shapeworld.world", "world"), ("olavlm.shapeworld.demo", "demo app")])
+                                          ("olavlm.world.generate", "world"), ("olavlm.demo.run", "demo app")])
 def test_units_resolve_by_longest_prefix(module, floor):
     assert FLOORS[unit_of(module)[0]][0] == floor
 

@@ -204,7 +204,7 @@ def test_predictor_shapes_match_the_built_model(tiny_dir, monkeypatch):
 def test_teacher_specs_match_loaded_teachers(tiny_dir, tmp_path, monkeypatch):
     """Each weight-free spec equals the loaded teacher's target shape and input size."""
     monkeypatch.undo()
-    from olavlm.shapeworld.world import WorldSpec, generate_world
+    from olavlm.world.generate import WorldSpec, generate_world
     from olavlm.teachers import build_teacher
     from olavlm.teachers.registry import target_spec
 

@@ -86,8 +86,8 @@ def test_cli_eval_and_probe_on_demo_output(demo_dir, tmp_path, capsys):
 
 
 def test_bootstrap_is_cached(demo_dir):
-    from olavlm.shapeworld.bootstrap import bootstrap
-    from olavlm.shapeworld.demo import settings_for
+    from olavlm.demo.bootstrap import bootstrap
+    from olavlm.demo.run import settings_for
 
     out, _ = demo_dir
     again = bootstrap(out / "world", out / "bootstrap", settings_for(True, 0).bootstrap)
@@ -147,3 +147,21 @@ def test_quick_demo_with_viral_lists_three_methods(tmp_path):
         acc = {v: r["cvbench"]["by_task"][task] for v, r in runs.items()}
         assert row["viral_diff"]["mean"] == pytest.approx(acc["viral"] - acc["baseline"])
         assert row["diff"]["mean"] == pytest.approx(acc["ola"] - acc["baseline"])
+
+
+def test_recipes_ship_inside_the_package():
+    """`olavlm demo` finds its recipes in the package (wheel package data); configs/shapeworld is the same copy."""
+    from pathlib import Path
+
+    import olavlm.demo
+    from olavlm.demo.run import default_config_dir
+
+    d = default_config_dir()
+    assert d == Path(olavlm.demo.__file__).resolve().parent / "recipes"
+    assert {"pt.yaml", "ift.yaml", "viral_ift.yaml"} <= {p.name for p in d.glob("*.yaml")}
+    src_tree = Path(__file__).resolve().parents[1] / "configs" / "shapeworld"
+    if src_tree.exists():
+        assert src_tree.resolve() == d
+    import tomllib
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "demo/recipes/*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["olavlm"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from olavlm.teachers.base import TEACHERS, build_teacher
-from olavlm.shapeworld.world import WorldSpec, generate_world, load_maps
+from olavlm.world.generate import WorldSpec, generate_world, load_maps
 
 
 @pytest.fixture(scope="module")

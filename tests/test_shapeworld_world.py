@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from olavlm.shapeworld import text
-from olavlm.shapeworld.world import COLOURS, WorldSpec, generate_world, load_maps, world_fingerprint
+from olavlm.world import text
+from olavlm.world.generate import COLOURS, WorldSpec, generate_world, load_maps, world_fingerprint
 
 SMALL = dict(n_pretrain=24, n_instruct=24, n_text_only=4, n_cvbench=16, n_probe=4)
 
@@ -121,3 +121,28 @@ def test_depth_answers_follow_from_the_rendered_depth_cue(tmp_path):
         lower = max(bottom, key=bottom.get)
         assert f"({lower})" == answer.strip()
         assert abs(bottom["A"] - bottom["B"]) >= text.MIN_DEPTH_ROWS - 1  # (-1: noise can blur one edge row)
+
+
+def test_instruct_question_mix_is_balanced_across_tasks(tmp_path):
+    """Every task gets the same share of first multiple-choice turns, and each answer is the true one."""
+    import collections
+    import json
+
+    world = generate_world(tmp_path, WorldSpec(seed=1, n_pretrain=2, n_instruct=40, n_text_only=0, n_cvbench=4,
+                                               n_probe=2, ift_mc_turns=1, ift_open_turns=1))
+    scenes = json.loads((world.root / "scenes.json").read_text())
+    kinds = collections.Counter()
+    for rec in json.loads((world.root / "instruct.json").read_text()):
+        conv = rec["conversations"]
+        mc = [(q["value"], a["value"]) for q, a in zip(conv[::2], conv[1::2]) if "Select from" in q["value"]]
+        assert len(mc) == 1
+        q, a = mc[0][0].replace("<image>\n", ""), mc[0][1]
+        kind = ("Count" if q.startswith("How many") else "Relation" if "relative positions" in q
+                else "Distance" if "real-world" in q else "Depth")
+        kinds[kind] += 1
+        objs = {f"{o['colour']} {o['shape']}": o for o in scenes[rec["image"]]["objects"]}
+        choices = [line[4:] for line in q.split("\n") if line[:1] == "(" and line[2:4] == ") "]
+        picked = choices[ord(a[1]) - 65]
+        if kind == "Depth":  # the answer is the nearer of the two named objects
+            assert objs[picked]["Z"] == min(objs[c]["Z"] for c in choices)
+    assert kinds == {"Count": 10, "Relation": 10, "Depth": 10, "Distance": 10}

@@ -254,7 +254,7 @@ def test_tiny_dinov2_targets_have_the_image_token_grid(tiny_dir, grid):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from olavlm.shapeworld.world import WorldSpec, generate_world
+    from olavlm.world.generate import WorldSpec, generate_world
 
     return generate_world(tmp_path_factory.mktemp("w"), WorldSpec(seed=1, n_pretrain=4, n_instruct=2,
                                                                   n_text_only=1, n_cvbench=2, n_probe=2))

@@ -29,7 +29,7 @@ COMMAND_MODULES = [
     "olavlm.teachers.cli",   # targets precompute
     "olavlm.infer.cli",      # chat
     "olavlm.evaluation.cli", # eval cvbench, probe
-    "olavlm.shapeworld.cli", # demo
+    "olavlm.demo.cli",       # demo
     "olavlm.devkit.cli",     # make-tiny
     "olavlm.model.cli",      # convert open-clip
     "olavlm.interop.cli",    # convert reference, export llava

@@ -2,7 +2,7 @@
 
 They stand in for Depth-Anything / OneFormer / unCLIP in the embedded demo and are registered the
 same way (``shapeworld_depth``, ``shapeworld_seg``, ``shapeworld_gen``). ``path`` is the world
-folder written by :func:`olavlm.shapeworld.world.generate_world`; ``encode(images, keys)`` reads the
+folder written by :func:`olavlm.world.generate.generate_world`; ``encode(images, keys)`` reads the
 ground truth of each image by its dataset key (``images/<stem>.png``). The pixels are not used, but
 their count must match ``keys``.
 
@@ -46,7 +46,7 @@ class _OracleTeacher(Teacher):
 
     def __init__(self, world_dir: str | Path, *, grid: int, dim: int, seed: int, in_features: int,
                  stream: int = 0, centre: bool = False) -> None:
-        from olavlm.shapeworld.world import CLASSES, read_meta
+        from olavlm.world.generate import CLASSES, read_meta
 
         super().__init__(source=str(world_dir))
         self.world_dir = Path(world_dir)
@@ -127,7 +127,7 @@ class _OracleTeacher(Teacher):
         return list(keys)
 
     def _maps(self, key: str) -> dict[str, np.ndarray]:
-        from olavlm.shapeworld.world import load_maps
+        from olavlm.world.generate import load_maps
 
         maps = load_maps(self.world_dir, key)
         if maps["depth"].shape != (self.image_size, self.image_size):
@@ -172,7 +172,7 @@ class ShapeWorldDepthTeacher(_OracleTeacher):
 
     def patch_depth(self, key: str) -> np.ndarray:
         """(G*G, k*k) normalised log depth of each patch's sub-patches, row-major patches."""
-        from olavlm.shapeworld.world import SKY_DEPTH
+        from olavlm.world.generate import SKY_DEPTH
 
         d = normalised_log_depth(self._maps(key)["depth"], self.meta["spec"]["camera"]["z_min"], SKY_DEPTH)
         g, k = self.grid, self.sub
@@ -195,7 +195,7 @@ class ShapeWorldSegTeacher(_OracleTeacher):
 
     def __init__(self, world_dir, *, grid: int, dim: int = 32, seed: int = 0, centre: bool = False,
                  bandwidth: float = 4.0) -> None:
-        from olavlm.shapeworld.world import CLASSES
+        from olavlm.world.generate import CLASSES
 
         super().__init__(world_dir, grid=grid, dim=dim, seed=seed, in_features=len(CLASSES), stream=1, centre=centre)
         self.bandwidth = float(bandwidth)  # frequency scale of the random features
@@ -229,7 +229,7 @@ class ShapeWorldGenTeacher(_OracleTeacher):
     layout = "vector"
 
     def __init__(self, world_dir, *, grid: int, dim: int = 32, seed: int = 0, centre: bool = False) -> None:
-        from olavlm.shapeworld.world import CLASSES, COLOURS, SHAPES, SIZES
+        from olavlm.world.generate import CLASSES, COLOURS, SHAPES, SIZES
 
         self._combos = [(c, s) for c in COLOURS for s in SHAPES]
         self._sizes = list(SIZES)

@@ -29,7 +29,7 @@ class ShapeWorldPatchTeacher(_OracleTeacher):
 
     def __init__(self, world_dir, *, grid: int, dim: int = 32, seed: int = 0, centre: bool = False, sub: int = 2,
                  bandwidth: float = 4.0) -> None:
-        from olavlm.shapeworld.world import CLASSES
+        from olavlm.world.generate import CLASSES
 
         self.sub = int(sub)  # sub-patches per patch side (k)
         super().__init__(world_dir, grid=grid, dim=dim, seed=seed, in_features=self.sub * self.sub + len(CLASSES),

@@ -94,7 +94,7 @@ def dinov2(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
 
 def oracle(layout: str) -> Callable[[str | None, int, dict], TargetSpec]:
     def spec(path: str | None, grid: int, kwargs: dict) -> TargetSpec:
-        from olavlm.shapeworld.world import read_meta
+        from olavlm.world.generate import read_meta
 
         if path is None:
             raise SpecError("a ShapeWorld teacher needs teacher_path (the world folder)")

@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from olavlm.shapeworld import text
+from olavlm.world import text
 
-GENERATOR_VERSION = 3  # bump when the bytes produced for a given seed change
+GENERATOR_VERSION = 4  # bump when the bytes produced for a given seed change
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {  # name -> RGB
@@ -83,10 +83,10 @@ class WorldSpec:
     seed: int = 0  # the one seed every byte depends on
     size: int = 64  # image side in pixels (must match the vision tower input)
     n_pretrain: int = 600  # images with a short caption (pretrain.json) and a long one (allava_caption.json)
-    n_instruct: int = 1200  # images with multi-turn QA (instruct.json)
+    n_instruct: int = 3000  # images with QA (instruct.json); the first question's task cycles Count/Relation/Depth/Distance
     n_text_only: int = 40  # text-only conversations mixed into instruct.json
-    ift_mc_turns: int = 2  # CV-Bench-format multiple-choice turns per instruct.json image
-    ift_open_turns: int = 2  # open questions (nearest / leftmost / closest-to first) per instruct.json image
+    ift_mc_turns: int = 1  # CV-Bench-format multiple-choice turns per instruct.json image (asked first)
+    ift_open_turns: int = 1  # open questions (nearest / leftmost / closest-to first) per instruct.json image
     ift_object_weights: tuple[float, ...] = (1.0, 3.0, 3.0)  # instruct.json scenes with 1, 2, 3 ... objects
     n_cvbench: int = 200  # held-out images, one CV-Bench question each (cvbench.jsonl)
     n_probe: int = 160  # held-out images for probing (probe.json)
@@ -144,6 +144,16 @@ def sample_scene(rng: np.random.Generator, spec: WorldSpec, max_tries: int = 200
         if ok:
             return scene
     raise RuntimeError("sample_scene: could not place objects without heavy occlusion; check WorldSpec")
+
+
+def scene_for_task(rng: np.random.Generator, spec: WorldSpec, task: str,
+                   weights: tuple[float, ...] | None = None) -> tuple[dict, dict]:
+    """A scene and one ``task`` question about it (:func:`olavlm.world.text.multiple_choice`)."""
+    while True:
+        scene = sample_scene(rng, spec, weights=weights)
+        mc = text.multiple_choice(scene, task, rng)
+        if mc is not None:
+            return scene, mc
 
 
 def _bbox(obj: dict, cam: Camera, side: int, horizon: float) -> list[int]:
@@ -279,11 +289,14 @@ def generate_world(out_dir: str | Path, spec: WorldSpec | None = None, *, progre
                                                         text.short_caption(scene, rng))]))
         allava.append(_record(f"allava_{i:05d}", key, [(text.with_image(str(rng.choice(text.LONG_PROMPTS)), rng),
                                                           text.long_caption(scene, rng))]))
-    instruct = []
+    instruct, tasks = [], list(text.CVBENCH_TASKS)
     for i in range(spec.n_instruct):
         rng = rngs["ift"]
-        key, scene = make_image("ift", i, rng, sample_scene(rng, spec, weights=spec.ift_object_weights))
-        turns = text.instruction_turns(scene, rng, spec.ift_mc_turns, spec.ift_open_turns)
+        # the first multiple-choice turn cycles through the CV-Bench tasks (a balanced question mix);
+        # the scene is drawn until it supports that task
+        scene, mc = scene_for_task(rng, spec, tasks[i % len(tasks)], weights=spec.ift_object_weights)
+        key, _ = make_image("ift", i, rng, scene)
+        turns = text.instruction_turns(scene, rng, spec.ift_mc_turns, spec.ift_open_turns, first_mc=mc)
         turns[0] = ("<image>\n" + turns[0][0], turns[0][1])
         instruct.append(_record(f"ift_{i:05d}", key, turns))
     for i in range(spec.n_text_only):
@@ -292,14 +305,9 @@ def generate_world(out_dir: str | Path, spec: WorldSpec | None = None, *, progre
     instruct = [instruct[int(j)] for j in order]
 
     cvbench = []
-    tasks = list(text.CVBENCH_TASKS)
     for i in range(spec.n_cvbench):
         rng, task = rngs["cvb"], tasks[i % len(tasks)]
-        while True:
-            scene = sample_scene(rng, spec)
-            mc = text.multiple_choice(scene, task, rng)
-            if mc is not None:
-                break
+        scene, mc = scene_for_task(rng, spec, task)
         key, _ = make_image("cvb", i, rng, scene)
         kind = text.CVBENCH_TASKS[task]
         cvbench.append({
@@ -352,5 +360,5 @@ def read_meta(root: str | Path) -> dict:
     path = Path(root) / "world.json"
     if not path.is_file():
         raise FileNotFoundError(f"{root} is not a ShapeWorld folder (no world.json); run `olavlm demo` or "
-                                f"olavlm.shapeworld.world.generate_world first")
+                                f"olavlm.world.generate.generate_world first")
     return json.loads(path.read_text())

@@ -247,15 +247,19 @@ def _skill_questions(scene: dict, rng: np.random.Generator) -> list[tuple[str, s
     return qa
 
 
-def instruction_turns(scene: dict, rng: np.random.Generator, n_mc: int, n_open: int = 1) -> list[tuple[str, str]]:
-    """``n_open`` open questions (those that name the object a task needs first) then ``n_mc``
-    CV-Bench-format multiple-choice turns (answers "(X)"),
-    each of a task drawn at random (a draw the scene cannot support is redrawn)."""
+def instruction_turns(scene: dict, rng: np.random.Generator, n_mc: int, n_open: int = 1,
+                      first_mc: dict | None = None) -> list[tuple[str, str]]:
+    """``n_mc`` CV-Bench-format multiple-choice turns (answers "(X)"), then ``n_open`` open questions
+    (those that name the object a task needs first). The multiple-choice turns come first so that,
+    as in the held-out test, no earlier answer in the conversation gives theirs away. The first is
+    ``first_mc`` (a :func:`multiple_choice` result) if given, the others each of a task drawn at
+    random (a draw the scene cannot support is redrawn)."""
     skills, pool = _skill_questions(scene, rng), _open_questions(scene, rng)
     turns = [skills[int(i)] for i in rng.choice(len(skills), size=min(n_open, len(skills)), replace=False)]
     rest = n_open - len(turns)
     turns += [pool[int(i)] for i in rng.choice(len(pool), size=min(rest, len(pool)), replace=False)]
-    mcs = []
+    mcs = [] if first_mc is None or n_mc < 1 else [
+        (mc_prompt(first_mc["question"], first_mc["choices"]) + CVBENCH_SUFFIX, f"({chr(65 + first_mc['answer_index'])})")]
     for k in range(8 * n_mc):
         if len(mcs) >= n_mc:
             break
@@ -264,7 +268,7 @@ def instruction_turns(scene: dict, rng: np.random.Generator, n_mc: int, n_open: 
         if mc is not None:
             mcs.append((mc_prompt(mc["question"], mc["choices"]) + CVBENCH_SUFFIX,
                         f"({chr(65 + mc['answer_index'])})"))
-    return turns + mcs
+    return mcs + turns
 
 
 def text_only_turns(rng: np.random.Generator) -> list[tuple[str, str]]:

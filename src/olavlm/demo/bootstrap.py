@@ -8,10 +8,11 @@ they go through exactly the code paths real checkpoints use (``from_pretrained``
   special tokens and a Llama-3-style chat template (:func:`olavlm.devkit.tiny.train_tokenizer`);
 * ``llm/``: a small ``LlamaForCausalLM`` language-modelled on the world's conversations rendered
   with the chat template (no images);
-* ``vision/``: a small ``CLIPVisionModel`` (+ ``CLIPImageProcessor``) trained with a simple
-  image-caption objective: from the mean of its patch features at the layer the VLM reads
-  (``vision_feature_layer``), predict the words and word pairs of the image's long caption
-  (multi-label). The captions carry no depth words (``olavlm.shapeworld.text.DEPTH_WORDS``).
+* ``vision/``: a small ``CLIPVisionModel`` (+ ``CLIPImageProcessor``) trained, at the layer the VLM
+  reads (``vision_feature_layer``), to predict the words and word pairs of the image's long caption
+  from the mean patch feature (multi-label; the captions carry no depth words,
+  ``olavlm.world.text.DEPTH_WORDS``) and, with ``vision_supervised``, the world's per-patch ground
+  truth and object counts (:mod:`olavlm.demo.tower_targets`): the stand-in for a well-trained CLIP.
 
 The result is cached: ``bootstrap.json`` records a key of (world, settings); a re-run with the same
 key returns the existing folders.
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from olavlm.demo.tower_targets import global_targets, patch_targets
 
 log = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -55,13 +58,15 @@ class BootstrapSpec:
     llm_lr: float = 3e-3
     vision_hidden: int = 64  # CLIPVisionModel hidden size
     vision_layers: int = 4
-    vision_patch: int = 8  # 64 px / 8 -> 8 x 8 = 64 image tokens
+    vision_patch: int = 16  # 64 px / 16 -> 4 x 4 = 16 image tokens (short sequences: many cheap IFT steps)
     vision_feature_layer: int = -2  # layer whose patch features the VLM (and this objective) reads
     vision_steps: int = 200  # image-caption optimisation steps
     vision_batch: int = 64
     vision_lr: float = 2e-3
     vision_recon_weight: float = 1.0  # weight of the per-patch colour reconstruction term
     vision_position_targets: bool = True  # the reconstruction also asks for the patch's own row / column
+    vision_supervised: bool = True  # + the world's per-patch ground truth and counts (demo/tower_targets.py)
+    vision_supervised_weight: float = 2.0  # scale of those targets inside the reconstruction MSE
     bf16: bool = False  # bf16 autocast; off by default: for these tiny matrices it is ~8x slower on CPU
 
     def approx_params(self) -> int:
@@ -86,7 +91,7 @@ def _read(path: Path):
 
 def world_texts(world_dir: Path) -> tuple[list[list[dict]], list[str]]:
     """(conversations as chat messages, plain strings) from pretrain/allava/instruct."""
-    from olavlm.shapeworld import text
+    from olavlm.world import text
 
     convs, plain = [], [LLAVA_LLAMA3_SYSTEM, "You are a helpful AI assistant.", text.CVBENCH_SUFFIX.strip(),
                         text.PROBE_PROMPT]
@@ -202,45 +207,53 @@ def patch_colours(x: torch.Tensor, patch: int, sub: int = 2) -> torch.Tensor:
 def train_vision(world_dir: Path, spec: BootstrapSpec, size: int, out: Path) -> dict:
     """Train a small CLIPVisionModel on the world's images; save to ``out``.
 
-    Objective (no depth labels anywhere): from the mean of the patch features at the layer the VLM
-    reads, predict the image's caption attributes (BCE); and from every patch feature, its own
-    patch's coarse colours and its own row / column (MSE), a generic reconstruction term that keeps the
-    layout of the scene (what is where: horizon, objects) in the tokens, as a generic pretrained encoder would.
+    Objective, all read at the layer the VLM reads: from the mean patch feature, the image's caption
+    attributes (BCE, caption images only); from every patch feature, its own patch's coarse colours
+    and its own row / column (MSE), a generic reconstruction term that keeps the layout in the tokens.
+    With ``vision_supervised`` (the default), also the world's ground truth per patch and the object
+    counts from the mean (MSE; :mod:`olavlm.demo.tower_targets`), on the caption and instruction images:
+    the stand-in for a CLIP whose features linearly carry what the questions need.
     """
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(spec.seed)
     records = _read(world_dir / "allava_caption.json")
     vocab, y = caption_targets([r["conversations"][1]["value"] for r in records])
-    x = _pixels([world_dir / r["image"] for r in records])
-    y_t = torch.from_numpy(y)
+    keys = [r["image"] for r in records]
+    if spec.vision_supervised:  # + the instruction images (their QA stays unseen: only the ground truth)
+        keys += sorted({r["image"] for r in _read(world_dir / "instruct.json") if "image" in r} - set(keys))
+    y_t = torch.zeros(len(keys), len(vocab))
+    y_t[:len(records)] = torch.from_numpy(y)
+    has_caption = torch.arange(len(keys)) < len(records)
+    x = _pixels([world_dir / k for k in keys])
     cfg = CLIPVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
                            num_hidden_layers=spec.vision_layers, num_attention_heads=4, image_size=size,
                            patch_size=spec.vision_patch, projection_dim=spec.vision_hidden)
     tower = CLIPVisionModel(cfg)
     head = torch.nn.Sequential(torch.nn.LayerNorm(spec.vision_hidden), torch.nn.Linear(spec.vision_hidden, len(vocab)))
-    colours = patch_colours(x, spec.vision_patch)
-    if spec.vision_position_targets:  # + each patch's own (row, column), centred: where it is in the image
-        g = int(round(colours.shape[1] ** 0.5))
-        rc = torch.stack(torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij"), -1).reshape(g * g, 2)
-        pos = (rc.float() - (g - 1) / 2) / ((g - 1) / 2)
-        colours = torch.cat([colours, pos.expand(len(colours), -1, -1)], dim=-1)
+    recon_t = _recon_targets(x, spec, world_dir, keys)
+    glob_t = torch.from_numpy(global_targets(world_dir, keys)) if spec.vision_supervised else torch.zeros(len(keys), 0)
     pix_head = torch.nn.Sequential(torch.nn.LayerNorm(spec.vision_hidden),
-                                   torch.nn.Linear(spec.vision_hidden, colours.shape[-1]))
-    params = list(tower.parameters()) + list(head.parameters()) + list(pix_head.parameters())
+                                   torch.nn.Linear(spec.vision_hidden, recon_t.shape[-1]))
+    glob_head = torch.nn.Linear(spec.vision_hidden, glob_t.shape[-1])
+    params = [*tower.parameters(), *head.parameters(), *pix_head.parameters(), *glob_head.parameters()]
     opt = torch.optim.AdamW(params, lr=spec.vision_lr, weight_decay=0.0)
     rng = np.random.default_rng(spec.seed + 1)
-    losses = []
+    losses, mse = [], torch.nn.functional.mse_loss
     for step in range(spec.vision_steps):
-        idx = torch.from_numpy(rng.choice(len(records), size=min(spec.vision_batch, len(records)), replace=False))
+        idx = torch.from_numpy(rng.choice(len(keys), size=min(spec.vision_batch, len(keys)), replace=False))
         for g in opt.param_groups:
             g["lr"] = _cosine_lr(step, spec.vision_steps, spec.vision_lr)
         with _autocast(spec.bf16):
             hs = tower(pixel_values=x[idx], output_hidden_states=True).hidden_states[spec.vision_feature_layer]
-            logits = head(hs[:, 1:].mean(dim=1))  # patch tokens only: what the VLM's projector reads
-            recon = pix_head(hs[:, 1:])
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y_t[idx])
-        loss = bce + spec.vision_recon_weight * torch.nn.functional.mse_loss(recon.float(), colours[idx])
+            pooled = hs[:, 1:].mean(dim=1)  # patch tokens only: what the VLM's projector reads
+            logits, recon, glob = head(pooled), pix_head(hs[:, 1:]), glob_head(pooled)
+        cap = has_caption[idx]
+        bce = (torch.nn.functional.binary_cross_entropy_with_logits(logits.float()[cap], y_t[idx][cap])
+               if cap.any() else logits.sum() * 0)
+        loss = bce + spec.vision_recon_weight * mse(recon.float(), recon_t[idx])
+        if glob_t.shape[-1]:
+            loss = loss + mse(glob.float(), glob_t[idx])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -249,14 +262,28 @@ def train_vision(world_dir: Path, spec: BootstrapSpec, size: int, out: Path) -> 
     tower.save_pretrained(out)
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(out)
-    return {"params": sum(p.numel() for p in tower.parameters()), "targets": len(vocab),
+    return {"params": sum(p.numel() for p in tower.parameters()), "targets": len(vocab), "images": len(keys),
             "loss_first": losses[0] if losses else None,
             "loss_last": float(np.mean(losses[-10:])) if losses else None, "steps": spec.vision_steps,
             "losses": losses}
 
 
+def _recon_targets(x: torch.Tensor, spec: BootstrapSpec, world_dir: Path, keys: list[str]) -> torch.Tensor:
+    """Per patch: coarse colours, + own (row, column) if ``vision_position_targets``, + the world's
+    ground truth (:func:`patch_targets`) if ``vision_supervised``."""
+    parts = [patch_colours(x, spec.vision_patch)]
+    g = int(round(parts[0].shape[1] ** 0.5))
+    if spec.vision_position_targets:  # each patch's own (row, column), centred: where it is in the image
+        rc = torch.stack(torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij"), -1).reshape(g * g, 2)
+        pos = (rc.float() - (g - 1) / 2) / max((g - 1) / 2, 1)
+        parts.append(pos.expand(len(x), -1, -1))
+    if spec.vision_supervised:
+        parts.append(spec.vision_supervised_weight * torch.from_numpy(patch_targets(world_dir, keys, spec.vision_patch)))
+    return torch.cat(parts, dim=-1)
+
+
 def cache_key(world_dir: Path, spec: BootstrapSpec) -> str:
-    from olavlm.shapeworld.world import read_meta
+    from olavlm.world.generate import read_meta
 
     payload = json.dumps({"world": read_meta(world_dir), "spec": dataclasses.asdict(spec)}, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()
@@ -265,7 +292,7 @@ def cache_key(world_dir: Path, spec: BootstrapSpec) -> str:
 def bootstrap(world_dir: str | Path, out_dir: str | Path, spec: BootstrapSpec | None = None) -> BootstrapResult:
     """Make (or reuse) tokenizer/, llm/, vision/ under ``out_dir`` for the world in ``world_dir``."""
     from olavlm.devkit.tiny import train_tokenizer
-    from olavlm.shapeworld.world import read_meta
+    from olavlm.world.generate import read_meta
 
     spec = spec or BootstrapSpec()
     world_dir, out = Path(world_dir), Path(out_dir)

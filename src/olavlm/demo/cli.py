@@ -15,7 +15,7 @@ def register(sub) -> None:
                    help="comma list of ola (NTP + embedding losses in PT), baseline (NTP only), viral (baseline PT, "
                         "then NTP + alignment loss in IFT); all listed run side by side")
     p.add_argument("--seeds", type=int, default=1, help="repeat PT/IFT/eval for seeds seed..seed+N-1 (mean ± std)")
-    p.add_argument("--config-dir", default=None, help="folder with pt.yaml / ift.yaml; None = the repository's configs/shapeworld")
+    p.add_argument("--config-dir", default=None, help="folder with pt.yaml / ift.yaml; None = the recipes shipped in the package (configs/shapeworld)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads; None = OMP_NUM_THREADS if set, else 1 (the demo's models are tiny: "
                         "1 thread is the fastest, and far faster when other processes share the cores)")
@@ -31,8 +31,8 @@ def _demo(args) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import sys
 
-    from olavlm.shapeworld.bootstrap import BootstrapSpec
-    from olavlm.shapeworld.demo import VARIANTS
+    from olavlm.demo.bootstrap import BootstrapSpec
+    from olavlm.demo.run import VARIANTS
     from olavlm.threads import configure_threads
 
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
@@ -44,7 +44,7 @@ def _demo(args) -> int:
         print(f"olavlm demo: error: {problem}", file=sys.stderr)
         return 2
     configure_threads(args.threads, model_params=BootstrapSpec().approx_params())
-    from olavlm.shapeworld.demo import run_demo
+    from olavlm.demo.run import run_demo
 
     run_demo(args.output_dir, seed=args.seed, quick=args.quick, seeds=args.seeds, variants=variants,
              config_dir=args.config_dir, progress=not args.no_progress)

@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from olavlm.shapeworld.bootstrap import BootstrapSpec
-from olavlm.shapeworld.world import WorldSpec
+from olavlm.demo.bootstrap import BootstrapSpec
+from olavlm.world.generate import WorldSpec
 
 log = logging.getLogger("olavlm.demo")
 VARIANTS = ("ola", "baseline", "viral")  # the methods of olavlm.methods
@@ -45,7 +45,7 @@ class DemoSettings:
     pt_epochs: int = 2  # passes over pretrain.json
     ift_epochs: int = 2  # passes over instruct.json
     max_steps: int | None = None  # cap per stage (quick mode)
-    batch_size: int = 16  # global = micro batch of PT and IFT
+    batch_size: int = 8  # global = micro batch of PT and IFT (small batches: more steps in the budget)
     probe_steps: int = 100  # optimisation steps of each probe set
     # which final model is probed for which teacher: the PT model shows what the embedding losses
     # alone changed (its LLM is frozen); the IFT model is the one the paper probes
@@ -66,14 +66,12 @@ def settings_for(quick: bool, seed: int) -> DemoSettings:
 
 
 def default_config_dir() -> Path:
-    """``configs/shapeworld`` of the source checkout this package runs from."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        cand = parent / "configs" / "shapeworld"
-        if (cand / "pt.yaml").is_file():
-            return cand
-    raise FileNotFoundError("configs/shapeworld/pt.yaml not found above the installed package; "
-                            "pass --config-dir (the recipes live in the repository's configs/shapeworld)")
+    """The demo recipes shipped inside the package (``configs/shapeworld`` in the source tree links here)."""
+    here = Path(__file__).resolve().parent / "recipes"
+    if not (here / "pt.yaml").is_file():
+        raise FileNotFoundError(f"{here / 'pt.yaml'} is missing from the installed package; pass --config-dir "
+                                "(a folder with pt.yaml / ift.yaml / viral_ift.yaml)")
+    return here
 
 
 def _stage(k: int, text: str) -> float:
@@ -82,7 +80,7 @@ def _stage(k: int, text: str) -> float:
 
 
 def ensure_world(root: Path, spec: WorldSpec) -> Path:
-    from olavlm.shapeworld.world import generate_world
+    from olavlm.world.generate import generate_world
 
     meta = root / "world.json"
     if meta.is_file() and json.loads(meta.read_text()).get("spec") == json.loads(json.dumps(dataclasses.asdict(spec))):
@@ -226,8 +224,8 @@ def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool
     """Run the demo; returns the report dict (also written to ``output_dir/report.json``)."""
     import torch
 
-    from olavlm.shapeworld.bootstrap import bootstrap
-    from olavlm.shapeworld.report import write_report
+    from olavlm.demo.bootstrap import bootstrap
+    from olavlm.demo.report import write_report
 
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")

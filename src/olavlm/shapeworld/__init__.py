@@ -1,1 +1,0 @@
-"""ShapeWorld: the embedded synthetic world behind `olavlm demo` (generator, bootstrap, demo)."""
