@@ -70,13 +70,13 @@ def test_chat_cli_prompt_and_missing_run_info(trained, capsys, tmp_path):
     session = ChatSession(final, device="cpu")
     session.set_image(image)
     assert printed == session.ask("Describe it.", max_new_tokens=4) + "\n"
-    (final / "processor_config.json").rename(tmp_path / "moved.json")
+    (final / "olavlm_processor.json").rename(tmp_path / "moved.json")
     try:
         with pytest.raises(ValueError, match="--template and --image-geometry"):
             ChatSession(final)
         assert ChatSession(final, template="llava_phi_3", image_geometry="pad", device="cpu").template == "llava_phi_3"
     finally:
-        (tmp_path / "moved.json").rename(final / "processor_config.json")
+        (tmp_path / "moved.json").rename(final / "olavlm_processor.json")
 
 
 def test_chat_uses_the_recorded_bos_policy(trained):
@@ -84,7 +84,7 @@ def test_chat_uses_the_recorded_bos_policy(trained):
     import json
 
     final, _ = trained
-    info_file = final / "processor_config.json"
+    info_file = final / "olavlm_processor.json"
     info = json.loads(info_file.read_text())
     assert info["add_bos"] is True  # data.add_bos auto + a tokenizer that adds BOS
     session = ChatSession(final, device="cpu")

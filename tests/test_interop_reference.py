@@ -292,7 +292,7 @@ def test_converted_pt_folder_is_an_ift_init_from(real_k_pt, tiny_dir, tmp_path, 
     pt = real_k_pt[vision]
     overrides = [o for o in smoke_overrides(tiny_dir, recipe, tmp_path, max_steps=1) if "init_from" not in o]
     res = train(load_config(recipe, overrides + [f"--train.init_from={pt}"]), resume="none")
-    assert json.loads((res.final_dir / "processor_config.json").read_text())["run"]["init_from"] == str(pt)
+    assert json.loads((res.final_dir / "olavlm_processor.json").read_text())["run"]["init_from"] == str(pt)
     assert res.model.tokens_per_image == P + 3 * REAL_K and not res.model.predictors
     final = read_all(res.final_dir)
     torch.testing.assert_close(final["task_tokens.rows.depth"], read_all(pt)["task_tokens.rows.depth"])

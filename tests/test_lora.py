@@ -164,7 +164,7 @@ def test_lora_packed_ift_resume_is_exact_and_merges(lora_ift, tmp_path):
     assert any(bool(v.abs().sum()) for k, v in a.items() if "lora_B" in k)  # the adapters trained
     assert cli_main(["merge-lora", str(split_dir), str(tmp_path / "merged")]) == 0
     merged = OlaVLM.from_pretrained(tmp_path / "merged")
-    assert not lora.is_lora(merged.llm) and (tmp_path / "merged" / "processor_config.json").is_file()
+    assert not lora.is_lora(merged.llm) and (tmp_path / "merged" / "olavlm_processor.json").is_file()
     # the next stage can start from the LoRA run itself (base + adapters, merged on load)
     chained = [o for o in overrides if not o.startswith(("--train.lora", "--train.init_from"))]
     nxt = train(load_config(IFT, chained + [f"--train.init_from={split_dir}", "--train.max_steps=1",

@@ -1,5 +1,5 @@
 """The model's processor: save -> load gives identical inputs; old folders (olavlm_run.json) still
-load; a bad processor_config.json is a one-line error naming the file and the field."""
+load; a bad olavlm_processor.json is a one-line error naming the file and the field."""
 
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ def test_recipe_chain_smoke_and_stage_policy(variant, tiny_dir, smoke_root):
         assert (run_dir / "config.yaml").is_file() and (run_dir / "loss.png").is_file()
         after = _weights(final)
         config = json.loads((final / "config.json").read_text())
-        processor = json.loads((final / "processor_config.json").read_text())
+        processor = json.loads((final / "olavlm_processor.json").read_text())
         assert not (final / "olavlm_run.json").exists() and processor["run"]["stage"] == stage.replace("vpt_ift", "ift")
         assert processor["template"] == ("llava_llama_3" if variant.startswith("llama") else "llava_phi_3")
         if stage == "pt":

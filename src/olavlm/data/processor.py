@@ -7,7 +7,7 @@ square (None when no teacher runs) and the positions one image expands to. Train
 ``data check`` / ``data show``, chat, evaluation, the probe and ``targets precompute`` all build
 inputs through it, so the tower's pixels and the teachers' images are made one way everywhere.
 
-Saved with every model folder: ``save_pretrained(folder)`` writes ``processor_config.json`` (with a
+Saved with every model folder: ``save_pretrained(folder)`` writes ``olavlm_processor.json`` (with a
 ``version`` field, plus a ``run`` section: stage, run dir, ... of the run that wrote it) and the
 tokenizer files; ``from_pretrained(folder)`` loads it. A folder written before the processor
 existed has only ``olavlm_run.json`` (template, BOS policy, geometry): it is read as a fallback, the
@@ -31,14 +31,14 @@ from olavlm.errors import UserError
 
 log = logging.getLogger(__name__)
 
-PROCESSOR_FILE = "processor_config.json"
+PROCESSOR_FILE = "olavlm_processor.json"
 LEGACY_FILE = "olavlm_run.json"  # what folders written before the processor carry (template, BOS, geometry)
 VERSION = 1
 _LIMIT_FIELDS = ("max_pixels", "max_aspect", "max_geometry_pixels")
 
 
 class ProcessorConfigError(UserError, ValueError):
-    """A processor_config.json (or olavlm_run.json) that cannot be used; the message names the file and field."""
+    """A olavlm_processor.json (or olavlm_run.json) that cannot be used; the message names the file and field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +168,7 @@ class OlaProcessor:
                 "limits": {k: getattr(self.limits, k) for k in _LIMIT_FIELDS}, "run": self.run}
 
     def save_pretrained(self, folder: str | Path, *, tokenizer: bool = True) -> Path:
-        """``folder/processor_config.json`` (+ the tokenizer files unless ``tokenizer=False``)."""
+        """``folder/olavlm_processor.json`` (+ the tokenizer files unless ``tokenizer=False``)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if tokenizer:
@@ -188,7 +188,7 @@ class OlaProcessor:
 
 def read_settings(folder: str | Path) -> dict:
     """The saved text/image settings of a folder without loading anything: ``template``, ``add_bos``,
-    ``image_geometry`` and ``run`` (stage, run_dir, init_from, ...) from its processor_config.json, or
+    ``image_geometry`` and ``run`` (stage, run_dir, init_from, ...) from its olavlm_processor.json, or
     from an old folder's olavlm_run.json; {} when the folder has neither."""
     folder = Path(folder)
     if (folder / PROCESSOR_FILE).is_file():

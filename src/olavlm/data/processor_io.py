@@ -1,4 +1,4 @@
-"""Reading a folder's ``processor_config.json`` (or an old folder's ``olavlm_run.json``) into an
+"""Reading a folder's ``olavlm_processor.json`` (or an old folder's ``olavlm_run.json``) into an
 :class:`~olavlm.data.processor.OlaProcessor`; every bad field is a one-line error naming file and field."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _is_int(v, low: int = 1) -> bool:
 
 
 def parse_file(file: Path) -> dict[str, Any]:
-    """Validated constructor fields of a processor_config.json (all but the tokenizer)."""
+    """Validated constructor fields of a olavlm_processor.json (all but the tokenizer)."""
     data = _read_json(file)
     version = _field(file, data, "version", _is_int, "an integer version")
     if version > VERSION:

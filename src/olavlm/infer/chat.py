@@ -2,7 +2,7 @@
 image tokens + the frozen task tokens, prompt rendered with the template the model was trained with.
 
 The template, BOS policy and image geometry come from the folder's processor
-(``processor_config.json``, :class:`olavlm.data.processor.OlaProcessor`), which ``olavlm train``
+(``olavlm_processor.json``, :class:`olavlm.data.processor.OlaProcessor`), which ``olavlm train``
 saves into every ``RUN_DIR/final/``; older folders carry ``olavlm_run.json`` instead, which is read as
 a fallback. Template, BOS policy and geometry can be overridden (e.g. for a folder converted from
 elsewhere).

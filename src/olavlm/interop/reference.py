@@ -19,7 +19,7 @@ reference key                              olavlm folder
 ========================================  =========================================================
 
 Anything else is an unknown key and stops the conversion. The folder also gets
-``processor_config.json`` (the processor: template, image geometry, image facts, stage; what ``chat`` /
+``olavlm_processor.json`` (the processor: template, image geometry, image facts, stage; what ``chat`` /
 ``eval`` read) and
 ``olavlm_conversion.json`` (the source, every option used, what was dropped).
 """
@@ -198,7 +198,7 @@ def _expected_extras(cfg, out: Path, *, with_predictors: bool) -> dict[str, tupl
 
 
 def _write_processor(out: Path, cfg, ref: ReferenceConfig, run: dict) -> None:
-    """``processor_config.json`` of the converted folder (template, geometry, image facts; BOS: what
+    """``olavlm_processor.json`` of the converted folder (template, geometry, image facts; BOS: what
     the converted tokenizer does), read weight-free from the written JSON files."""
     from transformers import AutoTokenizer
 

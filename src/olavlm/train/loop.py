@@ -351,7 +351,7 @@ def model_inputs(batch: dict, device: torch.device, targets=None) -> dict[str, A
 
 def save_final(cfg: RunConfig, accelerator, model, run_dir: Path, init_dir: Path | None, processor=None) -> Path:
     """``RUN_DIR/final/``: model (+ predictors after PT), tokenizer and the processor
-    (``processor_config.json``: template, BOS policy, geometry, image facts + the run's provenance)."""
+    (``olavlm_processor.json``: template, BOS policy, geometry, image facts + the run's provenance)."""
     from olavlm.data.processor import OlaProcessor
 
     final = run_dir / "final"
