@@ -192,7 +192,7 @@ def time_steps(args, words, image) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 micro-batches, 1 repeat")
-    p.add_argument("--batches", type=int, default=6, help="micro-batches per timed round")
+    p.add_argument("--batches", type=int, default=4, help="micro-batches per timed round")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--samples", type=int, default=20000, help="samples drawn for the padding statistics")
     p.add_argument("--from-json", default=None, help="a LLaVA-format JSON to draw word counts from")

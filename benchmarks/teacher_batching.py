@@ -12,7 +12,7 @@ Both include the preprocessing (resize + normalise) and run under no_grad in ``-
 Result: benchmarks/results/teacher_batching.json (machine, versions, config, raw timings,
 medians, ratio = loop / batched, > 1 means batching is faster).
 
-    python benchmarks/teacher_batching.py            # N=16, scale 3, 5 repeats
+    python benchmarks/teacher_batching.py            # N=16, scale 3, 9 repeats
     python benchmarks/teacher_batching.py --quick    # N=8, scale 2, 3 repeats (CI smoke)
 """
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     ap.add_argument("--batch", type=int, default=None, help="images per micro-batch (default 16, quick 8)")
     ap.add_argument("--scale", type=int, default=None, help="teacher size multiplier (default 3, quick 2)")
-    ap.add_argument("--repeat", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=None, help="timed rounds (default 9, quick 3)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None,
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_threads(args.threads)
     n = args.batch or (8 if args.quick else 16)
     scale = args.scale or (2 if args.quick else 3)
-    repeat = args.repeat or (3 if args.quick else 5)
+    repeat = args.repeat or (3 if args.quick else 9)  # steps of 10-100 ms: cheap to repeat
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
