@@ -148,7 +148,7 @@ def step_parser(description: str):
                     help="dotted override applied to --config YAML (repeatable)")
     ap.add_argument("--text-len", type=int, default=None, help="text tokens per sample (default: small 96, YAML 128)")
     ap.add_argument("--batch", type=int, default=None, help="samples per step (default: small 8, YAML micro batch)")
-    ap.add_argument("--repeat", type=int, default=None, help="timed steps per variant (default 5, quick 3)")
+    ap.add_argument("--repeat", type=int, default=None, help="timed steps per variant (default 9, quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default 2, quick 1)")
     ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                     help="bf16 autocast: auto = YAML train.bf16; small config: on only on CUDA")
@@ -164,7 +164,7 @@ def step_parser(description: str):
 def repeats(args) -> tuple[int, int]:
     """(warmup, repeat) from the parsed step arguments."""
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    repeat = args.repeat if args.repeat is not None else (3 if args.quick else 5)
+    repeat = args.repeat if args.repeat is not None else (3 if args.quick else 9)  # the minimum needs a few
     return warmup, repeat
 
 

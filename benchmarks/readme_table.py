@@ -204,7 +204,8 @@ def render(folder: Path | None = None, other: Path | None = None) -> str:
                   "| µs/token | time × | FLOPs × | time × ÷ FLOPs × |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in scaling["table"]:
-            lines.append(f"| {r['text_len']} | {r['batch']} | {r['sequence_len']} | {r.get('ms', r['median_ms']):.0f} | "
+            ms = r.get("ms", r["median_ms"])
+            lines.append(f"| {r['text_len']} | {r['batch']} | {r['sequence_len']} | {ms:.0f} | "
                          f"{r['us_per_token']:.0f} | {r['time_ratio']:.2f} | {r['flops_ratio']:.2f} | "
                          f"{r['time_over_flops_ratio']:.2f} |")
     lines += ["", *gpu_table(results)]
