@@ -243,12 +243,16 @@ def stability_note(folder: Path, other: Path) -> str:
         return (f"Stability not checked: no comparable second run in `{_short(other)}` (same code, settings and "
                 "machine); `make bench-stability` makes one.")
     first, second = _run_info(folder), _run_info(other)
+    made = {(d.get("code") or {}).get("fingerprint") for d in load(folder).values()} - {None}
+    now = stability.code_identity()["fingerprint"]
+    older = "" if made <= {now} else (f" Measured with code {', '.join(sorted(made))}; the tree is now {now}: "
+                                      "rerun to check the current code.")
     beside = second.get("neighbour") or "no neighbour of its own"
     agreeing = sum(r["status"] == "agree" for r in checked)
     return (f"Stability: each headline is compared with a second run of the same code and settings "
             f"(`{_short(other)}`, beside {beside}); a verdict needs both within ±{stability.TOLERANCE:.0%} and is "
             f"judged on the worse of the two. This run: {_loads(first)}; second run: {_loads(second)}. "
-            f"{agreeing} of {len(checked)} compared rows agree.")
+            f"{agreeing} of {len(checked)} compared rows agree.{older}")
 
 
 def _short(path: Path) -> str:

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                       "us_per_token": s * 1e6 / tokens, "step_gflops": flops / 1e9,
                       "time_ratio": s / b_time, "flops_ratio": flops / b_flops,
                       "tokens_ratio": tokens / (bc.micro_batch * (bc.text_len - 1 + model.tokens_per_image)),
-                      "time_over_flops_ratio": (v["median"] / b_time) / (flops / b_flops)})
+                      "time_over_flops_ratio": (s / b_time) / (flops / b_flops)})
     path = record("scaling", args=args, bc=bc, variants=variants, ratios={}, extra={"base": base, "table": table,
                                                                                      "trainable": counts})
     print(f"scaling ({'bf16 autocast' if bf16 else 'fp32'}, device {dev.type}; base {base})")

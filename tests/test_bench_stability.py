@@ -77,6 +77,7 @@ def test_agreeing_runs_get_a_verdict_on_the_worse_value(tmp_path):
     assert _row(table, MEM)[2:6] == ["0.35 (exact)", "0.35", "<= 0.5", "pass"]
     assert "load average 0.5 → 1.5; second run: load average 2.0 → 3.0" in table
     assert "beside a spin loop" in table and "3 of 3 compared rows agree" in table
+    assert "Measured with code abc123; the tree is now" in table  # results of other code say so
     # within 10 % of each other but the second run misses the goal: the verdict is the worse one
     _write(a, pt=1.05, depth=4.1, memory=0.35)
     _write(a / "busy", pt=1.12, depth=3.9, memory=0.35)

@@ -88,7 +88,10 @@ def test_scaling_table(results):
     _check_variants(d, ["T24_B1", "T12_B2", "T24_B2"])
     assert [(r["text_len"], r["batch"]) for r in d["table"]] == [(24, 1), (12, 2), (24, 2)]
     base = next(r for r in d["table"] if r["point"] == d["base"])
-    assert base["time_ratio"] == base["flops_ratio"] == 1.0
+    assert base["time_ratio"] == base["flops_ratio"] == base["time_over_flops_ratio"] == 1.0
+    for r in d["table"]:  # times are each point's least disturbed CPU seconds (1 thread)
+        assert r["statistic"] == "CPU min" and r["ms"] == pytest.approx(d["variants"][r["point"]]["cpu_min"] * 1e3)
+        assert r["time_over_flops_ratio"] == pytest.approx(r["time_ratio"] / r["flops_ratio"])
     one = next(r for r in d["table"] if r["batch"] == 1)
     assert one["flops_ratio"] < 1.0 and one["tokens_ratio"] == pytest.approx(0.5)
 
