@@ -8,7 +8,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export DS_ACCELERATOR := cpu
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast demo demo-quick bench bench-quick bench-gpu clean
+.PHONY: setup test test-fast demo demo-quick bench bench-quick bench-stability bench-gpu clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m benchmarks.run --quick
+
+# make bench twice: as the machine is, then beside a one-core busy process; the table checks they agree
+bench-stability: setup
+	$(PY) -m benchmarks.run --stability
 
 # real-size comparisons on one GPU (<= 8 min); no setup step: GPU machines bring their own environment
 bench-gpu:

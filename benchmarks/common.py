@@ -110,8 +110,11 @@ def summarize(times: list[float], cpu: list[float] | None = None) -> dict[str, A
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
+    from benchmarks.stability import NEIGHBOUR_ENV, code_identity
+
     payload = {"name": name, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "machine": machine(), "threads": threads_record(), **payload}
+               "machine": machine(), "threads": threads_record(), "code": code_identity(),
+               "neighbour": os.environ.get(NEIGHBOUR_ENV), **payload}
     path = out / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
@@ -145,7 +148,7 @@ def step_parser(description: str):
                     help="dotted override applied to --config YAML (repeatable)")
     ap.add_argument("--text-len", type=int, default=None, help="text tokens per sample (default: small 96, YAML 128)")
     ap.add_argument("--batch", type=int, default=None, help="samples per step (default: small 8, YAML micro batch)")
-    ap.add_argument("--repeat", type=int, default=None, help="timed steps per variant (default 5, quick 3)")
+    ap.add_argument("--repeat", type=int, default=None, help="timed steps per variant (default 9, quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default 2, quick 1)")
     ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                     help="bf16 autocast: auto = YAML train.bf16; small config: on only on CUDA")
@@ -161,7 +164,7 @@ def step_parser(description: str):
 def repeats(args) -> tuple[int, int]:
     """(warmup, repeat) from the parsed step arguments."""
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    repeat = args.repeat if args.repeat is not None else (3 if args.quick else 5)
+    repeat = args.repeat if args.repeat is not None else (3 if args.quick else 9)  # the minimum needs a few
     return warmup, repeat
 
 
@@ -195,19 +198,29 @@ def timeit_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 2, re
 
 
 def ratio(numerator: dict[str, float], denominator: dict[str, float], *, goal: float | None = None,
-          better: str = "lower", what: str = "") -> dict[str, Any]:
-    """Ratio of two :func:`summarize` medians with its goal: ``better="lower"`` passes when
-    ratio <= goal, ``"higher"`` when ratio >= goal; no goal -> ``pass`` is None. Also the ratio of
-    the minima (``value_min``: each side's least disturbed repeat), of the median CPU seconds when
-    both sides have them, and the ``range``, the ratio of the extremes (min/max, max/min) -- how far
-    noise could move it."""
+          better: str = "lower", what: str = "", headline: str | None = None) -> dict[str, Any]:
+    """Ratio of two :func:`summarize` records with its goal: ``better="lower"`` passes when
+    ratio <= goal, ``"higher"`` when ratio >= goal; no goal -> ``pass`` is None.
+
+    Every statistic is written: ``value`` (medians of wall time), ``value_min`` (minima: each side's
+    least disturbed repeat), ``value_cpu`` / ``value_cpu_min`` (median / minimum CPU seconds of the
+    process, when both sides have them) and the ``range``, the ratio of the extremes (min/max,
+    max/min) -- how far noise could move it. ``headline`` names the statistic the goal is judged on
+    and the table shows (default: ``value_cpu_min`` when both sides have CPU times, else
+    ``value_min``; see benchmarks/README.md, "Which number is the headline")."""
     value = numerator["median"] / denominator["median"]
     lo, hi = numerator["min"] / denominator["max"], numerator["max"] / denominator["min"]
-    passed = None if goal is None else (value <= goal if better == "lower" else value >= goal)
     out = {"value": value, "value_min": numerator["min"] / denominator["min"], "range": [lo, hi], "goal": goal,
-           "better": better, "pass": passed, "what": what}
+           "better": better, "what": what}
     if numerator.get("cpu_median") and denominator.get("cpu_median"):
         out["value_cpu"] = numerator["cpu_median"] / denominator["cpu_median"]
+        out["value_cpu_min"] = numerator["cpu_min"] / denominator["cpu_min"]
+    headline = headline or ("value_cpu_min" if "value_cpu_min" in out else "value_min")
+    if headline not in out:
+        raise ValueError(f"headline {headline!r}: not computed for this ratio (have {sorted(out)})")
+    best = out[headline]
+    out["headline"] = headline
+    out["pass"] = None if goal is None else (best <= goal if better == "lower" else best >= goal)
     return out
 
 

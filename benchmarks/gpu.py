@@ -167,7 +167,8 @@ def bench_pt(sb, args, deadline: float, random_weights: bool) -> dict:
     v = measure_at(steps, {k: b * length for k in steps}, args, sb.dev)
     out["variants"] = v
     out["ratios"] = {"pt_cached_over_ntp": ratio(v["pt_cached"], v["ntp"], goal=GOALS["pt_cached_over_ntp"],
-                                                 what="PT step (cached targets) / NTP step, same model")}
+                                                 what="PT step (cached targets) / NTP step, same model",
+                                                 headline="value")}
     out["flops_ratio_pt_cached_over_ntp"] = (v["pt_cached"]["throughput"]["step_flops"]
                                              / v["ntp"]["throughput"]["step_flops"])
     if time.monotonic() > deadline:
@@ -187,7 +188,8 @@ def bench_pt(sb, args, deadline: float, random_weights: bool) -> dict:
         out["online"] = {"variants": ov, "teacher_dtype": str(dtype).replace("torch.", ""),
                          "teacher_params": {t: sum(p.numel() for p in x.parameters()) for t, x in teachers.teachers.items()},
                          "ratios": {"pt_online_over_pt_cached": ratio(ov["pt_online"], ov["pt_cached"],
-                                                                      what="online teachers / cached targets")}}
+                                                                      what="online teachers / cached targets",
+                                                                      headline="value")}}
     except torch.cuda.OutOfMemoryError:
         out["online"] = {"error": f"out of memory with the teachers at micro-batch {b}"}
     return out
@@ -230,7 +232,8 @@ def bench_ift(sb, args) -> dict:
     v = measure_at(steps, {k: b * length for k in steps}, args, sb.dev)
     out["variants"] = v
     out["ratios"] = {"ift_over_llava": ratio(v["olavlm_ift"], v["llava_hf"], goal=GOALS["ift_over_llava"],
-                                             what="IFT step / LlavaForConditionalGeneration step, same sequence")}
+                                             what="IFT step / LlavaForConditionalGeneration step, same sequence",
+                                             headline="value")}  # GPU: wall time (CPU time is the host's)
     return out
 
 

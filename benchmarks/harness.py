@@ -54,4 +54,4 @@ def print_summary(variants: dict, ratios: dict) -> None:
     for name, r in ratios.items():
         verdict = "" if r["goal"] is None else (" PASS" if r["pass"] else " FAIL") + \
             f" (goal {'<=' if r['better'] == 'lower' else '>='} {r['goal']})"
-        print(f"  {name:40s} {r['value']:6.3f} (min {r['value_min']:6.3f}){verdict}")
+        print(f"  {name:40s} {r[r['headline']]:6.3f} ({r['headline']}; wall median {r['value']:6.3f}){verdict}")

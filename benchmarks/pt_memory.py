@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=None, help="LLM vocabulary rows (default 128256 = Llama-3; quick 32000)")
     ap.add_argument("--batch", type=int, default=None, help="samples per step (default 8, quick 4)")
     ap.add_argument("--text-len", type=int, default=160, help="text tokens per sample before image expansion")
-    ap.add_argument("--repeat", type=int, default=None, help="timed steps per variant (default 7, quick 3)")
+    ap.add_argument("--repeat", type=int, default=None, help="timed steps per variant (default 5, quick 3)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 model + autocast (default: on CUDA only; CPUs without AVX512-BF16/AMX run "
                          "bf16 matmuls far slower than fp32)")
@@ -202,7 +202,7 @@ def main() -> None:
 
     quiet()
     vocab = args.vocab or (32000 if args.quick else 128256)
-    repeat = args.repeat or (3 if args.quick else 7)
+    repeat = args.repeat or (3 if args.quick else 5)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="olavlm-ptmem-") as tmp:
         paths = write_checkpoints(Path(tmp), vocab)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import stability  # noqa: E402
 from benchmarks.common import results_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,39 +31,41 @@ class Row:
     goal_no: str  # number of the goal in benchmarks/README.md
     label: str  # what is compared
     result: str  # results/<result>.json
-    path: tuple[str, ...]  # keys to the ratio value inside that JSON
+    path: tuple[str, ...]  # keys to the ratio inside that JSON: a ratio record (common.ratio) or a number
     op: str | None  # "<=" or ">=" (None: reported without a goal)
     goal: float | None
 
 
 ROWS = [
     Row("1", "PT step, 3 embedding losses + cached targets ÷ NTP step (same model)", "pt_vs_ntp",
-        ("ratios", "pt_cached_over_ntp", "value"), "<=", 1.10),
+        ("ratios", "pt_cached_over_ntp"), "<=", 1.10),
     Row("2", "IFT step ÷ `LlavaForConditionalGeneration` step (same sequence, no task tokens)", "ift_vs_llava",
-        ("ratios", "olavlm_ift_no_task_tokens_over_llava", "value"), "<=", 1.00),
+        ("ratios", "olavlm_ift_no_task_tokens_over_llava"), "<=", 1.00),
     Row("2", "IFT step with the frozen task tokens (+24 positions/image) ÷ Llava step", "ift_vs_llava",
-        ("ratios", "olavlm_ift_over_llava", "value"), "<=", 1.00),
+        ("ratios", "olavlm_ift_over_llava"), "<=", 1.00),
     Row("3", "per-image loop ÷ batched encode: depth teacher (Depth-Anything)", "teacher_batching",
-        ("results", "depth", "ratio_loop_over_batched"), ">=", 4.0),
+        ("results", "depth", "ratio"), ">=", 4.0),
     Row("3", "per-image loop ÷ batched encode: seg teacher (OneFormer)", "teacher_batching",
-        ("results", "seg", "ratio_loop_over_batched"), ">=", 4.0),
+        ("results", "seg", "ratio"), ">=", 4.0),
     Row("3", "per-image loop ÷ batched encode: gen teacher (unCLIP image encoder)", "teacher_batching",
-        ("results", "gen", "ratio_loop_over_batched"), ">=", 4.0),
+        ("results", "gen", "ratio"), ">=", 4.0),
     Row("4", "PT peak memory: hooks + supervised-only NTP ÷ `output_hidden_states` + fp32 logits", "pt_memory",
-        ("ratios", "peak_memory_olavlm_over_reference", "value"), "<=", 0.5),
+        ("ratios", "peak_memory_olavlm_over_reference"), "<=", 0.5),
     Row("4", "PT step time of the same two routes", "pt_memory",
-        ("ratios", "step_time_olavlm_over_reference", "value"), None, None),
+        ("ratios", "step_time_olavlm_over_reference"), None, None),
     Row("5", "data loading samples/s (2 workers) ÷ model consumption (demo-sized model)", "data_vs_model",
-        ("ratios", "loader_over_model", "value"), ">=", 3.0),
+        ("ratios", "loader_over_model"), ">=", 3.0),
     Row("6", "PT step with online teachers ÷ with cached targets", "online_vs_cached",
-        ("ratios", "pt_online_over_pt_cached", "value"), None, None),
+        ("ratios", "pt_online_over_pt_cached"), None, None),
     Row("P", "packing: IFT positions padded ÷ packed (LLaVA-665K-like lengths, full size, modality-length "
         "sampler)", "packing", ("padding_full_size", "modality_length", "positions_padded_over_packed"), None, None),
     Row("P", "packing: IFT tokens/s packed ÷ padded, modality-length sampler (sdpa block mask, 1 thread)",
-        "packing", ("cpu_step", "modality_length", "tokens_per_s_packed_over_padded"), None, None),
+        "packing", ("cpu_step", "modality_length", "ratio"), None, None),
     Row("P", "packing: IFT tokens/s packed ÷ padded, random sampler (sdpa block mask, 1 thread)",
-        "packing", ("cpu_step", "random", "tokens_per_s_packed_over_padded"), None, None),
+        "packing", ("cpu_step", "random", "ratio"), None, None),
 ]
+STATISTIC = {"value": "wall median", "value_min": "wall min", "value_cpu": "CPU median", "value_cpu_min": "CPU min",
+             None: "exact"}
 
 
 def load(folder: Path) -> dict[str, dict]:
@@ -109,30 +112,80 @@ def setup_of(data: dict) -> str:
     return ", ".join(parts)
 
 
-def verdict(value: float | None, row: Row) -> str:
-    if value is None:
-        return "not run"
-    if row.goal is None:
-        return "-"
-    ok = value <= row.goal if row.op == "<=" else value >= row.goal
-    return "pass" if ok else "**miss**"
+def headline(data: dict | None, row: Row) -> tuple[float | None, str | None, float | None]:
+    """(headline value, its statistic -- a key of the ratio record, None for an exact number --, the
+    wall-median ratio shown beside a CPU headline) of one row in one result."""
+    found = dig(data, row.path) if data else None
+    if isinstance(found, (int, float)) and not isinstance(found, bool):
+        return float(found), None, None
+    if isinstance(found, dict) and "value_min" not in found and isinstance(found.get("value"), (int, float)):
+        return float(found["value"]), None, None  # a measured amount (memory), not a ratio of timings
+    if isinstance(found, dict):
+        key = found.get("headline", "value")
+        if isinstance(found.get(key), (int, float)):
+            return float(found[key]), key, (found.get("value") if key != "value" else None)
+    return None, None, None
 
 
-def render(folder: Path | None = None) -> str:
-    results = load(folder or results_dir())
-    lines = ["| # | comparison | median (min; range) | goal | verdict | setup |", "|---|---|---|---|---|---|"]
+def compare(folder: Path, other: Path | None) -> list[dict[str, Any]]:
+    """Each row's headline in ``folder`` and, where comparable, in ``other``: ``status`` is ``agree``,
+    ``unstable`` or ``not checked`` (``why``)."""
+    results = load(folder)
+    others = load(other) if other is not None and other.is_dir() else {}
+    out = []
     for row in ROWS:
+        data, second = results.get(row.result), others.get(row.result)
+        value, stat, wall = headline(data, row)
+        rec = {"goal": row.goal_no, "label": row.label, "result": row.result, "value": value, "statistic": stat,
+               "wall_median": wall, "other": None, "status": "not checked", "why": "no second run"}
+        if value is not None and second is not None:
+            why = stability.not_comparable(data, second)
+            b, b_stat, _ = headline(second, row)
+            why = why or (None if b is not None and b_stat == stat else "no such value in the second run")
+            if why:
+                rec["why"] = why
+            else:
+                rec.update(other=b, why=None, status="agree" if stability.agree(value, b) else "unstable")
+        out.append(rec)
+    return out
+
+
+def met(value: float, row: Row) -> bool:
+    return value <= row.goal if row.op == "<=" else value >= row.goal
+
+
+def verdict(rec: dict[str, Any], row: Row) -> str:
+    """pass / miss judged on the worse of two agreeing runs; "unstable (a vs b)" when they disagree."""
+    a, b = rec["value"], rec["other"]
+    if a is None:
+        return "not run"
+    if rec["status"] == "unstable":
+        return f"**unstable** ({a:.2f} vs {b:.2f})"
+    if row.goal is None:
+        return "stable" if rec["status"] == "agree" else f"stability not checked ({rec['why']})"
+    ok = met(a, row) and (b is None or met(b, row))
+    shown = "pass" if ok else "**miss**"
+    return shown if rec["status"] == "agree" else f"{shown}; stability not checked ({rec['why']})"
+
+
+def render(folder: Path | None = None, other: Path | None = None) -> str:
+    """The tables; ``other`` is the second run to check stability against (default: ``folder/busy``)."""
+    folder = folder or results_dir()
+    other = other if other is not None else folder / "busy"
+    results = load(folder)
+    lines = ["| # | comparison | headline (statistic; wall median) | second run | goal | verdict | setup |",
+             "|---|---|---|---|---|---|---|"]
+    for row, rec in zip(ROWS, compare(folder, other)):
         data = results.get(row.result)
-        value = dig(data, row.path) if data else None
-        shown = f"{value:.2f}" if isinstance(value, (int, float)) else "not run"
-        span = dig(data, (*row.path[:-1], "range")) if data else None
-        low = dig(data, (*row.path[:-1], "value_min")) if data else None
-        if isinstance(value, (int, float)) and isinstance(span, list) and len(span) == 2:
-            best = f"min {low:.2f}; " if isinstance(low, (int, float)) else ""
-            shown += f" ({best}{span[0]:.2f}–{span[1]:.2f})"  # ratio of the minima; of the extremes
+        shown = "not run"
+        if rec["value"] is not None:
+            wall = f"; wall {rec['wall_median']:.2f}" if rec["wall_median"] is not None else ""
+            shown = f"{rec['value']:.2f} ({STATISTIC[rec['statistic']]}{wall})"
+        second = f"{rec['other']:.2f}" if rec["other"] is not None else "–"
         goal = f"{row.op} {row.goal:g}" if row.goal is not None else "-"
-        lines.append(f"| {row.goal_no} | {row.label} | {shown} | {goal} | {verdict(value, row)} | "
+        lines.append(f"| {row.goal_no} | {row.label} | {shown} | {second} | {goal} | {verdict(rec, row)} | "
                      f"{setup_of(data) if data else ''} |")
+    lines += ["", stability_note(folder, other)]
     notes = []
     pt = results.get("pt_vs_ntp") or {}
     if pt.get("flops_ratio_pt_cached_over_ntp") and pt.get("forward_flops_by_component"):
@@ -147,10 +200,12 @@ def render(folder: Path | None = None) -> str:
     if scaling and scaling.get("table"):
         lines += ["", f"Goal 7, step time vs sequence and batch (PT step, cached targets; {setup_of(scaling)}; "
                       f"ratios against {scaling.get('base')}):", "",
-                  "| text len | batch | sequence | ms/step | µs/token | time × | FLOPs × | time × ÷ FLOPs × |",
+                  f"| text len | batch | sequence | ms/step ({scaling['table'][0].get('statistic', 'wall median')}) "
+                  "| µs/token | time × | FLOPs × | time × ÷ FLOPs × |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in scaling["table"]:
-            lines.append(f"| {r['text_len']} | {r['batch']} | {r['sequence_len']} | {r['median_ms']:.0f} | "
+            ms = r.get("ms", r["median_ms"])
+            lines.append(f"| {r['text_len']} | {r['batch']} | {r['sequence_len']} | {ms:.0f} | "
                          f"{r['us_per_token']:.0f} | {r['time_ratio']:.2f} | {r['flops_ratio']:.2f} | "
                          f"{r['time_over_flops_ratio']:.2f} |")
     lines += ["", *gpu_table(results)]
@@ -163,8 +218,48 @@ def render(folder: Path | None = None) -> str:
                       f"({machine.get('cpu_count', '?')} cores{gpu}), "
                       f"torch {machine.get('torch', '?')}, transformers {machine.get('transformers', '?')}. "
                       "Ratios come from one process each, variants interleaved; raw timings in "
-                      "`benchmarks/results/*.json`. Regenerate with `make bench`."]
+                      "`benchmarks/results/*.json`. Regenerate with `make bench-stability` (two runs, "
+                      "idle and busy) or `make bench` (one run)."]
     return "\n".join(lines)
+
+
+def _run_info(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _loads(info: dict) -> str:
+    a, b = info.get("load_average_before"), info.get("load_average_after")
+    return f"load average {a[0]:.1f} → {b[0]:.1f}" if a and b else "load average not recorded"
+
+
+def stability_note(folder: Path, other: Path) -> str:
+    """One paragraph: what the second run was, the loads of both runs, how many rows agree."""
+    recs = compare(folder, other)
+    checked = [r for r in recs if r["status"] != "not checked"]
+    if not checked:
+        return (f"Stability not checked: no comparable second run in `{_short(other)}` (same code, settings and "
+                "machine); `make bench-stability` makes one.")
+    first, second = _run_info(folder), _run_info(other)
+    made = {(d.get("code") or {}).get("fingerprint") for d in load(folder).values()} - {None}
+    now = stability.code_identity()["fingerprint"]
+    older = "" if made <= {now} else (f" Measured with code {', '.join(sorted(made))}; the tree is now {now}: "
+                                      "rerun to check the current code.")
+    beside = second.get("neighbour") or "no neighbour of its own"
+    agreeing = sum(r["status"] == "agree" for r in checked)
+    return (f"Stability: each headline is compared with a second run of the same code and settings "
+            f"(`{_short(other)}`, beside {beside}); a verdict needs both within ±{stability.TOLERANCE:.0%} and is "
+            f"judged on the worse of the two. This run: {_loads(first)}; second run: {_loads(second)}. "
+            f"{agreeing} of {len(checked)} compared rows agree.{older}")
+
+
+def _short(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT)) + "/"
+    except ValueError:
+        return str(path) + "/"
 
 
 GPU_ROWS = [  # (stage, path to the ratio, path to the variants, variant shown, label)

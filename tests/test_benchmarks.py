@@ -38,8 +38,10 @@ def _check_variants(data: dict, names: list[str], *, flops: bool = True) -> None
 
 def _check_ratio(r: dict, num: dict, den: dict) -> None:
     assert r["value"] == pytest.approx(num["median"] / den["median"])
+    assert r["headline"] == "value_cpu_min" and r["value_cpu_min"] == pytest.approx(num["cpu_min"] / den["cpu_min"])
+    h = r[r["headline"]]
     if r["goal"] is not None:
-        assert r["pass"] == (r["value"] <= r["goal"] if r["better"] == "lower" else r["value"] >= r["goal"])
+        assert r["pass"] == (h <= r["goal"] if r["better"] == "lower" else h >= r["goal"])
 
 
 def test_pt_vs_ntp(results):
@@ -86,7 +88,10 @@ def test_scaling_table(results):
     _check_variants(d, ["T24_B1", "T12_B2", "T24_B2"])
     assert [(r["text_len"], r["batch"]) for r in d["table"]] == [(24, 1), (12, 2), (24, 2)]
     base = next(r for r in d["table"] if r["point"] == d["base"])
-    assert base["time_ratio"] == base["flops_ratio"] == 1.0
+    assert base["time_ratio"] == base["flops_ratio"] == base["time_over_flops_ratio"] == 1.0
+    for r in d["table"]:  # times are each point's least disturbed CPU seconds (1 thread)
+        assert r["statistic"] == "CPU min" and r["ms"] == pytest.approx(d["variants"][r["point"]]["cpu_min"] * 1e3)
+        assert r["time_over_flops_ratio"] == pytest.approx(r["time_ratio"] / r["flops_ratio"])
     one = next(r for r in d["table"] if r["batch"] == 1)
     assert one["flops_ratio"] < 1.0 and one["tokens_ratio"] == pytest.approx(0.5)
 
@@ -100,8 +105,14 @@ def test_data_vs_model_ratio(results):
     assert len(loader["raw"]) == len(model["raw"]) == 2  # alternating rounds
     assert model["raw"] == pytest.approx([2 / t for t in d["variants"]["model_pt_step"]["raw"]])
     r = d["ratios"]["loader_over_model"]
-    assert r["value"] == pytest.approx(loader["median"] / model["median"])
-    assert r["better"] == "higher" and r["pass"] == (r["value"] >= 3.0)
+    per = d["seconds_per_sample"]
+    assert r["value"] == pytest.approx(per["model"]["median"] / per["loader"]["median"])
+    # CPU side: the workers' stamped CPU seconds (a core each) against the model step's CPU seconds
+    cpu_rates = d["loader_samples_per_s_cpu"]["raw"]
+    assert len(cpu_rates) == 2 and all(x > 0 for x in cpu_rates)
+    assert r["value_cpu_min"] == pytest.approx(min(c / 2 for c in d["variants"]["model_pt_step"]["cpu_raw"])
+                                               * max(cpu_rates))
+    assert r["headline"] == "value_cpu_min" and r["better"] == "higher" and r["pass"] == (r["value_cpu_min"] >= 3.0)
 
 
 @pytest.mark.slow  # the model/teachers engineers' benchmarks: > 30 s each even with these sizes
@@ -127,6 +138,7 @@ def test_run_and_readme_table(results, tmp_path):
     assert [r["name"] for r in summary["runs"]] == ["data_vs_model"] and summary["runs"][0]["ok"]
     table = readme_table.render(results)
     assert "| 5 | data loading" in table and "not run" in table  # the others have no result here
+    assert "stability not checked (no second run)" in table and len(summary["load_average_before"]) == 3
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\ntext\n")
     once = readme_table.replace_between(readme.read_text(), table, heading="## Performance")
