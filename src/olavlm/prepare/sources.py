@@ -199,7 +199,7 @@ LLAVA_PRETRAIN = DatasetSpec(
 # LLaVA-665K (IFT data): the json from liuhaotian/LLaVA-Instruct-150K + five image sources
 # ------------------------------------------------------------------------------------------------
 
-# Records per top folder of the image path, counted on the released json (LLaVA issue #657);
+# Records per top folder of the image path, counted on the released llava_v1_5_mix665k.json;
 # they sum to 665,298.
 LLAVA_665K_PER_SOURCE = {
     "coco": 364_100,
