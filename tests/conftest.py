@@ -20,6 +20,17 @@ from olavlm.threads import configure_threads  # noqa: E402
 configure_threads(quiet=True)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, whatever an entry point under test set (restored after)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Folder written by `olavlm make-tiny` (tokenizer, llm-llama/phi3/qwen2, vision-clip/siglip, teachers)."""

@@ -34,12 +34,7 @@ from olavlm.devkit.smoke import smoke_overrides, write_smoke_dataset
 PT = Path("configs/llama3_8b_clip336/pt.yaml")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # -- a small model, optimizer and scheduler behind a real Accelerator --------------------------------

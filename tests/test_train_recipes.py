@@ -18,13 +18,7 @@ from safetensors.torch import load_file
 from olavlm.cli import main as cli_main
 from olavlm.devkit.smoke import smoke_overrides
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices on a shared 2-core machine: one intra-op thread is much faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 RECIPES = sorted(Path("configs").glob("*_*/*.yaml"))

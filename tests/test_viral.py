@@ -20,12 +20,7 @@ from olavlm.train.stages import active_tasks, configure_trainable
 from viral_golden import GOLDEN, ola_pt_fingerprint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # -- the loss on fixed tensors ------------------------------------------------------------------

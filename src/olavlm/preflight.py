@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from olavlm.config import ConfigError, ModelConfig, RunConfig, explicit_fields, validate_against_model
 from olavlm.config_checks import predictor_output_shape
+from olavlm.errors import read_json_object
 
 IMAGES_TO_CHECK = 32  # first image paths of the data file that must exist under data.image_folder
 
@@ -100,12 +101,7 @@ def _check_deepspeed(cfg: RunConfig, notes: list[str]) -> None:
     path = Path(cfg.train.deepspeed)
     if not path.is_file():
         raise ConfigError(f"train.deepspeed: {path} does not exist (ship-ready configs: configs/deepspeed/*.json)")
-    try:
-        ds = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"train.deepspeed: {path} is not readable JSON: {e}") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"train.deepspeed: {path} must hold a JSON object, got {type(ds).__name__}")
+    ds = read_json_object(path, ConfigError, f"train.deepspeed: {path}")
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("train.deepspeed: the deepspeed package is not installed (pip install deepspeed)")
     stage = ds.get("zero_optimization", {}).get("stage") if isinstance(ds.get("zero_optimization"), dict) else None

@@ -27,7 +27,7 @@ import torch
 from olavlm.data.images import (DEFAULT_LIMITS, GEOMETRIES, ImageLimits, ImageSpec, load_image, pixel_values,
                                 read_image, teacher_image, to_square)
 from olavlm.data.tokenize import check_template, encode_conversation, encode_prompt, parse_add_bos, stop_token_ids
-from olavlm.errors import UserError
+from olavlm.errors import UserError, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +210,4 @@ def read_run_section(folder: str | Path) -> dict:
 
 
 def _read_json(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProcessorConfigError(f"{file}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ProcessorConfigError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(file, ProcessorConfigError)

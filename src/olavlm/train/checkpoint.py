@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from olavlm.errors import UserError
+from olavlm.errors import UserError, read_json_object
 from olavlm.train import manifest, rng
 
 log = logging.getLogger(__name__)
@@ -148,14 +148,7 @@ def read_state(path: Path) -> TrainState:
 
 def read_config(path: Path) -> dict[str, Any]:
     """The configuration a checkpoint was written under (``config.json``)."""
-    file = path / CONFIG
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({type(e).__name__})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path / CONFIG, CheckpointError)
 
 
 def verify(path: Path, accelerator=None) -> str | None:
