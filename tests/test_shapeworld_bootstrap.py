@@ -89,4 +89,13 @@ def test_tower_targets_follow_the_ground_truth(tmp_path):
     for r, key in enumerate(keys):
         objs = scenes[key]["objects"]
         want = [len(objs) / 3] + [sum(o["shape"] == s for o in objs) / 3 for s in SHAPES]
+        for o in sorted(objs, key=lambda o: (o["bbox"][0] + o["bbox"][2]) / 2):  # slots, left to right
+            want += [1.0, list(COLOURS).index(o["colour"]) / 3, min(max((o["Z"] - 1.5) / 3.0, 0), 1),
+                     (o["bbox"][0] + o["bbox"][2]) / 2 / side, o["visible_bottom"] / side]
+        want += [0.0] * 5 * (3 - len(objs))  # empty slots
+        ordered = sorted(objs, key=lambda o: (o["bbox"][0] + o["bbox"][2]) / 2)
+        gaps = [((b["bbox"][0] + b["bbox"][2]) - (a["bbox"][0] + a["bbox"][2])) / 2 / side
+                for a, b in zip(ordered, ordered[1:])]
+        want += gaps + [0.0] * (2 - len(gaps))
         np.testing.assert_allclose(counts[r], want, atol=1e-6)
+    assert any(len(scenes[k]["objects"]) > 1 for k in keys)

@@ -165,3 +165,34 @@ def test_recipes_ship_inside_the_package():
     import tomllib
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert "demo/recipes/*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["olavlm"]
+
+
+def test_variant_groups_keep_a_shared_pt_run_together():
+    from olavlm.demo.run import default_jobs, variant_groups
+
+    assert variant_groups(("ola", "baseline"), range(0, 2)) == [(0, ("ola",)), (0, ("baseline",)),
+                                                                 (1, ("ola",)), (1, ("baseline",))]
+    # viral trains on the baseline's PT run: one group, baseline first, so the shared run trains once
+    assert variant_groups(("ola", "baseline", "viral"), range(0, 1)) == [(0, ("ola",)), (0, ("baseline", "viral"))]
+    assert default_jobs(1) == 1 and 1 <= default_jobs(4) <= 4
+
+
+def test_parallel_and_serial_demo_give_the_same_results(demo_dir, tmp_path):
+    """The default runs the two variants in two processes (one per core here); --jobs 1 runs them one
+    after the other in this process. Same seeds, same single thread: the same models and answers."""
+    out, proc = demo_dir
+    report = json.loads((out / "report.json").read_text())
+    serial = tmp_path / "serial"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-m", "olavlm.cli", "demo", "--quick", "--output-dir", str(serial),
+                           "--no-progress", "--jobs", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    other = json.loads((serial / "report.json").read_text())
+    assert other["jobs"] == 1 and report["jobs"] == min(2, os.cpu_count() or 1)
+    for a, b in zip(report["runs"], other["runs"], strict=True):
+        assert a["variant"] == b["variant"]
+        assert a["cvbench_items"] == b["cvbench_items"]
+        for stage in ("pt", "ift"):
+            ma = (out / a["metrics"][stage]).read_text().splitlines()
+            mb = (serial / b["metrics"][stage]).read_text().splitlines()
+            assert [json.loads(x).get("loss") for x in ma] == [json.loads(x).get("loss") for x in mb]

@@ -146,3 +146,95 @@ def test_instruct_question_mix_is_balanced_across_tasks(tmp_path):
         if kind == "Depth":  # the answer is the nearer of the two named objects
             assert objs[picked]["Z"] == min(objs[c]["Z"] for c in choices)
     assert kinds == {"Count": 10, "Relation": 10, "Depth": 10, "Distance": 10}
+
+
+def _objects_by_name(scene: dict) -> dict:
+    return {text.name(o): o for o in scene["objects"]}
+
+
+def test_canonical_option_order_makes_the_letter_a_function_of_the_image(tmp_path):
+    """Default worlds list every question's options in a fixed order (counts ascending; Relation names
+    the objects in the colour order and offers left/right; Depth names them left to right; Distance
+    asks about the middle object of three), so the answer letter follows from the scene alone."""
+    assert text.COLOUR_ORDER == tuple(COLOURS)
+    w = generate_world(tmp_path / "w", WorldSpec(seed=2, n_pretrain=0, n_instruct=0, n_text_only=0, n_cvbench=80,
+                                                 n_probe=0))
+    assert WorldSpec().option_order == "canonical"
+    scenes = json.loads((w.root / "scenes.json").read_text())
+    letters = {}
+    for line in (w.root / "cvbench.jsonl").read_text().splitlines():
+        it = json.loads(line)
+        objs = _objects_by_name(scenes[it["filename"]])
+        letters.setdefault(it["task"], set()).add(it["answer"])
+        if it["task"] == "Count":
+            assert it["choices"] == ["0", "1", "2", "3"]
+        elif it["task"] == "Relation":
+            assert it["choices"] == ["left", "right"]
+            first, second = re.findall(r"the (\w+ \w+) and the (\w+ \w+) in the image", it["question"])[0]
+            assert text.COLOUR_ORDER.index(objs[first]["colour"]) < text.COLOUR_ORDER.index(objs[second]["colour"])
+            left = text.centre_x(objs[first]) < text.centre_x(objs[second])
+            assert it["answer"] == ("(A)" if left else "(B)")
+        elif it["task"] == "Depth":
+            a, b = (objs[c] for c in it["choices"])
+            assert text.centre_x(a) < text.centre_x(b)
+            assert it["answer"] == ("(A)" if a["Z"] < b["Z"] else "(B)")
+        else:
+            a, b = (objs[c] for c in it["choices"])
+            ref = next(o for n, o in objs.items() if n not in it["choices"])
+            assert text.centre_x(a) < text.centre_x(ref) < text.centre_x(b)
+            assert f"closer to the {text.name(ref)}," in it["question"]
+    # both letters occur on every 2-choice task: the order fixes the roles, not the answer
+    assert all(letters[t] == {"(A)", "(B)"} for t in ("Relation", "Depth", "Distance")), letters
+
+
+def test_shuffled_option_order_keeps_cvbench_random_orders(tmp_path):
+    w = generate_world(tmp_path / "w", WorldSpec(seed=2, n_pretrain=0, n_instruct=8, n_text_only=0, n_cvbench=80,
+                                                 n_probe=0, option_order="shuffled"))
+    items = [json.loads(x) for x in (w.root / "cvbench.jsonl").read_text().splitlines()]
+    assert len({tuple(it["choices"]) for it in items if it["task"] == "Relation"}) == 2
+    assert len({tuple(it["choices"]) for it in items if it["task"] == "Count"}) > 5
+    with pytest.raises(ValueError, match="option_order"):
+        generate_world(tmp_path / "bad", WorldSpec(n_pretrain=0, n_instruct=1, n_text_only=0, n_cvbench=0,
+                                                   n_probe=0, option_order="sorted"))
+
+
+def test_several_multiple_choice_turns_ask_distinct_tasks_with_true_answers(tmp_path):
+    w = generate_world(tmp_path / "w", WorldSpec(seed=4, n_pretrain=0, n_instruct=40, n_text_only=0, n_cvbench=0,
+                                                 n_probe=0, ift_mc_turns=3, ift_open_turns=0))
+    scenes = json.loads((w.root / "scenes.json").read_text())
+    sizes = set()
+    for rec in json.loads((w.root / "instruct.json").read_text()):
+        conv = rec["conversations"]
+        qs = [(q["value"].replace("<image>\n", ""), a["value"]) for q, a in zip(conv[::2], conv[1::2])]
+        kinds = [("Count" if q.startswith("How many") else "Relation" if "relative positions" in q
+                  else "Distance" if "real-world" in q else "Depth") for q, _ in qs]
+        assert len(set(kinds)) == len(kinds)  # each task at most once per image
+        sizes.add(len(kinds))
+        objs = _objects_by_name(scenes[rec["image"]])
+        for (q, a), kind in zip(qs, kinds):
+            choices = [line[4:] for line in q.split("\n") if line[:1] == "(" and line[2:4] == ") "]
+            picked = choices[ord(a[1]) - 65]
+            if kind == "Count" and "objects" in q:
+                assert int(picked) == len(objs)
+            if kind == "Depth":
+                assert objs[picked]["Z"] == min(objs[c]["Z"] for c in choices)
+    assert {2, 3} <= sizes  # e.g. 3-object scenes support Count + Distance, 2-object ones Count + Relation + Depth
+
+
+def test_distance_answers_follow_from_the_columns_alone(tmp_path):
+    """Distance questions are asked only where the image agrees with the 3D answer, down to the
+    columns: the answer's column is the nearer one to the reference object's."""
+    w = generate_world(tmp_path / "w", WorldSpec(seed=6, n_pretrain=0, n_instruct=0, n_text_only=0, n_cvbench=60,
+                                                 n_probe=0))
+    scenes = json.loads((w.root / "scenes.json").read_text())
+    n = 0
+    for it in map(json.loads, (w.root / "cvbench.jsonl").read_text().splitlines()):
+        if it["task"] != "Distance":
+            continue
+        objs = _objects_by_name(scenes[it["filename"]])
+        ref = next(o for k, o in objs.items() if k not in it["choices"])
+        gap = {c: abs(text.centre_x(objs[c]) - text.centre_x(ref)) for c in it["choices"]}
+        assert it["choices"][ord(it["answer"][1]) - 65] == min(gap, key=gap.get)
+        assert max(gap.values()) >= text.MIN_COLUMN_RATIO * min(gap.values()) - 1.0  # (-1: integer bbox ends)
+        n += 1
+    assert n == 15

@@ -15,7 +15,7 @@ extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else []
 w = R / "world"
 _, ex = shapeworld_stage_overrides("baseline", "ift", w)
 cfg = stage_config(default_config_dir() / "ift.yaml", data_file=sys.argv[5] if len(sys.argv) > 5 else "instruct.json", run_dir=out / "ift", epochs=10, init_from=init,
-                   max_steps=steps, extra=ex + extra, llm=R / "boot/llm", vision=R / "boot/vision", world=w, seed=0, batch=8)
+                   max_steps=steps, extra=ex + extra, llm=R / "boot/llm", vision=R / "boot/vision", world=w, seed=0, batch=int(__import__("os").environ.get("BATCH", 8)))
 t0 = time.perf_counter(); run_stage(cfg); t1 = time.perf_counter()
 cvb = run_cvbench(out / "ift" / "final", w / "cvbench.jsonl", w, output=out / "cvbench.json", batch_size=50, progress=False)
 per = collections.defaultdict(list); hist = collections.defaultdict(collections.Counter)

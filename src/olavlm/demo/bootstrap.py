@@ -60,13 +60,14 @@ class BootstrapSpec:
     vision_layers: int = 4
     vision_patch: int = 16  # 64 px / 16 -> 4 x 4 = 16 image tokens (short sequences: many cheap IFT steps)
     vision_feature_layer: int = -2  # layer whose patch features the VLM (and this objective) reads
-    vision_steps: int = 200  # image-caption optimisation steps
+    vision_steps: int = 1000  # image-caption optimisation steps (200 left the object facts too coarse to read)
     vision_batch: int = 64
     vision_lr: float = 2e-3
     vision_recon_weight: float = 1.0  # weight of the per-patch colour reconstruction term
     vision_position_targets: bool = True  # the reconstruction also asks for the patch's own row / column
     vision_supervised: bool = True  # + the world's per-patch ground truth and counts (demo/tower_targets.py)
     vision_supervised_weight: float = 2.0  # scale of those targets inside the reconstruction MSE
+    vision_global_weight: float = 5.0  # weight of the counts + left-to-right object facts (mean feature) MSE
     bf16: bool = False  # bf16 autocast; off by default: for these tiny matrices it is ~8x slower on CPU
 
     def approx_params(self) -> int:
@@ -253,7 +254,7 @@ def train_vision(world_dir: Path, spec: BootstrapSpec, size: int, out: Path) -> 
                if cap.any() else logits.sum() * 0)
         loss = bce + spec.vision_recon_weight * mse(recon.float(), recon_t[idx])
         if glob_t.shape[-1]:
-            loss = loss + mse(glob.float(), glob_t[idx])
+            loss = loss + spec.vision_global_weight * mse(glob.float(), glob_t[idx])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

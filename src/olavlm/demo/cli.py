@@ -19,6 +19,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads; None = OMP_NUM_THREADS if set, else 1 (the demo's models are tiny: "
                         "1 thread is the fastest, and far faster when other processes share the cores)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="training processes for the independent variant/seed runs; None = one per run, at most one "
+                        "per core (each single-threaded; results do not depend on it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars for eval/probe (logs only)")
     p.set_defaults(func=_demo)
 
@@ -38,6 +41,7 @@ def _demo(args) -> int:
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     problem = (f"--seeds must be >= 1 (got {args.seeds})" if args.seeds < 1 else
                f"--threads must be >= 1 (got {args.threads})" if args.threads is not None and args.threads < 1 else
+               f"--jobs must be >= 1 (got {args.jobs})" if args.jobs is not None and args.jobs < 1 else
                f"--variants: expected a comma list of {', '.join(VARIANTS)} (got {args.variants!r})"
                if not variants or set(variants) - set(VARIANTS) else None)
     if problem:
@@ -47,6 +51,6 @@ def _demo(args) -> int:
     from olavlm.demo.run import run_demo
 
     run_demo(args.output_dir, seed=args.seed, quick=args.quick, seeds=args.seeds, variants=variants,
-             config_dir=args.config_dir, progress=not args.no_progress)
+             config_dir=args.config_dir, progress=not args.no_progress, jobs=args.jobs)
     print((__import__("pathlib").Path(args.output_dir) / "report.md").read_text())
     return 0

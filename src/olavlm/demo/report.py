@@ -193,8 +193,8 @@ def summary_lines(info: dict, agg: dict, table: dict) -> list[str]:
         f"eval + probes, for {', '.join(agg)} ({_what_differs(agg)}), "
         f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}{' (quick smoke size)' if info['quick'] else ''}.",
         f"2. **Time**: {sec['total']:.0f} s in all (generate {sec['generate']:.0f} s, bootstrap {sec['bootstrap']:.0f} s"
-        f"{' cached' if info['bootstrap'].get('cached') else ''}, {sec['per_model']:.0f} s per trained model on average); "
-        f"{info['threads']} torch thread(s); load average {info['load_start']} at start, {info['load_end']} at the end.",
+        f"{' cached' if info['bootstrap'].get('cached') else ''}, {sec['per_model']:.0f} s per trained model on average, "
+        f"{info.get('jobs', 1)} training process(es)); {info['threads']} torch thread(s) each; load average {info['load_start']} at start, {info['load_end']} at the end.",
         f"3. **CV-Bench format, overall** ({n_items} held-out items): " + ", ".join(f"{v} {over[v]} %" for v in agg)
         + "".join(f"; {col} {_pp(over_diff[key], signed=True)} points" for _, key, col in diffs) + ".",
     ]

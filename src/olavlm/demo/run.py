@@ -43,7 +43,7 @@ class DemoSettings:
     world: WorldSpec = field(default_factory=WorldSpec)
     bootstrap: BootstrapSpec = field(default_factory=BootstrapSpec)
     pt_epochs: int = 2  # passes over pretrain.json
-    ift_epochs: int = 2  # passes over instruct.json
+    ift_epochs: int = 3  # passes over instruct.json (2040 records / batch 8 x 3 = 765 steps)
     max_steps: int | None = None  # cap per stage (quick mode)
     batch_size: int = 8  # global = micro batch of PT and IFT (small batches: more steps in the budget)
     probe_steps: int = 100  # optimisation steps of each probe set
@@ -219,9 +219,60 @@ def _portable(path: Path) -> str:
         return str(Path(*path.resolve().parts[-2:]))
 
 
+def variant_groups(variants: tuple[str, ...], seeds: range) -> list[tuple[int, tuple[str, ...]]]:
+    """(seed, variants) units that can train independently: variants sharing a PT run stay together,
+    in the order given, so the shared run trains once (``viral`` reuses the baseline's PT)."""
+    groups: dict[tuple[int, Path], list[str]] = {}
+    for s in seeds:
+        for v in variants:
+            groups.setdefault((s, _pt_dir(Path("."), v, s)), []).append(v)
+    return [(s, tuple(vs)) for (s, _), vs in groups.items()]
+
+
+def default_jobs(n_groups: int) -> int:
+    """Parallel training processes: one per independent group, at most one per core (each runs
+    single-threaded; processes, unlike intra-op threads, do not stall each other when cores are shared)."""
+    return max(1, min(n_groups, os.cpu_count() or 1))
+
+
+def _run_group(out: Path, seed: int, variants: tuple[str, ...], st: DemoSettings, boot, world: Path,
+               config_dir: Path, progress: bool, threads: int | None = None, log_level: int | None = None) -> list[dict]:
+    """Train + evaluate ``variants`` of one seed in order (also the body of a worker process)."""
+    if threads is not None:  # a spawned worker: same thread count and log level as the parent
+        import torch
+
+        torch.set_num_threads(threads)
+        logging.basicConfig(level=log_level or logging.INFO,
+                            format=f"%(asctime)s %(levelname)s [{'+'.join(variants)} seed {seed}] %(message)s")
+    return [run_variant(out, v, seed, st, boot, world, config_dir, progress) for v in variants]
+
+
+def _run_groups(out: Path, groups, st: DemoSettings, boot, world: Path, config_dir: Path, progress: bool,
+                jobs: int) -> list[dict]:
+    if jobs <= 1 or len(groups) <= 1:
+        return [r for s, vs in groups for r in _run_group(out, s, vs, st, boot, world, config_dir, progress)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    log.info("training %d groups in %d processes (%s); progress bars off", len(groups), jobs,
+             ", ".join(f"{'+'.join(vs)} seed {s}" for s, vs in groups))
+    level = logging.getLogger().getEffectiveLevel()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_group, out, s, vs, st, boot, world, config_dir, False, torch.get_num_threads(),
+                               level) for s, vs in groups]
+        return [r for f in futures for r in f.result()]
+
+
 def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool = False, seeds: int = 1,
-             variants: tuple[str, ...] = DEFAULT_VARIANTS, config_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Run the demo; returns the report dict (also written to ``output_dir/report.json``)."""
+             variants: tuple[str, ...] = DEFAULT_VARIANTS, config_dir: str | Path | None = None, progress: bool = True,
+             jobs: int | None = None) -> dict:
+    """Run the demo; returns the report dict (also written to ``output_dir/report.json``).
+
+    ``jobs``: training processes for the independent (seed, variant) groups; None = one per group,
+    at most one per core (:func:`default_jobs`). Results do not depend on it.
+    """
     import torch
 
     from olavlm.demo.bootstrap import bootstrap
@@ -229,6 +280,8 @@ def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool
 
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         raise ValueError(f"--variants: expected some of {', '.join(VARIANTS)}, got {', '.join(variants) or 'none'}")
@@ -243,19 +296,21 @@ def run_demo(output_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool
     t = _stage(2, f"bootstrap base tokenizer / LLM / vision tower -> {out / 'bootstrap'}")
     boot = bootstrap(world, out / "bootstrap", st.bootstrap)
     boot_s = time.perf_counter() - t
-    runs = []
-    for s in range(seed, seed + seeds):
-        for variant in variants:
-            runs.append(run_variant(out, variant, s, st, boot, world, cfg_dir, progress))
+    groups = variant_groups(variants, range(seed, seed + seeds))
+    jobs = default_jobs(len(groups)) if jobs is None else jobs
+    t = time.perf_counter()
+    runs = _run_groups(out, groups, st, boot, world, cfg_dir, progress, jobs)
+    train_s = time.perf_counter() - t
     _stage(6, f"report -> {out / 'report.md'}")
     trained = [r for r in runs if not r["ift"].get("reused")] or runs
     per_model = sum(sum(r["seconds"].values()) for r in trained) / len(trained)  # reused runs took ~0 s
     info = {"seed": seed, "seeds": list(range(seed, seed + seeds)), "quick": quick, "variants": list(variants),
             "settings": dataclasses.asdict(st), "config_dir": _portable(cfg_dir), "threads": torch.get_num_threads(),
+            "jobs": jobs,
             "load_start": load_start, "load_end": _load(),
             "bootstrap": {k: v for k, v in boot.info.items() if k != "key"} | {"cached": boot.cached},
             "seconds": {"generate": round(gen_s, 1), "bootstrap": round(boot_s, 1), "per_model": round(per_model, 1),
-                        "total": round(time.perf_counter() - start, 1)}}
+                        "models": round(train_s, 1), "total": round(time.perf_counter() - start, 1)}}
     report = write_report(out, info, runs)
     log.info("demo finished in %.0f s: %s", time.perf_counter() - start, out / "report.md")
     return report

@@ -3,7 +3,8 @@
 The demo's tower stands in for a well-trained CLIP, whose patch features linearly carry what an
 image question needs. A few hundred CPU steps on captions alone do not get there, so the bootstrap
 also regresses, from every patch feature, what the world's ground truth says about that patch
-(:func:`patch_targets`) and, from the mean patch feature, the object counts (:func:`global_targets`).
+(:func:`patch_targets`) and, from the mean patch feature, the object counts and each object's
+facts in left-to-right order (:func:`global_targets`).
 This is a property of the stand-in base model, not of the method: PT and IFT never see these targets,
 and the OLA teachers stay the oracle depth / segmentation / generation maps.
 """
@@ -61,15 +62,40 @@ def patch_targets(world_dir: str | Path, keys: list[str], patch: int) -> np.ndar
     return out
 
 
+SLOT_FIELDS = 5  # per object in left-to-right order: present, colour rank, depth, column, bottom row
+
+
 def global_targets(world_dir: str | Path, keys: list[str]) -> np.ndarray:
-    """(N, 1 + 3): the number of objects and of each shape, divided by the world's ``max_objects``."""
+    """(N, 1 + 3 + 5 * M + M - 1) for the mean patch feature (M = the world's ``max_objects``):
+
+    * the number of objects and of each shape, divided by ``max_objects`` (1 + 3);
+    * per object slot, objects taken left to right: (present, colour rank in the world's colour
+      order, depth, centre column, bottom row), each in [0, 1] (5 x M) -- the scene facts of
+      :func:`patch_targets` indexed by position in the image, as questions name objects; empty
+      slots stay zero;
+    * the column distance between each pair of neighbouring slots, divided by the image side
+      (M - 1; zero where a slot is empty).
+    """
     world_dir = Path(world_dir)
     meta, scenes = read_meta(world_dir), _scenes(world_dir)
-    top = float(meta["spec"]["max_objects"])
-    out = np.zeros((len(keys), 1 + len(SHAPES)), np.float32)
+    top = int(meta["spec"]["max_objects"])
+    side, cam = int(meta["spec"]["size"]), meta["spec"]["camera"]
+    z_min, z_max = float(cam["z_min"]), float(cam["z_max"])
+    colours = list(COLOURS)
+    gaps_at = 1 + len(SHAPES) + SLOT_FIELDS * top
+    out = np.zeros((len(keys), gaps_at + top - 1), np.float32)
     for r, key in enumerate(keys):
         objs = scenes[key]["objects"]
         out[r, 0] = len(objs) / top
         for s, shape in enumerate(SHAPES):
             out[r, 1 + s] = sum(o["shape"] == shape for o in objs) / top
+        ordered = sorted(objs, key=lambda o: o["bbox"][0] + o["bbox"][2])
+        for k, (a, b) in enumerate(zip(ordered, ordered[1:])):
+            out[r, gaps_at + k] = ((b["bbox"][0] + b["bbox"][2]) - (a["bbox"][0] + a["bbox"][2])) / 2 / side
+        for k, obj in enumerate(ordered):
+            at = 1 + len(SHAPES) + SLOT_FIELDS * k
+            out[r, at:at + SLOT_FIELDS] = (1.0, colours.index(obj["colour"]) / max(len(colours) - 1, 1),
+                                           np.clip((obj["Z"] - z_min) / (z_max - z_min), 0, 1),
+                                           (obj["bbox"][0] + obj["bbox"][2]) / 2 / side,
+                                           obj.get("visible_bottom", obj["bbox"][3]) / side)
     return out

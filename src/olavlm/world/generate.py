@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 
 from olavlm.world import text
 
-GENERATOR_VERSION = 4  # bump when the bytes produced for a given seed change
+GENERATOR_VERSION = 5  # bump when the bytes produced for a given seed change
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {  # name -> RGB
@@ -83,14 +83,17 @@ class WorldSpec:
     seed: int = 0  # the one seed every byte depends on
     size: int = 64  # image side in pixels (must match the vision tower input)
     n_pretrain: int = 600  # images with a short caption (pretrain.json) and a long one (allava_caption.json)
-    n_instruct: int = 3000  # images with QA (instruct.json); the first question's task cycles Count/Relation/Depth/Distance
+    n_instruct: int = 2000  # images with QA (instruct.json); the first question's task cycles Count/Relation/Depth/Distance
     n_text_only: int = 40  # text-only conversations mixed into instruct.json
     ift_mc_turns: int = 1  # CV-Bench-format multiple-choice turns per instruct.json image (asked first)
-    ift_open_turns: int = 1  # open questions (nearest / leftmost / closest-to first) per instruct.json image
+    ift_open_turns: int = 0  # open questions (nearest / leftmost / closest-to first) per instruct.json image
     ift_object_weights: tuple[float, ...] = (1.0, 3.0, 3.0)  # instruct.json scenes with 1, 2, 3 ... objects
     n_cvbench: int = 200  # held-out images, one CV-Bench question each (cvbench.jsonl)
     n_probe: int = 160  # held-out images for probing (probe.json)
     max_objects: int = 3  # at most len(COLOURS); ift_object_weights has one entry per count
+    # "canonical": the options of every CV-Bench-format question come in a fixed order, so the answer
+    # letter follows from the image alone; "shuffled": random order, as in CV-Bench (text.multiple_choice)
+    option_order: str = "canonical"
     camera: Camera = field(default_factory=Camera)
 
 
@@ -100,9 +103,10 @@ class WorldSpec:
 
 
 def sample_scene(rng: np.random.Generator, spec: WorldSpec, max_tries: int = 200,
-                 weights: tuple[float, ...] | None = None) -> dict:
+                 weights: tuple[float, ...] | None = None, precheck=None) -> dict:
     """Objects with distinct colours (so a colour names an object), distinct depths and columns,
-    each mostly visible. ``weights``: relative frequency of 1..max_objects objects (None = uniform)."""
+    each mostly visible. ``weights``: relative frequency of 1..max_objects objects (None = uniform).
+    ``precheck(scene)``: a cheap test on the placed objects (before the occlusion render); False redraws."""
     cam = spec.camera
     for _ in range(max_tries):
         horizon = round(float(rng.uniform(cam.horizon - cam.horizon_jitter, cam.horizon + cam.horizon_jitter)), 3)
@@ -132,6 +136,8 @@ def sample_scene(rng: np.random.Generator, spec: WorldSpec, max_tries: int = 200
         if any(b - a < 4 for a, b in zip(cols, cols[1:])):
             continue
         scene = {"horizon": horizon, "objects": objects}
+        if precheck is not None and not precheck(scene):
+            continue
         _, _, _, inst = render(scene, spec, noise_rng=None)
         ok = True
         for i, o in enumerate(objects):
@@ -149,9 +155,19 @@ def sample_scene(rng: np.random.Generator, spec: WorldSpec, max_tries: int = 200
 def scene_for_task(rng: np.random.Generator, spec: WorldSpec, task: str,
                    weights: tuple[float, ...] | None = None) -> tuple[dict, dict]:
     """A scene and one ``task`` question about it (:func:`olavlm.world.text.multiple_choice`)."""
+    if spec.option_order not in text.OPTION_ORDERS:
+        raise ValueError(f"WorldSpec.option_order: {spec.option_order!r}, expected one of {text.OPTION_ORDERS}")
+    need = text.TASK_OBJECTS.get(task)
+    if need is not None:  # the task asks about exactly `need` objects: draw that many (same scenes, fewer redraws)
+        weights = tuple(float(k + 1 == need) for k in range(spec.max_objects))
+
+    def could_ask(scene: dict) -> bool:  # the geometry alone (own rng: the stream of `rng` stays as it was)
+        return text.multiple_choice(scene, task, np.random.default_rng(0), spec.option_order) is not None
+
     while True:
-        scene = sample_scene(rng, spec, weights=weights)
-        mc = text.multiple_choice(scene, task, rng)
+        scene = (sample_scene(rng, spec, max_tries=20_000, weights=weights, precheck=could_ask) if task == "Distance"
+                 else sample_scene(rng, spec, weights=weights))
+        mc = text.multiple_choice(scene, task, rng, spec.option_order)
         if mc is not None:
             return scene, mc
 
@@ -296,7 +312,8 @@ def generate_world(out_dir: str | Path, spec: WorldSpec | None = None, *, progre
         # the scene is drawn until it supports that task
         scene, mc = scene_for_task(rng, spec, tasks[i % len(tasks)], weights=spec.ift_object_weights)
         key, _ = make_image("ift", i, rng, scene)
-        turns = text.instruction_turns(scene, rng, spec.ift_mc_turns, spec.ift_open_turns, first_mc=mc)
+        turns = text.instruction_turns(scene, rng, spec.ift_mc_turns, spec.ift_open_turns, first_mc=mc,
+                                       order=spec.option_order)
         turns[0] = ("<image>\n" + turns[0][0], turns[0][1])
         instruct.append(_record(f"ift_{i:05d}", key, turns))
     for i in range(spec.n_text_only):

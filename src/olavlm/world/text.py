@@ -112,6 +112,7 @@ def long_caption(scene: dict, rng: np.random.Generator) -> str:
 TASK_OBJECTS = {"Count": None, "Relation": 2, "Depth": 2, "Distance": 3}
 MIN_DEPTH_ROWS = 3  # Depth: the nearer object's visible pixels reach at least this many rows lower
 MIN_DISTANCE_RATIO = 1.5  # Distance: the farther candidate is at least this many times farther (3D)
+MIN_COLUMN_RATIO = 3.0  # ... and its column at least this many times farther from the reference's column
 
 
 def ground_point(obj: dict) -> tuple[float, float]:
@@ -127,7 +128,8 @@ def depth_readable(a: dict, b: dict) -> bool:
 
 
 def _closest_to(ref: dict, a: dict, b: dict) -> dict | None:
-    """The candidate nearer to ``ref`` in 3D, if clearly so and the image plane agrees; else None."""
+    """The candidate nearer to ``ref`` in 3D, if clearly so and the image agrees (distance between
+    ground points, and between columns alone); else None."""
     da = np.hypot(a["X"] - ref["X"], a["Z"] - ref["Z"])
     db = np.hypot(b["X"] - ref["X"], b["Z"] - ref["Z"])
     if max(da, db) < MIN_DISTANCE_RATIO * min(da, db):
@@ -136,15 +138,43 @@ def _closest_to(ref: dict, a: dict, b: dict) -> dict | None:
     ia, ib = np.hypot(pa[0] - pr[0], pa[1] - pr[1]), np.hypot(pb[0] - pr[0], pb[1] - pr[1])
     if (da < db) != (ia < ib):
         return None
+    ca, cb = abs(pa[0] - pr[0]), abs(pb[0] - pr[0])  # the columns alone agree, clearly
+    if (da < db) != (ca < cb) or max(ca, cb) < MIN_COLUMN_RATIO * min(ca, cb):
+        return None
     return a if da < db else b
 
 
-def multiple_choice(scene: dict, task: str, rng: np.random.Generator) -> dict | None:
+OPTION_ORDERS = ("canonical", "shuffled")
+COLOUR_ORDER = ("red", "green", "blue", "yellow")  # the world's colour order (generate.COLOURS)
+COUNT_CHOICES = ("0", "1", "2", "3")  # canonical Count options, ascending
+
+
+def _colour_rank(obj: dict) -> int:
+    return COLOUR_ORDER.index(obj["colour"])
+
+
+def _two(objs: list[dict], order: str, rng: np.random.Generator, key) -> tuple[dict, dict]:
+    """Two distinct objects: sorted by ``key`` (canonical) or in a random order (shuffled)."""
+    a, b = (objs[int(i)] for i in rng.choice(len(objs), size=2, replace=False))
+    return tuple(sorted((a, b), key=key)) if order == "canonical" else (a, b)
+
+
+def multiple_choice(scene: dict, task: str, rng: np.random.Generator, order: str = "canonical") -> dict | None:
     """One CV-Bench-style question about ``scene`` (None if the scene cannot support ``task``).
 
-    Returns {question, choices, answer_index}; the wording follows the real CV-Bench questions.
+    Returns {task, question, choices, answer_index}; the wording follows the real CV-Bench questions.
+    ``order``: ``"shuffled"`` lists the options (and names the objects) in a random order, as CV-Bench
+    does; then the answer letter depends on the image *and* on that order, and a model must match
+    its answer to an option's text. ``"canonical"`` (the demo's default) fixes the order so that the
+    letter follows from the image alone: Count options ascending 0-3; Relation names the objects in
+    the world's colour order and offers (A) left (B) right; Depth names the two objects left to
+    right; Distance asks about the middle one of three and names the other two left to right. The
+    bootstrapped LLM of the demo never learnt option matching (docs/demo.md), a skill real
+    pretrained LLMs bring.
     """
-    objs = scene["objects"]
+    if order not in OPTION_ORDERS:
+        raise ValueError(f"unknown option order {order!r}; expected one of {OPTION_ORDERS}")
+    objs, canonical = scene["objects"], order == "canonical"
     if task not in CVBENCH_TASKS:
         raise ValueError(f"unknown CV-Bench task {task!r}; expected one of {sorted(CVBENCH_TASKS)}")
     if TASK_OBJECTS[task] is not None and len(objs) != TASK_OBJECTS[task]:
@@ -155,38 +185,44 @@ def multiple_choice(scene: dict, task: str, rng: np.random.Generator) -> dict | 
             question, count = f"How many {shape}s are in the image?", sum(o["shape"] == shape for o in objs)
         else:
             question, count = "How many objects are in the image?", len(objs)
-        others = [c for c in range(0, 6) if c != count]
-        choices = [count] + [int(c) for c in rng.choice(others, size=3, replace=False)]
-        choices = [str(c) for c in rng.permutation(choices)]
-        return {"question": question, "choices": choices, "answer_index": choices.index(str(count))}
+        if canonical:
+            choices = list(COUNT_CHOICES)
+        else:
+            others = [c for c in range(0, 6) if c != count]
+            choices = [count] + [int(c) for c in rng.choice(others, size=3, replace=False)]
+            choices = [str(c) for c in rng.permutation(choices)]
+        return {"task": task, "question": question, "choices": choices, "answer_index": choices.index(str(count))}
     if len(objs) < 2:
         return None
     if task == "Relation":
-        a, b = (objs[int(i)] for i in rng.choice(len(objs), size=2, replace=False))
+        a, b = _two(objs, order, rng, _colour_rank)
         answer = "left" if centre_x(a) < centre_x(b) else "right"
-        choices = ["left", "right"] if rng.random() < 0.5 else ["right", "left"]
+        choices = ["left", "right"] if canonical or rng.random() < 0.5 else ["right", "left"]
         question = (f"Considering the relative positions of the {name(a)} and the {name(b)} in the image "
                     f"provided, where is the {name(a)} located with respect to the {name(b)}?")
-        return {"question": question, "choices": choices, "answer_index": choices.index(answer)}
+        return {"task": task, "question": question, "choices": choices, "answer_index": choices.index(answer)}
     if task == "Depth":
-        a, b = (objs[int(i)] for i in rng.choice(len(objs), size=2, replace=False))
+        a, b = _two(objs, order, rng, centre_x)
         if not depth_readable(a, b):
             return None
         answer = a if a["Z"] < b["Z"] else b
         choices = [name(a), name(b)]
         question = f"Which object is closer to the camera taking this photo, the {name(a)} or the {name(b)}?"
-        return {"question": question, "choices": choices, "answer_index": choices.index(name(answer))}
+        return {"task": task, "question": question, "choices": choices, "answer_index": choices.index(name(answer))}
     if task == "Distance":
         if len(objs) < 3:
             return None
-        ref, a, b = (objs[int(i)] for i in rng.choice(len(objs), size=3, replace=False))
+        if canonical:
+            a, ref, b = sorted(objs, key=centre_x)[:3]
+        else:
+            ref, a, b = (objs[int(i)] for i in rng.choice(len(objs), size=3, replace=False))
         answer = _closest_to(ref, a, b)
         if answer is None:
             return None
         choices = [name(a), name(b)]
         question = (f"Estimate the real-world distances between objects in this image. Which object is "
                     f"closer to the {name(ref)}, the {name(a)} or the {name(b)}?")
-        return {"question": question, "choices": choices, "answer_index": choices.index(name(answer))}
+        return {"task": task, "question": question, "choices": choices, "answer_index": choices.index(name(answer))}
     raise ValueError(f"unknown CV-Bench task {task!r}; expected one of {sorted(CVBENCH_TASKS)}")
 
 
@@ -248,23 +284,24 @@ def _skill_questions(scene: dict, rng: np.random.Generator) -> list[tuple[str, s
 
 
 def instruction_turns(scene: dict, rng: np.random.Generator, n_mc: int, n_open: int = 1,
-                      first_mc: dict | None = None) -> list[tuple[str, str]]:
+                      first_mc: dict | None = None, order: str = "canonical") -> list[tuple[str, str]]:
     """``n_mc`` CV-Bench-format multiple-choice turns (answers "(X)"), then ``n_open`` open questions
     (those that name the object a task needs first). The multiple-choice turns come first so that,
     as in the held-out test, no earlier answer in the conversation gives theirs away. The first is
-    ``first_mc`` (a :func:`multiple_choice` result) if given, the others each of a task drawn at
-    random (a draw the scene cannot support is redrawn)."""
+    ``first_mc`` (a :func:`multiple_choice` result, with its ``task``) if given, the others each of
+    another task the scene supports, in a random order, each task at most once (so there can be
+    fewer than ``n_mc``); ``order`` as in :func:`multiple_choice`."""
     skills, pool = _skill_questions(scene, rng), _open_questions(scene, rng)
     turns = [skills[int(i)] for i in rng.choice(len(skills), size=min(n_open, len(skills)), replace=False)]
     rest = n_open - len(turns)
     turns += [pool[int(i)] for i in rng.choice(len(pool), size=min(rest, len(pool)), replace=False)]
     mcs = [] if first_mc is None or n_mc < 1 else [
         (mc_prompt(first_mc["question"], first_mc["choices"]) + CVBENCH_SUFFIX, f"({chr(65 + first_mc['answer_index'])})")]
-    for k in range(8 * n_mc):
+    asked = {first_mc.get("task")} if first_mc is not None else set()
+    for task in [str(t) for t in rng.permutation(list(CVBENCH_TASKS))]:  # each further task at most once
         if len(mcs) >= n_mc:
             break
-        task = str(rng.choice(list(CVBENCH_TASKS))) if k < 4 * n_mc else "Count"  # Count always works
-        mc = multiple_choice(scene, task, rng)
+        mc = None if task in asked else multiple_choice(scene, task, rng, order)
         if mc is not None:
             mcs.append((mc_prompt(mc["question"], mc["choices"]) + CVBENCH_SUFFIX,
                         f"({chr(65 + mc['answer_index'])})"))
@@ -272,12 +309,12 @@ def instruction_turns(scene: dict, rng: np.random.Generator, n_mc: int, n_open: 
 
 
 def text_only_turns(rng: np.random.Generator) -> list[tuple[str, str]]:
-    a, b = (int(v) for v in rng.integers(0, 4, size=2))
+    """1-2 text-only turns about the world. Fixed facts only: an answer the model cannot learn (say,
+    random arithmetic) would keep a high loss, and the few batches holding one would spike."""
     pool = [
         ("What shapes can objects have in this world?", "Circles, squares and triangles."),
         ("Which colours can the objects have?", "Red, green, blue and yellow."),
-        (f"What is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}?", f"{NUMBER_WORDS[a + b].capitalize()}." if a + b < 7
-         else f"{a + b}."),
+        ("How many corners does a triangle have?", "Three."),
         ("How many sides does a triangle have?", "Three."),
         ("How many sides does a square have?", "Four."),
         ("Is a circle round?", "Yes, a circle is round."),
