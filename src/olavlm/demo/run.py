@@ -43,7 +43,7 @@ class DemoSettings:
     world: WorldSpec = field(default_factory=WorldSpec)
     bootstrap: BootstrapSpec = field(default_factory=BootstrapSpec)
     pt_epochs: int = 2  # passes over pretrain.json
-    ift_epochs: int = 3  # passes over instruct.json (2040 records / batch 8 x 3 = 765 steps)
+    ift_epochs: int = 3  # passes over instruct.json (2000 records / batch 8 x 3 = 750 steps)
     max_steps: int | None = None  # cap per stage (quick mode)
     batch_size: int = 8  # global = micro batch of PT and IFT (small batches: more steps in the budget)
     probe_steps: int = 100  # optimisation steps of each probe set
@@ -238,9 +238,10 @@ def default_jobs(n_groups: int) -> int:
 def _run_group(out: Path, seed: int, variants: tuple[str, ...], st: DemoSettings, boot, world: Path,
                config_dir: Path, progress: bool, threads: int | None = None, log_level: int | None = None) -> list[dict]:
     """Train + evaluate ``variants`` of one seed in order (also the body of a worker process)."""
-    if threads is not None:  # a spawned worker: same thread count and log level as the parent
+    if threads is not None:  # a spawned worker: same thread count and log level as the parent, no bars
         import torch
 
+        os.environ["TQDM_DISABLE"] = "1"  # two workers' progress bars would interleave; the stage logs remain
         torch.set_num_threads(threads)
         logging.basicConfig(level=log_level or logging.INFO,
                             format=f"%(asctime)s %(levelname)s [{'+'.join(variants)} seed {seed}] %(message)s")

@@ -16,7 +16,7 @@ Output folder (``generate_world``)::
     scenes.json                 {image key: scene dict (objects with shape, colour, size, X, Z, bbox)}
     pretrain.json               LLaVA-558K-like single-turn captions (no depth words)
     allava_caption.json         ALLaVA-Caption-like long captions (no depth words)
-    instruct.json               LLaVA-665K-like multi-turn QA + text-only conversations
+    instruct.json               LLaVA-665K-like QA (CV-Bench-format questions, optional open and text-only turns)
     cvbench.jsonl               held-out CV-Bench test format (2D Count/Relation, 3D Depth/Distance)
     probe.json                  held-out images with the probing prompt (docs/method.md, "Probing")
     world.json                  what was generated: seed, counts, classes, camera constants
@@ -84,7 +84,10 @@ class WorldSpec:
     size: int = 64  # image side in pixels (must match the vision tower input)
     n_pretrain: int = 600  # images with a short caption (pretrain.json) and a long one (allava_caption.json)
     n_instruct: int = 2000  # images with QA (instruct.json); the first question's task cycles Count/Relation/Depth/Distance
-    n_text_only: int = 40  # text-only conversations mixed into instruct.json
+    # text-only conversations mixed into instruct.json; 0 for the demo: next to one-letter answers, such a
+    # conversation's longer answer dominated the token-mean loss of its batch (5 % of IFT steps above 3x the
+    # median with 40 of them, none without; docs/demo.md)
+    n_text_only: int = 0
     ift_mc_turns: int = 1  # CV-Bench-format multiple-choice turns per instruct.json image (asked first)
     ift_open_turns: int = 0  # open questions (nearest / leftmost / closest-to first) per instruct.json image
     ift_object_weights: tuple[float, ...] = (1.0, 3.0, 3.0)  # instruct.json scenes with 1, 2, 3 ... objects
