@@ -24,6 +24,12 @@ def _scenes(world_dir: Path) -> dict:
     return json.loads((world_dir / "scenes.json").read_text())
 
 
+def _where(obj: dict, side: int, z_min: float, z_max: float) -> tuple[float, float, float]:
+    """(depth, centre column, bottom row) of an object, each scaled to [0, 1]."""
+    return (float(np.clip((obj["Z"] - z_min) / (z_max - z_min), 0, 1)), (obj["bbox"][0] + obj["bbox"][2]) / 2 / side,
+            obj.get("visible_bottom", obj["bbox"][3]) / side)
+
+
 def patch_targets(world_dir: str | Path, keys: list[str], patch: int) -> np.ndarray:
     """(N, G*G, D) per patch, row-major like the tower's tokens, D = 4 + 3 + 3 * 4 + 4 * 4 + 2:
 
@@ -54,8 +60,7 @@ def patch_targets(world_dir: str | Path, keys: list[str], patch: int) -> np.ndar
             c, s = colours.index(obj["colour"]), SHAPES.index(obj["shape"])
             out[r, :, c] += frac
             out[r, :, n_c + s] += frac
-            where = (np.clip((obj["Z"] - z_min) / (z_max - z_min), 0, 1),
-                     (obj["bbox"][0] + obj["bbox"][2]) / 2 / side, obj.get("visible_bottom", obj["bbox"][3]) / side)
+            where = _where(obj, side, z_min, z_max)
             out[r, frac > 0, n_c + n_s + 3 * c:n_c + n_s + 3 * c + 3] = where
             out[r, :, scene_at + 4 * c:scene_at + 4 * c + 4] = (1.0, *where)
         out[r, :, -2:] = pos
@@ -95,7 +100,5 @@ def global_targets(world_dir: str | Path, keys: list[str]) -> np.ndarray:
         for k, obj in enumerate(ordered):
             at = 1 + len(SHAPES) + SLOT_FIELDS * k
             out[r, at:at + SLOT_FIELDS] = (1.0, colours.index(obj["colour"]) / max(len(colours) - 1, 1),
-                                           np.clip((obj["Z"] - z_min) / (z_max - z_min), 0, 1),
-                                           (obj["bbox"][0] + obj["bbox"][2]) / 2 / side,
-                                           obj.get("visible_bottom", obj["bbox"][3]) / side)
+                                           *_where(obj, side, z_min, z_max))
     return out
