@@ -238,3 +238,13 @@ def test_distance_answers_follow_from_the_columns_alone(tmp_path):
         assert max(gap.values()) >= text.MIN_COLUMN_RATIO * min(gap.values()) - 1.0  # (-1: integer bbox ends)
         n += 1
     assert n == 15
+
+
+def test_canonical_count_options_hold_any_count():
+    rng = np.random.default_rng(0)
+    for n in range(1, 7):
+        scene = {"objects": [{"shape": "circle", "colour": c, "bbox": [0, 0, 1, 1]} for c in ["red"] * n]}
+        for _ in range(4):
+            mc = text.multiple_choice(scene, "Count", rng)
+            assert [int(c) for c in mc["choices"]] == sorted(int(c) for c in mc["choices"])
+            assert len(mc["choices"]) == 4 and int(mc["choices"][mc["answer_index"]]) in (0, n)

@@ -185,8 +185,9 @@ def multiple_choice(scene: dict, task: str, rng: np.random.Generator, order: str
             question, count = f"How many {shape}s are in the image?", sum(o["shape"] == shape for o in objs)
         else:
             question, count = "How many objects are in the image?", len(objs)
-        if canonical:
-            choices = list(COUNT_CHOICES)
+        if canonical:  # 0-3; a world with more objects shifts the window up to the count
+            lo = max(0, count - (len(COUNT_CHOICES) - 1))
+            choices = [str(c) for c in range(lo, lo + len(COUNT_CHOICES))]
         else:
             others = [c for c in range(0, 6) if c != count]
             choices = [count] + [int(c) for c in rng.choice(others, size=3, replace=False)]
