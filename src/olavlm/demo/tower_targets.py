@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from olavlm.world.generate import COLOURS, SHAPES, read_meta
+from olavlm.world.text import centre_x
 
 
 def _scenes(world_dir: Path) -> dict:
@@ -26,7 +27,7 @@ def _scenes(world_dir: Path) -> dict:
 
 def _where(obj: dict, side: int, z_min: float, z_max: float) -> tuple[float, float, float]:
     """(depth, centre column, bottom row) of an object, each scaled to [0, 1]."""
-    return (float(np.clip((obj["Z"] - z_min) / (z_max - z_min), 0, 1)), (obj["bbox"][0] + obj["bbox"][2]) / 2 / side,
+    return (float(np.clip((obj["Z"] - z_min) / (z_max - z_min), 0, 1)), centre_x(obj) / side,
             obj.get("visible_bottom", obj["bbox"][3]) / side)
 
 
@@ -94,9 +95,9 @@ def global_targets(world_dir: str | Path, keys: list[str]) -> np.ndarray:
         out[r, 0] = len(objs) / top
         for s, shape in enumerate(SHAPES):
             out[r, 1 + s] = sum(o["shape"] == shape for o in objs) / top
-        ordered = sorted(objs, key=lambda o: o["bbox"][0] + o["bbox"][2])
+        ordered = sorted(objs, key=centre_x)
         for k, (a, b) in enumerate(zip(ordered, ordered[1:])):
-            out[r, gaps_at + k] = ((b["bbox"][0] + b["bbox"][2]) - (a["bbox"][0] + a["bbox"][2])) / 2 / side
+            out[r, gaps_at + k] = (centre_x(b) - centre_x(a)) / side
         for k, obj in enumerate(ordered):
             at = 1 + len(SHAPES) + SLOT_FIELDS * k
             out[r, at:at + SLOT_FIELDS] = (1.0, colours.index(obj["colour"]) / max(len(colours) - 1, 1),
